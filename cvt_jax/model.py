@@ -1,0 +1,343 @@
+"""CvT (Convolutional vision Transformer) in Flax linen, numerically faithful to microsoft/CvT.
+
+The module names mirror the official PyTorch model (`stage{s}.blocks.{b}.attn.conv_proj_q.bn`, ...), so
+that the weight converter is a renaming plus layout transposes. Images are NHWC, normalised with the
+ImageNet mean/std; every stage works on tokens in row-major order (h outer, w inner) like the original.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Literal
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+DepthwiseImpl = Literal["auto", "conv", "shift"]
+
+
+@dataclasses.dataclass(frozen=True)
+class StageSpec:
+  """One stage of the official `SPEC`: conv token embedding followed by `depth` blocks."""
+
+  dim: int
+  depth: int
+  heads: int
+  patch_size: int
+  patch_stride: int
+  patch_padding: int
+  cls_token: bool
+  drop_path_rate: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  """A named CvT architecture (the official yaml `MODEL.SPEC`)."""
+
+  name: str
+  stages: tuple[StageSpec, StageSpec, StageSpec]
+
+
+def make_variant(name: str, dims: tuple[int, int, int], depths: tuple[int, int, int],
+                 heads: tuple[int, int, int], drop_path_rate: float) -> Variant:
+  """A CvT with the official patch embeddings (k7s4, k3s2, k3s2) and a cls token in the last stage."""
+  patches = ((7, 4, 2), (3, 2, 1), (3, 2, 1))
+  stages = tuple(
+      StageSpec(dim=d, depth=n, heads=h, patch_size=k, patch_stride=s, patch_padding=p,
+                cls_token=(i == 2), drop_path_rate=drop_path_rate if i == 2 else 0.0)
+      for i, (d, n, h, (k, s, p)) in enumerate(zip(dims, depths, heads, patches)))
+  return Variant(name, stages)
+
+
+VARIANTS: dict[str, Variant] = {
+    v.name: v for v in (
+        make_variant("cvt-13", (64, 192, 384), (1, 2, 10), (1, 3, 6), 0.1),
+        make_variant("cvt-21", (64, 192, 384), (1, 4, 16), (1, 3, 6), 0.1),
+        make_variant("cvt-w24", (192, 768, 1024), (2, 2, 20), (3, 12, 16), 0.3),
+    )
+}
+
+
+def get_variant(name: str | Variant) -> Variant:
+  """Looks a variant up by name ('cvt-13', 'CvT-21', 'cvt_w24', ...); a `Variant` passes through."""
+  if isinstance(name, Variant):
+    return name
+  key = name.lower().replace("_", "-")
+  if key not in VARIANTS:
+    raise ValueError(f"Unknown CvT variant {name!r}; choose one of {sorted(VARIANTS)}.")
+  return VARIANTS[key]
+
+
+# Initialisers of the official model (PyTorch defaults where the official code keeps them).
+_trunc_normal_002 = nn.initializers.normal(stddev=0.02)  # timm truncates at +-2 absolute: no-op at std 0.02.
+
+
+def _torch_default_uniform(fan_in: int) -> Callable[..., jax.Array]:
+  """PyTorch's default Conv/Linear init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias."""
+  bound = 1.0 / np.sqrt(fan_in)
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+def quick_gelu(x: jax.Array) -> jax.Array:
+  # The official CvT uses CLIP's QuickGELU, not erf/tanh GELU (Hugging Face's port gets this wrong).
+  return x * jax.nn.sigmoid(1.702 * x)
+
+
+def _layer_norm(name: str) -> nn.Module:
+  """LayerNorm with PyTorch's eps 1e-5 (Flax defaults to 1e-6), computed in fp32."""
+  return nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32, param_dtype=jnp.float32, name=name)
+
+
+class Dense(nn.Dense):
+  """nn.Dense with the official trunc-normal(0.02) weight init and zero bias."""
+
+  kernel_init: Callable[..., jax.Array] = _trunc_normal_002
+
+
+class DropPath(nn.Module):
+  """Stochastic depth: drops the whole residual branch per sample (timm's DropPath)."""
+
+  rate: float
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    if not train or self.rate == 0.0:
+      return x
+    keep = 1.0 - self.rate
+    mask = jax.random.bernoulli(self.make_rng("drop_path"), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+    return jnp.where(mask, x / keep, 0.0).astype(x.dtype)
+
+
+def default_depthwise_impl() -> Literal["conv", "shift"]:
+  """The faster depthwise-conv formulation on the default backend (see bench/ for the measurements)."""
+  return "shift" if jax.default_backend() == "cpu" else "conv"
+
+
+def depthwise_conv3x3(x: jax.Array, kernel: jax.Array, stride: int, impl: DepthwiseImpl) -> jax.Array:
+  """3x3 depthwise convolution with symmetric padding 1, NHWC input, HWIO kernel (3, 3, 1, C).
+
+  'conv' lowers to one grouped convolution; 'shift' sums nine shifted, strided slices, which XLA:CPU
+  fuses into one elementwise loop and runs (and differentiates) faster than its grouped-conv kernel.
+  """
+  impl = default_depthwise_impl() if impl == "auto" else impl
+  if impl == "conv":
+    return jax.lax.conv_general_dilated(
+        x, kernel, window_strides=(stride, stride), padding=((1, 1), (1, 1)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=x.shape[-1])
+  if impl != "shift":
+    raise ValueError(f"Unknown depthwise implementation {impl!r}; use 'auto', 'conv' or 'shift'.")
+  _, h, w, _ = x.shape
+  out_h, out_w = (h - 1) // stride + 1, (w - 1) // stride + 1
+  padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  out = None
+  for i in range(3):
+    for j in range(3):
+      window = padded[:, i:i + stride * (out_h - 1) + 1:stride, j:j + stride * (out_w - 1) + 1:stride]
+      term = window * kernel[i, j, 0]
+      out = term if out is None else out + term
+  return out
+
+
+class DepthwiseConv(nn.Module):
+  """Bias-free 3x3 depthwise conv (official `conv_proj_*.conv`), parameter `kernel` (3, 3, 1, C)."""
+
+  stride: int
+  impl: DepthwiseImpl = "auto"
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.param("kernel", _torch_default_uniform(9), (3, 3, 1, x.shape[-1]), jnp.float32)
+    return depthwise_conv3x3(x.astype(self.dtype), kernel.astype(self.dtype), self.stride, self.impl)
+
+
+class ConvProjection(nn.Module):
+  """The 'dw_bn' projection: depthwise conv, then BatchNorm (fp32), no activation."""
+
+  stride: int
+  impl: DepthwiseImpl = "auto"
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, grid: jax.Array, train: bool) -> jax.Array:
+    y = DepthwiseConv(self.stride, self.impl, self.dtype, name="conv")(grid)
+    y = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                     dtype=jnp.float32, param_dtype=jnp.float32, name="bn")(y)
+    return y.astype(self.dtype)
+
+
+class Attention(nn.Module):
+  """Multi-head attention whose q/k/v come from convolutional projections of the token grid."""
+
+  dim: int
+  heads: int
+  cls_token: bool
+  depthwise_impl: DepthwiseImpl = "auto"
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, grid_hw: tuple[int, int], train: bool) -> jax.Array:
+    b, _, c = x.shape
+    h, w = grid_hw
+    # The cls token bypasses the convolutional projection and is prepended to q, k and v afterwards.
+    cls, tokens = (x[:, :1], x[:, 1:]) if self.cls_token else (None, x)
+    grid = tokens.reshape(b, h, w, c)
+
+    def project(name: str, stride: int) -> jax.Array:
+      y = ConvProjection(stride, self.depthwise_impl, self.dtype, name=f"conv_proj_{name}")(grid, train)
+      y = y.reshape(b, -1, c)
+      if cls is not None:
+        y = jnp.concatenate([cls.astype(y.dtype), y], axis=1)
+      y = Dense(self.dim, dtype=self.dtype, name=f"proj_{name}")(y)
+      return y.reshape(b, -1, self.heads, self.dim // self.heads)
+
+    q, k, v = project("q", 1), project("k", 2), project("v", 2)
+    # Official scale is dim_out ** -0.5 with the full stage width, not head_dim ** -0.5.
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * self.dim**-0.5
+    probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+    out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, -1, self.dim)
+    return Dense(self.dim, dtype=self.dtype, name="proj")(out)
+
+
+class Mlp(nn.Module):
+  """fc1 (C -> 4C), QuickGELU, fc2 (4C -> C)."""
+
+  dim: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = Dense(4 * self.dim, dtype=self.dtype, name="fc1")(x)
+    return Dense(self.dim, dtype=self.dtype, name="fc2")(quick_gelu(x))
+
+
+class Block(nn.Module):
+  """Pre-norm transformer block; one drop-path rate for both residual branches."""
+
+  dim: int
+  heads: int
+  cls_token: bool
+  drop_path_rate: float
+  depthwise_impl: DepthwiseImpl = "auto"
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, grid_hw: tuple[int, int], train: bool) -> jax.Array:
+    drop_path = DropPath(self.drop_path_rate, name="drop_path")
+    y = _layer_norm("norm1")(x).astype(self.dtype)
+    y = Attention(self.dim, self.heads, self.cls_token, self.depthwise_impl, self.dtype, name="attn")(
+        y, grid_hw, train)
+    x = x + drop_path(y, train)
+    y = _layer_norm("norm2")(x).astype(self.dtype)
+    return x + drop_path(Mlp(self.dim, self.dtype, name="mlp")(y), train)
+
+
+class ConvEmbed(nn.Module):
+  """Overlapping conv token embedding (conv with bias, explicit symmetric padding) + LayerNorm."""
+
+  dim: int
+  patch_size: int
+  stride: int
+  padding: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    fan_in = x.shape[-1] * self.patch_size**2
+    # Explicit padding: XLA's 'SAME' pads strided convs asymmetrically and changes the numbers.
+    x = nn.Conv(self.dim, (self.patch_size, self.patch_size), strides=self.stride,
+                padding=((self.padding, self.padding),) * 2, dtype=self.dtype, param_dtype=jnp.float32,
+                kernel_init=_torch_default_uniform(fan_in), bias_init=_torch_default_uniform(fan_in),
+                name="proj")(x)
+    return _layer_norm("norm")(x).astype(self.dtype)
+
+
+class Stage(nn.Module):
+  """ConvEmbed -> tokens (+ cls token) -> blocks -> (grid NHWC, cls token or None)."""
+
+  spec: StageSpec
+  drop_path_rate: float
+  depthwise_impl: DepthwiseImpl = "auto"
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array, jax.Array | None]:
+    s = self.spec
+    grid = ConvEmbed(s.dim, s.patch_size, s.patch_stride, s.patch_padding, self.dtype, name="patch_embed")(x)
+    b, h, w, c = grid.shape
+    tokens = grid.reshape(b, h * w, c)
+    if s.cls_token:
+      cls = self.param("cls_token", _trunc_normal_002, (1, 1, c), jnp.float32)
+      tokens = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, c)).astype(self.dtype), tokens], axis=1)
+    rates = np.linspace(0.0, self.drop_path_rate, s.depth)
+    for i in range(s.depth):
+      tokens = Block(s.dim, s.heads, s.cls_token, float(rates[i]), self.depthwise_impl, self.dtype,
+                     name=f"blocks_{i}")(tokens, (h, w), train)
+    cls_out = tokens[:, 0] if s.cls_token else None
+    grid = (tokens[:, 1:] if s.cls_token else tokens).reshape(b, h, w, c)
+    return grid, cls_out
+
+
+class CvT(nn.Module):
+  """Convolutional vision Transformer.
+
+  Attributes:
+    variant: a name from `VARIANTS` ('cvt-13', 'cvt-21', 'cvt-w24') or a custom `Variant`.
+    num_classes: head size; 0 returns the final-normed cls embedding instead of logits.
+    drop_path_rate: stochastic depth of the last stage; None takes the variant's official rate.
+    depthwise_impl: 'auto' picks the faster depthwise-conv formulation for the backend.
+    dtype: compute dtype (e.g. bfloat16). Parameters, norms, softmax and logits stay in fp32.
+  """
+
+  variant: str | Variant = "cvt-13"
+  num_classes: int = 1000
+  drop_path_rate: float | None = None
+  depthwise_impl: DepthwiseImpl = "auto"
+  dtype: Dtype = jnp.float32
+
+  def setup(self):
+    specs = get_variant(self.variant).stages
+    self.stages = [
+        Stage(s, s.drop_path_rate if self.drop_path_rate is None or i < 2 else self.drop_path_rate,
+              self.depthwise_impl, self.dtype)
+        for i, s in enumerate(specs)
+    ]
+    self.norm = _layer_norm("norm")
+    if self.num_classes:
+      dim = specs[-1].dim
+      self.head = nn.Dense(self.num_classes, dtype=jnp.float32, param_dtype=jnp.float32,
+                           kernel_init=_trunc_normal_002, bias_init=_torch_default_uniform(dim))
+
+  def features(self, images: jax.Array, train: bool = False) -> dict[str, jax.Array]:
+    """Backbone outputs: 'stage0'..'stage2' NHWC grids (strides 4, 8, 16) and 'cls' (B, C), un-normed."""
+    out = {}
+    x = images.astype(self.dtype)
+    cls = None
+    for i, stage in enumerate(self.stages):
+      x, cls = stage(x, train)
+      out[f"stage{i}"] = x
+    out["cls"] = cls
+    return out
+
+  def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
+    """Logits (fp32) of NHWC images; the final-normed cls embedding when num_classes == 0."""
+    pre_logits = self.norm(self.features(images, train)["cls"])
+    return self.head(pre_logits) if self.num_classes else pre_logits
+
+  @classmethod
+  def from_variant(cls, name: str | Variant, num_classes: int = 1000, **kwargs) -> "CvT":
+    """`CvT.from_variant('cvt-21', num_classes=10, dtype=jnp.bfloat16)`."""
+    get_variant(name)
+    return cls(variant=name, num_classes=num_classes, **kwargs)
+
+  def init_variables(self, rng: jax.Array, image_size: int = 224) -> dict[str, Any]:
+    """Initialises `params` and `batch_stats` without running a real forward pass."""
+    dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+    return jax.jit(self.init)(rng, dummy)
