@@ -91,8 +91,12 @@ def quick_gelu(x: jax.Array) -> jax.Array:
 
 
 def _layer_norm(name: str) -> nn.Module:
-  """LayerNorm with PyTorch's eps 1e-5 (Flax defaults to 1e-6), computed in fp32."""
-  return nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32, param_dtype=jnp.float32, name=name)
+  """LayerNorm with PyTorch's eps 1e-5 (Flax defaults to 1e-6), computed in fp32.
+
+  Two-pass variance like PyTorch: Flax's fast E[x^2] - E[x]^2 loses precision when |mean| >> std.
+  """
+  return nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32, param_dtype=jnp.float32, use_fast_variance=False,
+                      name=name)
 
 
 class Dense(nn.Dense):
@@ -168,8 +172,8 @@ class ConvProjection(nn.Module):
   @nn.compact
   def __call__(self, grid: jax.Array, train: bool) -> jax.Array:
     y = DepthwiseConv(self.stride, self.impl, self.dtype, name="conv")(grid)
-    y = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                     dtype=jnp.float32, param_dtype=jnp.float32, name="bn")(y)
+    y = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=jnp.float32,
+                     param_dtype=jnp.float32, use_fast_variance=False, name="bn")(y)
     return y.astype(self.dtype)
 
 

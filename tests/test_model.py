@@ -1,0 +1,137 @@
+"""Model structure, model facts (params, MACs), initialisation and train/eval behaviour."""
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cvt_jax import summary
+from cvt_jax.model import CvT, _layer_norm, depthwise_conv3x3, get_variant, make_variant
+
+TINY = make_variant("tiny", dims=(16, 32, 48), depths=(1, 1, 2), heads=(1, 2, 3), drop_path_rate=0.5)
+
+
+@pytest.fixture(scope="module")
+def tiny_variables():
+  return CvT.from_variant(TINY, num_classes=10).init_variables(jax.random.key(0), image_size=64)
+
+
+@pytest.mark.parametrize("variant,classes,expected", [
+    ("cvt-13", 1000, 19_997_480), ("cvt-21", 1000, 31_622_696), ("cvt-w24", 1000, 277_196_392),
+    ("cvt-13", 21841, 28_021_265), ("cvt-21", 21841, 39_646_481), ("cvt-w24", 21841, 298_558_417),
+])
+def test_param_counts_equal_official(variant, classes, expected):
+  assert summary.count_params(variant, classes) == expected
+
+
+def test_no_head_drops_exactly_the_head():
+  assert summary.count_params("cvt-13", 0) == 19_997_480 - (384 * 1000 + 1000)
+
+
+@pytest.mark.parametrize("variant,res,gmacs", [
+    ("cvt-13", 224, 4.566), ("cvt-13", 384, 16.27), ("cvt-21", 224, 7.178), ("cvt-21", 384, 24.85),
+    ("cvt-w24", 224, 60.92), ("cvt-w24", 384, 194.2),
+])
+def test_macs_match_paper_within_half_percent(variant, res, gmacs):
+  assert summary.count_macs(variant, res) / 1e9 == pytest.approx(gmacs, rel=5e-3)
+
+
+def test_variant_names_are_forgiving_and_errors_are_clear():
+  assert get_variant("CvT_W24").name == "cvt-w24"
+  with pytest.raises(ValueError, match="cvt-13"):
+    get_variant("cvt-99")
+
+
+@pytest.mark.parametrize("res,grids", [(224, (56, 28, 14)), (384, (96, 48, 24))])
+def test_stage_grids_and_features(res, grids):
+  model = CvT.from_variant("cvt-13")
+  variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, res, res, 3)))
+  feats = jax.eval_shape(lambda v, x: model.apply(v, x, method="features"), variables,
+                         jnp.zeros((2, res, res, 3)))
+  for i, (grid, dim) in enumerate(zip(grids, (64, 192, 384))):
+    assert feats[f"stage{i}"].shape == (2, grid, grid, dim)
+  assert feats["cls"].shape == (2, 384)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("size", [7, 8])
+def test_depthwise_formulations_agree(stride, size):
+  x = jax.random.normal(jax.random.key(1), (2, size, size + 1, 5))
+  kernel = jax.random.normal(jax.random.key(2), (3, 3, 1, 5))
+  conv = depthwise_conv3x3(x, kernel, stride, "conv")
+  shift = depthwise_conv3x3(x, kernel, stride, "shift")
+  assert conv.shape == shift.shape == (2, (size - 1) // stride + 1, size // stride + 1, 5)
+  np.testing.assert_allclose(conv, shift, atol=1e-5)
+
+
+def test_init_follows_official_distributions(tiny_variables):
+  flat = flax.traverse_util.flatten_dict(tiny_variables["params"], sep="/")
+  linear = [k for k in flat if ("/attn/proj" in k or "/mlp/" in k)]
+  dense = np.concatenate([np.ravel(flat[k]) for k in linear if k.endswith("kernel")])
+  assert np.std(dense) == pytest.approx(0.02, rel=0.05)
+  head_bias, bound = flat["head/bias"], 1 / np.sqrt(48)
+  assert np.all(np.abs(head_bias) <= bound) and np.max(np.abs(head_bias)) > 0.5 * bound
+  embed = flat["stages_0/patch_embed/proj/kernel"]  # fan_in 3 * 7 * 7
+  assert np.max(np.abs(embed)) <= 1 / np.sqrt(147) and np.max(np.abs(embed)) > 0.9 / np.sqrt(147)
+  dw = flat["stages_1/blocks_0/attn/conv_proj_q/conv/kernel"]
+  assert dw.shape == (3, 3, 1, 32) and np.max(np.abs(dw)) <= 1 / 3
+  assert np.all(flat["stages_1/blocks_0/norm1/scale"] == 1) and np.all(flat["norm/bias"] == 0)
+  assert np.std(flat["stages_2/cls_token"]) == pytest.approx(0.02, rel=0.5)
+  assert all(np.all(flat[k] == 0) for k in linear if k.endswith("bias"))
+
+
+def test_layernorm_uses_pytorch_eps(tiny_variables):
+  # With a variance of 1e-6 per token, eps 1e-5 and Flax's default 1e-6 give outputs ~3x apart.
+  x = jnp.full((1, 4, 4, 16), 3.0) + 1e-3 * jax.random.normal(jax.random.key(0), (1, 4, 4, 16))
+  mean, var = jnp.mean(x, -1, keepdims=True), jnp.var(x, -1, keepdims=True)
+  expected = (x - mean) / jnp.sqrt(var + 1e-5)
+  got = _layer_norm("n").apply({"params": {"scale": jnp.ones(16), "bias": jnp.zeros(16)}}, x)
+  np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
+def test_eval_is_deterministic_and_train_updates_batch_stats(tiny_variables):
+  model = CvT.from_variant(TINY, num_classes=10)
+  x = jax.random.normal(jax.random.key(3), (4, 64, 64, 3))
+  a = model.apply(tiny_variables, x)
+  np.testing.assert_array_equal(a, model.apply(tiny_variables, x))
+  out, updates = model.apply(tiny_variables, x, train=True, mutable=["batch_stats"],
+                             rngs={"drop_path": jax.random.key(0)})
+  assert out.shape == (4, 10)
+  moved = jax.tree_util.tree_map(lambda n, o: float(jnp.max(jnp.abs(n - o))), updates["batch_stats"],
+                                 tiny_variables["batch_stats"])
+  assert min(jax.tree_util.tree_leaves(moved)) > 0
+
+
+def test_drop_path_is_random_per_sample_in_training(tiny_variables):
+  model = CvT.from_variant(TINY, num_classes=10)
+  x = jnp.broadcast_to(jax.random.normal(jax.random.key(3), (1, 64, 64, 3)), (8, 64, 64, 3))
+
+  def run(key):
+    return model.apply(tiny_variables, x, train=True, mutable=["batch_stats"], rngs={"drop_path": key})[0]
+
+  out = run(jax.random.key(1))
+  assert len({tuple(np.round(row, 4)) for row in np.asarray(out)}) > 1  # same images, different masks
+  assert not np.allclose(out, run(jax.random.key(2)))
+  no_drop = CvT.from_variant(TINY, num_classes=10, drop_path_rate=0.0)
+  same = no_drop.apply(tiny_variables, x, train=True, mutable=["batch_stats"],
+                       rngs={"drop_path": jax.random.key(1)})[0]
+  np.testing.assert_allclose(same[0], same[1], atol=1e-5)
+
+
+def test_bf16_compute_keeps_fp32_params_and_logits(tiny_variables):
+  model = CvT.from_variant(TINY, num_classes=10, dtype=jnp.bfloat16)
+  x = jax.random.normal(jax.random.key(3), (2, 64, 64, 3))
+  logits = model.apply(tiny_variables, x)
+  assert logits.dtype == jnp.float32
+  reference = CvT.from_variant(TINY, num_classes=10).apply(tiny_variables, x)
+  np.testing.assert_allclose(logits, reference, atol=0.05 * float(jnp.max(jnp.abs(reference))) + 0.02)
+
+
+def test_no_head_returns_normed_cls_embedding(tiny_variables):
+  model = CvT.from_variant(TINY, num_classes=0)
+  variables = {"params": {k: v for k, v in tiny_variables["params"].items() if k != "head"},
+               "batch_stats": tiny_variables["batch_stats"]}
+  emb = model.apply(variables, jnp.ones((2, 64, 64, 3)))
+  assert emb.shape == (2, 48)
+  np.testing.assert_allclose(jnp.mean(emb, -1), 0, atol=1e-5)  # LayerNorm output, unit scale, zero bias
