@@ -1,0 +1,116 @@
+"""The shared base of every cvt_jax training config: the official CvT ImageNet recipe (spec section 3).
+
+Variant configs (`cvt13.py`, `cvt21.py`, `cvtw24.py`, `demo.py`) call `get_config()` and override a few
+fields. A config file's `:arg` string (`configs/cvt13.py:res=384,batch=1024`) is parsed by `parse_arg`
+against typed defaults, so a misspelt key fails before any work starts.
+
+LR scaling rule (linear, as the official code): lr = optim.lr * global_batch_size / optim.lr_batch_size,
+i.e. 2e-3 at a global batch of 2048 (9.77e-7 per image).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+# The official yaml recipe (microsoft/CvT experiments/imagenet/cvt/*.yaml).
+OFFICIAL_BATCH = 2048
+OFFICIAL_LR = 2e-3
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """Parses `key=value,key=value` against `defaults`, coercing each value to its default's type.
+
+  Args:
+    arg: the text after ':' in `--config configs/x.py:res=384`; None or '' keeps every default.
+    **defaults: the accepted keys and their default values (bool, int, float or str).
+
+  Returns:
+    A locked ConfigDict of the defaults with the given values applied.
+
+  Raises:
+    ValueError: on an unknown key, a missing '=', or a value that does not parse as its default's type.
+  """
+  values = dict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep:
+      raise ValueError(f"Config arg {item!r} is not key=value (in {arg!r}).")
+    if key not in defaults:
+      raise ValueError(f"Unknown config arg {key!r} in {arg!r}; known: {sorted(defaults)}.")
+    kind = type(defaults[key])
+    try:
+      if kind is bool:
+        if text.lower() not in ("true", "false", "1", "0"):
+          raise ValueError(text)
+        values[key] = text.lower() in ("true", "1")
+      else:
+        values[key] = kind(text)
+    except ValueError:
+      raise ValueError(f"Config arg {key}={text!r} is not a valid {kind.__name__}.") from None
+  return ml_collections.ConfigDict(values)
+
+
+def get_config(variant: str = "cvt-13", image_size: int = 224, weight_decay: float = 0.05,
+               global_batch_size: int = OFFICIAL_BATCH) -> ml_collections.ConfigDict:
+  """The official ImageNet-1k recipe for `variant` at `image_size`."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  config.model = ml_collections.ConfigDict()
+  config.model.variant = variant
+  config.model.num_classes = 1000
+  # 'auto' = bfloat16 compute on GPU/TPU, float32 on CPU; params, norms and the loss stay fp32.
+  config.model.dtype = "auto"
+  config.model.drop_path_rate = ml_collections.config_dict.placeholder(float)  # None: the variant's.
+  config.model.depthwise_impl = "auto"
+
+  config.data = ml_collections.ConfigDict()
+  config.data.source = "tfds"  # 'tfds' or 'folder' (<data_dir>/train/<class>/*, <data_dir>/val/<class>/*)
+  config.data.name = "imagenet2012"
+  config.data.data_dir = ml_collections.config_dict.placeholder(str)
+  config.data.train_split = "train"
+  config.data.eval_split = ml_collections.config_dict.placeholder(str)  # None: "validation" (tfds), "val" (folder)
+  config.data.image_size = image_size
+  config.data.num_workers = 8
+
+  config.augment = ml_collections.ConfigDict()
+  config.augment.hflip = True
+  config.augment.randaugment = "rand-m9-mstd0.5-inc1"  # '' disables RandAugment.
+  config.augment.random_erasing = 0.25
+  config.augment.mixup_alpha = 0.8
+  config.augment.cutmix_alpha = 1.0
+  config.augment.mixup_switch_prob = 0.5
+  config.augment.mixup_prob = 1.0
+  config.augment.label_smoothing = 0.1
+
+  config.optim = ml_collections.ConfigDict()
+  config.optim.lr = OFFICIAL_LR  # at a global batch of `lr_batch_size`; scaled linearly to the real one.
+  config.optim.lr_batch_size = OFFICIAL_BATCH
+  config.optim.b1 = 0.9
+  config.optim.b2 = 0.999
+  config.optim.eps = 1e-8
+  config.optim.weight_decay = weight_decay
+
+  config.schedule = ml_collections.ConfigDict()
+  config.schedule.warmup_epochs = 5
+  config.schedule.warmup_lr = 1e-6
+  config.schedule.min_lr = 1e-5
+  config.schedule.per_step = False  # False: constant within an epoch, as timm steps it once per epoch.
+
+  config.num_epochs = 300
+  config.global_batch_size = global_batch_size
+  config.eval_batch_size = 1024
+  config.eval_every_epochs = 5
+  config.checkpoint_every_steps = 2000
+  config.keep_checkpoints = 3
+  config.log_every_steps = 100
+  config.init_from = ""  # a converted or PyTorch CvT checkpoint to start from (new head if classes differ)
+  config.jax_distributed = False  # call jax.distributed.initialize() (multi-host GPU/TPU)
+  return config
+
+
+def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Locks the config so that `--config.x=...` with an unknown key fails instead of being ignored."""
+  config.lock()
+  return config

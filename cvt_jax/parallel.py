@@ -1,0 +1,39 @@
+"""Data parallelism over every device of every process: a 1-D ('data',) mesh, replicated state."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DATA_AXIS = "data"
+
+
+def make_mesh() -> Mesh:
+  """A ('data',) mesh over all devices of all processes (`jax.devices()`, not `jax.local_devices()`)."""
+  return jax.make_mesh((jax.device_count(),), (DATA_AXIS,), devices=jax.devices())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) axis split over 'data'."""
+  return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  """The same full copy on every device (parameters, optimiser state, metrics)."""
+  return NamedSharding(mesh, P())
+
+
+def check_global_batch_size(global_batch_size: int, what: str = "global_batch_size") -> None:
+  """Fails clearly unless the batch splits evenly over devices (and hence over processes)."""
+  devices = jax.device_count()
+  if global_batch_size <= 0 or global_batch_size % devices:
+    raise ValueError(f"{what}={global_batch_size} must be a positive multiple of the device count "
+                     f"({devices} devices over {jax.process_count()} processes).")
+
+
+def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """Assembles each process's slice (B / process_count rows) into one global, batch-sharded array."""
+  sharding = batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()}
+
