@@ -1,0 +1,508 @@
+"""Benchmark cvt_jax against PyTorch (eager and torch.compile) on this machine, side by side.
+
+Every case (model, resolution, batch, inference or training step) builds all contenders first, times their
+compilation apart, warms them up, then times them in interleaved rounds (the order rotates each round) so
+that a noisy, shared machine slows every contender alike; the table reports medians and the ratio of
+cvt_jax to the faster PyTorch configuration of the same case.
+
+  ./run.sh bench                       # CPU: CvT-13 @224/384, inference b1/8/32, training step b32, fp32
+  ./run.sh bench --quick               # CvT-13 @224, inference b8 + training b32, 3 rounds (~10 min, 2 cores)
+  ./run.sh bench --models cvt-13 --res 224 --infer-batches 8 --train-batches 32 --rounds 5
+  ./run.sh bench --xla-flags=--xla_cpu_use_onednn=true   # try XLA flags (set before jax starts)
+
+On a GPU the defaults become bf16 (PyTorch: AMP bf16 + fused AdamW), CvT-13/21/W24, batch 256 and the
+largest batch that fits both frameworks. Results go to bench/results/local/<time>.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import multiprocessing
+import os
+import pathlib
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+FRAMEWORKS = ("jax", "torch-eager", "torch-compile")
+RESULTS_DIR = pathlib.Path(__file__).parent / "results" / "local"
+
+# Dense peak FLOP/s by device-kind substring (first match wins) and compute dtype; MFU divides by these.
+GPU_PEAKS = (
+    ("H100 PCIe", {"bfloat16": 756e12, "float32": 51.2e12}),
+    ("H100", {"bfloat16": 989e12, "float32": 66.9e12}),
+    ("H200", {"bfloat16": 989e12, "float32": 66.9e12}),
+    ("A100", {"bfloat16": 312e12, "float32": 19.5e12}),
+    ("L4", {"bfloat16": 121e12, "float32": 30.3e12}),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  model: str
+  res: int
+  batch: int
+  mode: str  # 'infer' or 'train'
+
+
+# ----------------------------------------------------------------------------------------------- machine
+
+
+def cpu_info() -> dict[str, Any]:
+  """CPU model, cores, clock and SIMD width from /proc/cpuinfo (Linux); best effort elsewhere."""
+  info = {"model": platform.processor() or platform.machine(), "cores": os.cpu_count(), "mhz": None,
+          "simd": "unknown"}
+  try:
+    text = pathlib.Path("/proc/cpuinfo").read_text()
+  except OSError:
+    return info
+  fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+  fields = {k.strip(): v.strip() for k, v in fields.items()}
+  info["model"] = fields.get("model name", info["model"])
+  info["mhz"] = float(fields["cpu MHz"]) if "cpu MHz" in fields else None
+  flags = fields.get("flags", "").split()
+  info["simd"] = "avx512" if "avx512f" in flags else "avx2+fma" if "fma" in flags else "sse"
+  return info
+
+
+def peak_flops(device_kind: str, dtype: str, cpu: dict[str, Any]) -> tuple[float | None, str]:
+  """(peak FLOP/s, where the number comes from) for MFU; CPU peaks are cores x clock x FMA width."""
+  if device_kind.lower() == "cpu":
+    per_cycle = {"avx512": 64, "avx2+fma": 32, "sse": 8}.get(cpu["simd"])  # fp32, two FMA pipes
+    if not cpu["mhz"] or not per_cycle:
+      return None, "unknown CPU clock or SIMD width"
+    peak = cpu["cores"] * cpu["mhz"] * 1e6 * per_cycle
+    return peak, f"{cpu['cores']} cores x {cpu['mhz']:.0f} MHz x {per_cycle} fp32 FLOP/cycle ({cpu['simd']})"
+  for key, peaks in GPU_PEAKS:
+    if key.lower() in device_kind.lower():
+      return peaks.get(dtype), f"datasheet dense {dtype} peak of {key}"
+  return None, f"no peak known for {device_kind!r}"
+
+
+def machine_info() -> dict[str, Any]:
+  import flax
+  import jax
+  import jaxlib
+  import optax
+  import torch
+  import transformers
+  dev = jax.devices()[0]
+  return {
+      "host": platform.node(), "os": platform.platform(), "python": platform.python_version(),
+      "cpu": cpu_info(), "backend": jax.default_backend(), "device_kind": dev.device_kind,
+      "device_count": jax.device_count(),
+      "torch_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+      "torch_threads": torch.get_num_threads(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "versions": {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__,
+                   "optax": optax.__version__, "torch": torch.__version__,
+                   "transformers": transformers.__version__, "numpy": np.__version__},
+  }
+
+
+# ------------------------------------------------------------------------------------------------- MACs
+
+
+def macs_per_image(model: str, res: int, num_classes: int = 1000) -> int:
+  """Multiply-accumulates of one forward pass: convs, linears and the two attention einsums.
+
+  Counts what the paper counts (its "GFLOPs" are MACs): 4.566 G for CvT-13 @224. Norms, softmax and
+  activations are left out.
+  """
+  from cvt_jax.model import get_variant
+  h = w = res
+  c_in = 3
+  total = 0
+  for s in get_variant(model).stages:
+    h = (h + 2 * s.patch_padding - s.patch_size) // s.patch_stride + 1
+    w = (w + 2 * s.patch_padding - s.patch_size) // s.patch_stride + 1
+    c = s.dim
+    total += h * w * c * c_in * s.patch_size**2
+    cls = int(s.cls_token)
+    n_q = h * w + cls
+    n_kv = ((h - 1) // 2 + 1) * ((w - 1) // 2 + 1) + cls
+    per_block = (9 * c * (h * w + 2 * (n_kv - cls))  # depthwise q (stride 1), k and v (stride 2)
+                 + c * c * (2 * n_q + 2 * n_kv)  # proj_q, proj, proj_k, proj_v
+                 + 2 * n_q * n_kv * c  # q k^T and probs v
+                 + 8 * n_q * c * c)  # mlp fc1 + fc2
+    total += s.depth * per_block
+    c_in = c
+  return total + c_in * num_classes
+
+
+# ----------------------------------------------------------------------------------------------- timing
+
+
+class Contender:
+  """One framework's compiled case: `compile_s` seconds to build, `step()` runs once and blocks."""
+
+  def __init__(self, compile_s: float, step: Callable[[], None]):
+    self.compile_s = compile_s
+    self.step = step
+
+
+def jax_contender(case: Case, dtype: str, depthwise_impl: str) -> Contender:
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  from cvt_jax.model import CvT
+  model = CvT.from_variant(case.model, dtype=getattr(jnp, dtype), depthwise_impl=depthwise_impl)
+  variables = model.init_variables(jax.random.key(0), case.res)
+  images = jax.random.normal(jax.random.key(1), (case.batch, case.res, case.res, 3), jnp.float32)
+  labels = jax.random.randint(jax.random.key(2), (case.batch,), 0, 1000)
+
+  if case.mode == "infer":
+    fn = jax.jit(lambda v, x: model.apply(v, x, train=False))
+    start = time.perf_counter()
+    compiled = fn.lower(variables, images).compile()
+    compile_s = time.perf_counter() - start
+    return Contender(compile_s, lambda: compiled(variables, images).block_until_ready())
+
+  tx = optax.adamw(1e-3, weight_decay=0.05)
+
+  def loss_fn(params, batch_stats, rng):
+    logits, new_vars = model.apply({"params": params, "batch_stats": batch_stats}, images, train=True,
+                                   mutable=["batch_stats"], rngs={"drop_path": rng})
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    return loss, new_vars["batch_stats"]
+
+  def train_step(state, images, labels):
+    params, batch_stats, opt_state, rng = state
+    rng, sub = jax.random.split(rng)
+    (loss, batch_stats), grads = jax.value_and_grad(
+        lambda p, b, r: loss_fn(p, b, r), has_aux=True)(params, batch_stats, sub)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return (optax.apply_updates(params, updates), batch_stats, opt_state, rng), loss
+
+  state = [(variables["params"], variables["batch_stats"], tx.init(variables["params"]), jax.random.key(3))]
+  start = time.perf_counter()
+  compiled = jax.jit(train_step, donate_argnums=0).lower(state[0], images, labels).compile()
+  compile_s = time.perf_counter() - start
+
+  def step():
+    state[0], loss = compiled(state[0], images, labels)
+    loss.block_until_ready()
+
+  return Contender(compile_s, step)
+
+
+def torch_contender(case: Case, dtype: str, compiled: bool) -> Contender:
+  import torch
+
+  from bench.torch_reference import build_torch_cvt
+  device = "cuda" if torch.cuda.is_available() else "cpu"
+  model = build_torch_cvt(case.model).to(device)
+  images = torch.randn(case.batch, 3, case.res, case.res, device=device)
+  labels = torch.randint(0, 1000, (case.batch,), device=device)
+  amp = torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+  sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+  net = torch.compile(model) if compiled else model
+
+  if case.mode == "infer":
+    model.eval()
+
+    def step():
+      with torch.inference_mode(), amp:
+        net(images).logits.float()
+      sync()
+  else:
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05, fused=True)
+
+    def step():
+      opt.zero_grad(set_to_none=True)
+      with amp:
+        logits = net(images).logits
+      torch.nn.functional.cross_entropy(logits.float(), labels).backward()
+      opt.step()
+      sync()
+
+  # torch compiles lazily: the first call's time (compilation plus one step) is reported as compile time.
+  start = time.perf_counter()
+  step()
+  return Contender(time.perf_counter() - start, step)
+
+
+def build(framework: str, case: Case, dtype: str, depthwise_impl: str) -> Contender:
+  if framework == "jax":
+    return jax_contender(case, dtype, depthwise_impl)
+  return torch_contender(case, dtype, compiled=framework == "torch-compile")
+
+
+def time_interleaved(contenders: dict[str, Contender], warmup: int, rounds: int) -> dict[str, list[float]]:
+  """Seconds per step of each contender over `rounds` rounds, the running order rotated every round."""
+  names = list(contenders)
+  for name in names:
+    for _ in range(warmup):
+      contenders[name].step()
+  times = {name: [] for name in names}
+  for r in range(rounds):
+    for name in names[r % len(names):] + names[:r % len(names)]:
+      start = time.perf_counter()
+      contenders[name].step()
+      times[name].append(time.perf_counter() - start)
+  return times
+
+
+def fits(framework: str, case: Case, dtype: str, depthwise_impl: str) -> bool:
+  """Whether one step of `case` runs without running out of accelerator memory."""
+  try:
+    build(framework, case, dtype, depthwise_impl).step()
+    return True
+  except Exception as e:  # noqa: BLE001 -- XLA and torch report OOM with different exception types.
+    if "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower():
+      return False
+    raise
+  finally:
+    import gc
+
+    import torch
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def largest_batch(case: Case, frameworks: list[str], dtype: str, depthwise_impl: str, limit: int) -> int:
+  """Largest power-of-two batch >= case.batch (at most `limit`) with which every framework fits."""
+  batch = case.batch
+  while batch * 2 <= limit:
+    trial = dataclasses.replace(case, batch=batch * 2)
+    if not all(fits(f, trial, dtype, depthwise_impl) for f in frameworks):
+      break
+    batch *= 2
+    print(f"  batch {batch} fits", flush=True)
+  return batch
+
+
+def run_case(case: Case, args: argparse.Namespace, macs: int, peak: float | None) -> dict[str, Any]:
+  print(f"\n== {case.model} @{case.res} {case.mode} batch {case.batch}", flush=True)
+  contenders = {}
+  for framework in args.frameworks:
+    contenders[framework] = build(framework, case, args.dtype, args.depthwise_impl)
+    print(f"  {framework}: compiled in {contenders[framework].compile_s:.1f} s", flush=True)
+  times = time_interleaved(contenders, args.warmup, args.rounds)
+  flops_per_image = 2 * macs * (3 if case.mode == "train" else 1)  # backward = 2x forward
+  rows = {}
+  for name, secs in times.items():
+    median = statistics.median(secs)
+    flops = flops_per_image * case.batch / median
+    rows[name] = {"compile_s": contenders[name].compile_s, "step_s": secs, "median_s": median,
+                  "img_per_s": case.batch / median, "tflops": flops / 1e12,
+                  "mfu": flops / peak if peak else None}
+    print(f"  {name}: {case.batch / median:8.2f} img/s  (median of {[round(s, 3) for s in secs]})",
+          flush=True)
+  torch_best = max((n for n in rows if n.startswith("torch")), key=lambda n: rows[n]["img_per_s"],
+                   default=None)
+  result = {**dataclasses.asdict(case), "macs_per_image": macs, "results": rows, "torch_best": torch_best}
+  if "jax" in rows:
+    for name in rows:
+      if name.startswith("torch"):
+        result[f"ratio_vs_{name}"] = rows["jax"]["img_per_s"] / rows[name]["img_per_s"]
+    if torch_best:
+      result["ratio_vs_best_torch"] = rows["jax"]["img_per_s"] / rows[torch_best]["img_per_s"]
+      print(f"  jax / {torch_best} = {result['ratio_vs_best_torch']:.2f}x", flush=True)
+  return result
+
+
+# --------------------------------------------------------------------------------------- input pipeline
+
+
+def _write_jpegs(directory: pathlib.Path, count: int) -> list[pathlib.Path]:
+  """`count` 500x375 photo-like JPEGs (smooth gradients + noise, quality 90, like ImageNet's median)."""
+  from PIL import Image
+  rng = np.random.default_rng(0)
+  yy, xx = np.mgrid[0:375, 0:500]
+  paths = []
+  for i in range(count):
+    base = np.stack([np.sin(xx / (20 + 7 * c + i % 5)) * np.cos(yy / (30 + 5 * c)) for c in range(3)], -1)
+    pixels = np.clip(127 + 90 * base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
+    path = directory / f"{i:05d}.jpg"
+    Image.fromarray(pixels).save(path, quality=90)
+    paths.append(path)
+  return paths
+
+
+def decode_crop_flip(path: pathlib.Path, size: int = 224, seed: int = 0) -> np.ndarray:
+  """PIL decode + random-resized crop (scale 0.08-1, ratio 3/4-4/3, bicubic) + horizontal flip."""
+  from PIL import Image
+  rng = np.random.default_rng(seed)
+  with Image.open(path) as img:
+    img = img.convert("RGB")
+    width, height = img.size
+    for _ in range(10):
+      area = width * height * rng.uniform(0.08, 1.0)
+      ratio = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+      w, h = int(round(np.sqrt(area * ratio))), int(round(np.sqrt(area / ratio)))
+      if 0 < w <= width and 0 < h <= height:
+        break
+    else:
+      w, h = min(width, height), min(width, height)
+    left, top = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
+    out = img.resize((size, size), Image.BICUBIC, box=(left, top, left + w, top + h))
+    if rng.random() < 0.5:
+      out = out.transpose(Image.FLIP_LEFT_RIGHT)
+    return np.asarray(out)
+
+
+def _decode_task(item: tuple[pathlib.Path, int]) -> np.ndarray:
+  return decode_crop_flip(*item)
+
+
+def bench_input_pipeline(num_images: int) -> dict[str, Any]:
+  """Host img/s of PIL decode + random-resized crop + flip on one process and on every core."""
+  cores = os.cpu_count() or 1
+  with tempfile.TemporaryDirectory() as tmp:
+    paths = _write_jpegs(pathlib.Path(tmp), num_images)
+    items = [(p, i) for i, p in enumerate(paths)]
+    for item in items[:8]:
+      _decode_task(item)
+    start = time.perf_counter()
+    for item in items:
+      _decode_task(item)
+    one = num_images / (time.perf_counter() - start)
+    with multiprocessing.get_context("spawn").Pool(cores) as pool:
+      pool.map(_decode_task, items[:cores * 2])
+      start = time.perf_counter()
+      pool.map(_decode_task, items, chunksize=8)
+      every = num_images / (time.perf_counter() - start)
+  result = {"what": "PIL decode 500x375 JPEG + random-resized crop 224 + flip", "images": num_images,
+            "img_per_s_one_process": one, "img_per_s_all_cores": every, "cores": cores}
+  print(f"\n== input pipeline: {one:.0f} img/s on one process, {every:.0f} img/s on {cores} processes",
+        flush=True)
+  return result
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+
+def markdown(report: dict[str, Any]) -> str:
+  m = report["machine"]
+  lines = [
+      f"# cvt_jax benchmark, {report['date']}", "",
+      f"- machine: {m['cpu']['model']}, {m['cpu']['cores']} cores ({m['cpu']['simd']}), "
+      f"device kind {m['device_kind']} x{m['device_count']}, torch device {m['torch_device']}, "
+      f"torch threads {m['torch_threads']}",
+      f"- versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
+      f"- dtype {report['args']['dtype']}, depthwise_impl {report['args']['depthwise_impl']}, "
+      f"XLA_FLAGS '{m['xla_flags']}', rounds {report['args']['rounds']} (medians), "
+      f"peak {report['peak_source']}", "",
+      "| model | res | mode | batch | GMACs/img | framework | img/s | compile s | TFLOP/s | MFU | jax ratio |",
+      "|---|---|---|---|---|---|---|---|---|---|---|",
+  ]
+  for case in report["cases"]:
+    for name, row in case["results"].items():
+      best = " (best torch)" if name == case["torch_best"] else ""
+      ratio = (f"{case['ratio_vs_' + name]:.2f}x" if "ratio_vs_" + name in case else "")
+      mfu = f"{100 * row['mfu']:.1f}%" if row["mfu"] else "n/a"
+      lines.append(f"| {case['model']} | {case['res']} | {case['mode']} | {case['batch']} | "
+                   f"{case['macs_per_image'] / 1e9:.3f} | {name}{best} | {row['img_per_s']:.2f} | "
+                   f"{row['compile_s']:.1f} | {row['tflops']:.3f} | {mfu} | {ratio} |")
+  if report.get("input_pipeline"):
+    p = report["input_pipeline"]
+    lines += ["", f"Input pipeline ({p['what']}, {p['images']} images): "
+              f"{p['img_per_s_one_process']:.0f} img/s on one process, "
+              f"{p['img_per_s_all_cores']:.0f} img/s on {p['cores']} processes."]
+  lines += ["", "jax ratio = cvt_jax img/s / that PyTorch configuration's img/s, same run, interleaved rounds."]
+  return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(
+      prog="./run.sh bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--models", nargs="+", help="variants (default: cvt-13 on CPU; cvt-13 cvt-21 cvt-w24 "
+                      "on GPU)")
+  parser.add_argument("--res", nargs="+", type=int, default=[224, 384], help="image sizes (default 224 384)")
+  parser.add_argument("--infer-batches", nargs="*", type=int,
+                      help="inference batches (default: 1 8 32 on CPU, 256 on GPU)")
+  parser.add_argument("--train-batches", nargs="*", type=int,
+                      help="training-step batches: forward, backward, AdamW (default: 32 on CPU, 256 on GPU)")
+  parser.add_argument("--max-batch", type=int, default=0, help="GPU: also run the largest power-of-two batch "
+                      "up to this that fits both frameworks (default 4096 on GPU, off on CPU; 0 = off)")
+  parser.add_argument("--frameworks", nargs="+", default=list(FRAMEWORKS), choices=FRAMEWORKS)
+  parser.add_argument("--dtype", choices=("float32", "bfloat16"),
+                      help="compute dtype: cvt_jax dtype / torch AMP (default float32 on CPU, bfloat16 on GPU)")
+  parser.add_argument("--depthwise-impl", default="auto", choices=("auto", "conv", "shift"),
+                      help="cvt_jax depthwise-conv formulation (default auto: the backend's faster one)")
+  parser.add_argument("--rounds", type=int, default=5, help="timed interleaved rounds per case (default 5)")
+  parser.add_argument("--warmup", type=int, default=2, help="untimed steps per contender after compiling")
+  parser.add_argument("--pipeline-images", type=int, default=256,
+                      help="JPEGs for the input-pipeline measurement (0 skips it; default 256)")
+  parser.add_argument("--xla-flags", default="", help="appended to XLA_FLAGS before jax starts")
+  parser.add_argument("--quick", action="store_true",
+                      help="short run: first model @224 only, inference b8 + training b32 (GPU: b256), "
+                      "3 rounds, 1 warm-up, 64 pipeline images")
+  parser.add_argument("--out", type=pathlib.Path, default=RESULTS_DIR, help=f"output folder ({RESULTS_DIR})")
+  return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+  args = parse_args(argv)
+  if args.xla_flags:
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + args.xla_flags).strip()
+  # jax and torch are imported only now, so that --xla-flags reaches XLA before it starts.
+  import jax
+  import torch
+  torch.set_num_threads(os.cpu_count() or 1)
+  gpu = jax.default_backend() == "gpu"
+  if gpu != torch.cuda.is_available():
+    sys.exit(f"bench: jax backend {jax.default_backend()!r} but torch.cuda.is_available() is "
+             f"{torch.cuda.is_available()}: both frameworks must run on the same device.")
+  args.models = args.models or (["cvt-13", "cvt-21", "cvt-w24"] if gpu else ["cvt-13"])
+  args.dtype = args.dtype or ("bfloat16" if gpu else "float32")
+  if args.infer_batches is None:
+    args.infer_batches = [256] if gpu else [1, 8, 32]
+  if args.train_batches is None:
+    args.train_batches = [256] if gpu else [32]
+  if gpu and not args.max_batch:
+    args.max_batch = 4096
+  if args.quick:
+    args.models, args.res = args.models[:1], [224]
+    args.infer_batches, args.train_batches = ([256], [256]) if gpu else ([8], [32])
+    args.rounds, args.warmup, args.pipeline_images = 3, 1, min(args.pipeline_images, 64)
+
+  machine = machine_info()
+  peak, peak_source = peak_flops(machine["device_kind"], args.dtype, machine["cpu"])
+  print(f"bench on {machine['cpu']['model']} ({machine['cpu']['cores']} cores), device {machine['device_kind']},"
+        f" dtype {args.dtype}; peak {peak_source}", flush=True)
+  cases = []
+  for model in args.models:
+    for res in args.res:
+      for mode, batches in (("infer", args.infer_batches), ("train", args.train_batches)):
+        for batch in batches:
+          cases.append(Case(model, res, batch, mode))
+        if args.max_batch and batches:
+          top = largest_batch(Case(model, res, max(batches), mode), args.frameworks, args.dtype,
+                              args.depthwise_impl, args.max_batch)
+          if top > max(batches):
+            cases.append(Case(model, res, top, mode))
+
+  report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "machine": machine, "peak_flops": peak, "peak_source": peak_source,
+            "args": {k: str(v) if isinstance(v, pathlib.Path) else v for k, v in vars(args).items()},
+            "cases": []}
+  args.out.mkdir(parents=True, exist_ok=True)
+  stem = args.out / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+
+  def save() -> None:
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=1))
+    stem.with_suffix(".md").write_text(markdown(report))
+
+  for case in cases:
+    report["cases"].append(run_case(case, args, macs_per_image(case.model, case.res), peak))
+    save()  # partial results survive an interrupted run
+  if args.pipeline_images:
+    report["input_pipeline"] = bench_input_pipeline(args.pipeline_images)
+  save()
+  print("\n" + markdown(report))
+  print(f"wrote {stem}.json and {stem}.md")
+
+
+if __name__ == "__main__":
+  main()
