@@ -27,6 +27,7 @@ from cvt_jax import input_pipeline
 from cvt_jax import model as model_lib
 from cvt_jax import optim
 from cvt_jax import parallel
+from cvt_jax import pretrained
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -291,6 +292,9 @@ def train_and_evaluate(config: Any, workdir: str, *, interrupt_at_step: int | No
   eval_every = steps_per_epoch * config.eval_every_epochs
 
   model = create_model(config.model, info.num_classes)
+  if jax.process_index() == 0:  # makes the workdir self-describing for evaluate/predict/export
+    pretrained.write_model_info(workdir, config.model.variant, info.num_classes, info.class_names,
+                                config.data.image_size)
   base_lr = optim.scaled_lr(config.optim.lr, config.optim.lr_batch_size, config.global_batch_size)
   schedule = optim.make_schedule(config.schedule, base_lr, config.num_epochs, steps_per_epoch)
   tx = optim.make_optimizer(config.optim, schedule)
