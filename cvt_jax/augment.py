@@ -155,7 +155,8 @@ def affine_transform(image: jax.Array, matrix: jax.Array, fill: tuple[int, ...] 
   inside = (x_in >= 0) & (x_in < width) & (y_in >= 0) & (y_in < height)
   x0, dx = _cubic_taps(x_in - 0.5, width)
   y0, dy = _cubic_taps(y_in - 0.5, height)
-  patch = image[y0[..., :, None], x0[..., None, :]].astype(jnp.float32)  # (H, W, 4, 4, C)
+  flat = (y0[..., :, None] * width + x0[..., None, :]).reshape(-1)  # row gathers are cheaper
+  patch = image.reshape(-1, image.shape[-1])[flat].reshape(height, width, 4, 4, -1).astype(jnp.float32)
   value = jnp.einsum("hwi,hwj,hwijc->hwc", _cubic_weights(dy), _cubic_weights(dx), patch)
   value = jnp.floor(jnp.clip(value, 0, 255))
   return jnp.where(inside[..., None], value, jnp.asarray(fill, jnp.float32)).astype(jnp.uint8)
@@ -332,8 +333,8 @@ def mixup_cutmix(rng: jax.Array, images: jax.Array, labels: jax.Array, num_class
     use_cutmix = jax.random.uniform(k_switch) < switch_prob
   else:
     use_cutmix = jnp.asarray(cutmix_alpha > 0)
-  lam_mix = jax.random.beta(k_mix, mixup_alpha) if mixup_alpha > 0 else jnp.float32(1)
-  lam_cut = jax.random.beta(k_cut, cutmix_alpha) if cutmix_alpha > 0 else jnp.float32(1)
+  lam_mix = jax.random.beta(k_mix, mixup_alpha, mixup_alpha) if mixup_alpha > 0 else jnp.float32(1)
+  lam_cut = jax.random.beta(k_cut, cutmix_alpha, cutmix_alpha) if cutmix_alpha > 0 else jnp.float32(1)
   top, bottom, left, right = cutmix_box(k_box, height, width, lam_cut)
   rows = jnp.arange(height)[:, None]
   cols = jnp.arange(width)[None, :]
