@@ -85,12 +85,14 @@ def get_config(variant: str = "cvt-13", image_size: int = 224, weight_decay: flo
   config.augment.label_smoothing = 0.1
 
   config.optim = ml_collections.ConfigDict()
+  config.optim.name = "adamw"  # or "sgd" (configs/finetune.py)
   config.optim.lr = OFFICIAL_LR  # at a global batch of `lr_batch_size`; scaled linearly to the real one.
   config.optim.lr_batch_size = OFFICIAL_BATCH
   config.optim.b1 = 0.9
   config.optim.b2 = 0.999
   config.optim.eps = 1e-8
   config.optim.weight_decay = weight_decay
+  config.optim.momentum = 0.9  # sgd only
 
   config.schedule = ml_collections.ConfigDict()
   config.schedule.warmup_epochs = 5

@@ -1,4 +1,4 @@
-"""The official CvT optimiser: AdamW with a weight-decay mask and timm's warm-up + cosine schedule."""
+"""The official CvT optimisers (AdamW with a decay mask; SGD for fine-tuning) and timm's warm-up + cosine."""
 
 from __future__ import annotations
 
@@ -64,6 +64,18 @@ def decay_mask(params: Any) -> Any:
 
 
 def make_optimizer(optim_config: Any, learning_rate: Schedule) -> optax.GradientTransformation:
-  """AdamW with the official decay mask; decay is decoupled and scaled by the lr, as in torch.optim.AdamW."""
-  return optax.adamw(learning_rate, b1=optim_config.b1, b2=optim_config.b2, eps=optim_config.eps,
-                     weight_decay=optim_config.weight_decay, mask=decay_mask)
+  """`optim.name` 'adamw' (the official recipe) or 'sgd' (momentum; the paper's fine-tuning recipe).
+
+  AdamW's decay is decoupled and scaled by the lr, as in torch.optim.AdamW; SGD's is added to the gradient
+  before the momentum, as in torch.optim.SGD. Both decay only the tensors of `decay_mask`.
+  """
+  name = optim_config.get("name", "adamw")
+  if name == "adamw":
+    return optax.adamw(learning_rate, b1=optim_config.b1, b2=optim_config.b2, eps=optim_config.eps,
+                       weight_decay=optim_config.weight_decay, mask=decay_mask)
+  if name == "sgd":
+    sgd = optax.sgd(learning_rate, momentum=optim_config.momentum)
+    if not optim_config.weight_decay:
+      return sgd
+    return optax.chain(optax.add_decayed_weights(optim_config.weight_decay, mask=decay_mask), sgd)
+  raise ValueError(f"optim.name={name!r}; use 'adamw' or 'sgd'.")
