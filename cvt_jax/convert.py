@@ -163,11 +163,14 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], heads: Sequence[int
   Raises:
     ConversionError: one message listing every unused, missing and mis-shaped tensor.
   """
-  official = to_official_keys(state_dict)
-  dims, depths, heads, num_classes = detect_architecture(
-      {k: np.shape(v) for k, (_, v) in official.items()}, heads)
+  try:
+    official = to_official_keys(state_dict)
+    dims, depths, heads, num_classes = detect_architecture(
+        {k: np.shape(v) for k, (_, v) in official.items()}, heads)
+  except ConversionError as e:
+    raise ConversionError(f"{source}: {e}") from None
   if len(heads) != 3 or any(h <= 0 or d % h for d, h in zip(dims, heads)):
-    raise ConversionError(f"heads {heads} must be 3 positive numbers dividing the widths {dims}")
+    raise ConversionError(f"{source}: heads {heads} must be 3 positive numbers dividing the widths {dims}")
   variant = variant_from("custom", dims, depths, heads)
   expected = variable_shapes(variant, num_classes)
   flat, filled, problems = {}, set(), []
@@ -241,6 +244,7 @@ def _parse_heads(text: str) -> tuple[int, int, int]:
 
 def _verify(dst: str, converted: LoadedWeights) -> None:
   """Reloads `dst`, compares it with the converted arrays and runs one forward pass."""
+  import jax
   import jax.numpy as jnp
 
   from cvt_jax.weights import flatten, load_weights, model_for
@@ -250,7 +254,7 @@ def _verify(dst: str, converted: LoadedWeights) -> None:
   differ = [k for k in want if not np.array_equal(want[k], got.get(k))]
   if differ or loaded.variant != converted.variant or loaded.num_classes != converted.num_classes:
     raise ConversionError(f"{dst}: reloaded file differs from the conversion (arrays: {differ[:5]})")
-  out = model_for(loaded).apply(loaded.variables, jnp.zeros((1, 224, 224, 3), jnp.float32))
+  out = jax.jit(model_for(loaded).apply)(loaded.variables, jnp.zeros((1, 224, 224, 3), jnp.float32))
   if not np.isfinite(np.asarray(out)).all():
     raise ConversionError(f"{dst}: forward pass gives non-finite outputs")
   print(f"verified: {len(got)} arrays reload bit-exact; a 224x224 forward pass gives finite outputs "

@@ -1,0 +1,274 @@
+"""Weight conversion against the committed PyTorch fixtures (torch-free).
+
+The fixtures (tests/fixtures/make_fixtures.py) are a narrow transformers CvT with QuickGELU, random weights
+and perturbed norms, saved by PyTorch in every supported format, with its outputs on a fixed batch.
+"""
+
+import os
+import pickle
+import subprocess
+import sys
+import zipfile
+
+import jax
+import numpy as np
+import pytest
+
+from cvt_jax import convert, pth, weights
+from cvt_jax.model import VARIANTS
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+TINY = os.path.join(FIXTURES, "tiny")
+OFFICIAL = os.path.join(TINY, "official.pth")
+HF_BIN = os.path.join(TINY, "hf", "pytorch_model.bin")
+HF_SAFETENSORS = os.path.join(TINY, "hf", "model.safetensors")
+TINY_HEADS = (1, 2, 3)  # the widths 8/16/24 are not multiples of 64: heads must be given for the .pth
+
+
+@pytest.fixture(scope="module")
+def converted() -> weights.LoadedWeights:
+  return convert.convert_file(OFFICIAL, heads=TINY_HEADS)
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict[str, np.ndarray]:
+  with np.load(os.path.join(TINY, "reference.npz")) as f:
+    return dict(f)
+
+
+def official_state_dict() -> dict[str, np.ndarray]:
+  return pth.load_state_dict(OFFICIAL)
+
+
+def assert_same_variables(a: dict, b: dict) -> None:
+  fa, fb = weights.flatten(a), weights.flatten(b)
+  assert fa.keys() == fb.keys()
+  for k in fa:
+    np.testing.assert_array_equal(fa[k], fb[k], err_msg=k)
+
+
+def test_every_format_gives_the_same_variables(converted):
+  assert converted.variant.name == "custom"
+  assert weights.architecture(converted.variant) == ((8, 16, 24), (1, 2, 3), TINY_HEADS)
+  assert converted.num_classes == 10
+  for path in (HF_BIN, HF_SAFETENSORS):  # heads come from the config.json beside them
+    other = convert.convert_file(path)
+    assert (other.variant, other.num_classes) == (converted.variant, converted.num_classes)
+    assert_same_variables(other.variables, converted.variables)
+
+
+def test_converted_model_matches_pytorch(converted, reference):
+  model = weights.model_for(converted)
+  forward = jax.jit(lambda v, x: (model.apply(v, x), model.apply(v, x, method="features")))
+  logits, features = forward(converted.variables, reference["images"])
+  assert np.abs(reference["logits"]).max() > 0.5  # perturbed weights give O(1) logits, not ~0
+  np.testing.assert_allclose(logits, reference["logits"], rtol=0, atol=1e-5)
+  for name in ("stage0", "stage1", "stage2", "cls"):
+    assert features[name].shape == reference[name].shape, name
+    np.testing.assert_allclose(features[name], reference[name], rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+def test_layout_conversions(converted):
+  sd = official_state_dict()
+  np.testing.assert_array_equal(  # conv OIHW -> HWIO
+      converted.variables["params"]["stages_1"]["patch_embed"]["proj"]["kernel"],
+      sd["stage1.patch_embed.proj.weight"].transpose(2, 3, 1, 0))
+  dw = converted.variables["params"]["stages_2"]["blocks_2"]["attn"]["conv_proj_k"]["conv"]["kernel"]
+  assert dw.shape == (3, 3, 1, 24)  # depthwise (C,1,3,3) -> (3,3,1,C)
+  np.testing.assert_array_equal(dw[1, 2, 0], sd["stage2.blocks.2.attn.conv_proj_k.conv.weight"][:, 0, 1, 2])
+  np.testing.assert_array_equal(  # Linear (out, in) -> (in, out)
+      converted.variables["params"]["stages_2"]["blocks_1"]["mlp"]["fc1"]["kernel"],
+      sd["stage2.blocks.1.mlp.fc1.weight"].T)
+  bn = converted.variables["batch_stats"]["stages_1"]["blocks_1"]["attn"]["conv_proj_v"]["bn"]
+  np.testing.assert_array_equal(bn["var"], sd["stage1.blocks.1.attn.conv_proj_v.bn.running_var"])
+  np.testing.assert_array_equal(bn["mean"], sd["stage1.blocks.1.attn.conv_proj_v.bn.running_mean"])
+  assert not np.allclose(bn["var"], 1.0)  # the fixture's BN statistics are perturbed
+
+
+def test_hf_keys_with_and_without_prefix_and_without_head(converted):
+  hf = convert.read_checkpoint(HF_SAFETENSORS)
+  assert all(k.startswith(("cvt.", "layernorm.", "classifier.")) for k in hf)
+  bare = {k.removeprefix("cvt."): v for k, v in hf.items()}
+  assert_same_variables(convert.convert_state_dict(bare, TINY_HEADS).variables, converted.variables)
+  headless = convert.convert_state_dict({k: v for k, v in bare.items() if not k.startswith("classifier.")},
+                                        TINY_HEADS)
+  assert headless.num_classes == 0 and "head" not in headless.variables["params"]
+  with pytest.raises(convert.ConversionError, match="used more than once"):
+    convert.convert_state_dict({**hf, "encoder.stages.2.cls_token": hf["cvt.encoder.stages.2.cls_token"]},
+                               TINY_HEADS)
+
+
+def synthetic_official(dims, depths, classes) -> dict[str, np.ndarray]:
+  """Zero tensors with the key names and shapes of an official state dict (the spec's key list)."""
+  z = lambda *shape: np.zeros(shape, np.float32)  # noqa: E731
+  sd = {"norm.weight": z(dims[2]), "norm.bias": z(dims[2]), "stage2.cls_token": z(1, 1, dims[2]),
+        "head.weight": z(classes, dims[2]), "head.bias": z(classes)}
+  for s, (c, depth) in enumerate(zip(dims, depths)):
+    k, c_in = (7, 3) if s == 0 else (3, dims[s - 1])
+    sd |= {f"stage{s}.patch_embed.proj.weight": z(c, c_in, k, k), f"stage{s}.patch_embed.proj.bias": z(c),
+           f"stage{s}.patch_embed.norm.weight": z(c), f"stage{s}.patch_embed.norm.bias": z(c)}
+    for b in range(depth):
+      p = f"stage{s}.blocks.{b}."
+      sd |= {p + f"{n}.{w}": z(c) for n in ("norm1", "norm2") for w in ("weight", "bias")}
+      for x in "qkv":
+        sd[p + f"attn.conv_proj_{x}.conv.weight"] = z(c, 1, 3, 3)
+        sd |= {p + f"attn.conv_proj_{x}.bn.{w}": z(c) for w in ("weight", "bias", "running_mean", "running_var")}
+        sd[p + f"attn.conv_proj_{x}.bn.num_batches_tracked"] = np.array(0, np.int64)
+      for n in ("proj_q", "proj_k", "proj_v", "proj"):
+        sd |= {p + f"attn.{n}.weight": z(c, c), p + f"attn.{n}.bias": z(c)}
+      sd |= {p + "mlp.fc1.weight": z(4 * c, c), p + "mlp.fc1.bias": z(4 * c),
+             p + "mlp.fc2.weight": z(c, 4 * c), p + "mlp.fc2.bias": z(c)}
+  return sd
+
+
+@pytest.mark.parametrize("name,params", [("cvt-13", 19_997_480), ("cvt-21", 31_622_696)])
+def test_detects_named_variants(name, params):
+  dims, depths = (64, 192, 384), VARIANTS[name].stages
+  sd = synthetic_official(dims, tuple(s.depth for s in depths), 1000)
+  if name == "cvt-13":
+    assert len(sd) == 459  # 342 params + 117 buffers, like CvT-13-224x224-IN-1k.pth
+  loaded = convert.convert_state_dict(sd)
+  assert loaded.variant is VARIANTS[name]
+  assert (loaded.num_classes, loaded.num_params) == (1000, params)
+
+
+def test_custom_architecture_is_converted_and_reported(tmp_path, capsys):
+  sd = synthetic_official((64, 128, 192), (1, 1, 2), 5)
+  src, dst = tmp_path / "custom.safetensors", tmp_path / "custom.npz"
+  import safetensors.numpy
+  safetensors.numpy.save_file(sd, str(src))
+  assert convert.main([str(src), str(dst)]) == 0
+  out = capsys.readouterr().out
+  assert "matches no named variant" in out and "heads (1, 2, 3)" in out and "classes: 5" in out
+  loaded = weights.load_weights(dst)
+  assert weights.architecture(loaded.variant) == ((64, 128, 192), (1, 1, 2), (1, 2, 3))
+
+
+def test_heads_are_required_for_odd_widths():
+  with pytest.raises(convert.ConversionError, match="--heads"):
+    convert.convert_file(OFFICIAL)
+  with pytest.raises(convert.ConversionError, match="must be 3 positive numbers dividing"):
+    convert.convert_file(OFFICIAL, heads=(1, 3, 3))
+
+
+@pytest.mark.parametrize("edit,expect", [
+    (lambda sd: sd.pop("stage2.blocks.1.attn.conv_proj_k.bn.running_var"),
+     ["missing    batch_stats/stages_2/blocks_1/attn/conv_proj_k/bn/var (24,)"]),
+    (lambda sd: sd.update({"stage1.blocks.0.attn.extra.weight": np.zeros((2, 2), np.float32)}),
+     ["unused     stage1.blocks.0.attn.extra.weight (2, 2)"]),
+    (lambda sd: sd.update({"stage2.blocks.0.mlp.fc1.weight": np.zeros((96, 23), np.float32)}),
+     ["mis-shaped stage2.blocks.0.mlp.fc1.weight (96, 23) -> params/stages_2/blocks_0/mlp/fc1/kernel (23, 96), "
+      "model expects (24, 96)"]),
+    (lambda sd: sd.update({"stage3.patch_embed.proj.weight": np.zeros((32, 24, 3, 3), np.float32),
+                           "stage0.blocks.0.mlp.fc2.bias": np.zeros(7, np.float32),
+                           "stage1.blocks.1.attn.proj.bias": sd.pop("stage1.blocks.1.attn.proj_q.bias")}),
+     ["(3 problems)", "unused     stage3.patch_embed.proj.weight (32, 24, 3, 3)",
+      "mis-shaped stage0.blocks.0.mlp.fc2.bias (7,) -> params/stages_0/blocks_0/mlp/fc2/bias (7,), model "
+      "expects (8,)", "missing    params/stages_1/blocks_1/attn/proj_q/bias (16,)"]),
+], ids=["missing", "extra", "misshaped", "several"])
+def test_strict_mapping_lists_every_problem(edit, expect):
+  sd = official_state_dict()
+  edit(sd)
+  with pytest.raises(convert.ConversionError) as err:
+    convert.convert_state_dict(sd, TINY_HEADS, source="fixture")
+  for line in expect:
+    assert line in str(err.value)
+
+
+def assert_cli_fails_cleanly(tmp_path, capsys, src, message: str, *flags: str) -> None:
+  dst = tmp_path / "out" / "w.npz"
+  assert convert.main([str(src), str(dst), *flags]) == 1
+  err = capsys.readouterr().err
+  assert message in err and str(src) in err, err
+  assert not dst.exists()
+  assert not dst.parent.exists() or not os.listdir(dst.parent)  # no temp file left behind
+
+
+def test_cli_errors_leave_no_output(tmp_path, capsys):
+  truncated = tmp_path / "truncated.pth"
+  truncated.write_bytes(open(OFFICIAL, "rb").read()[:50_000])
+  assert_cli_fails_cleanly(tmp_path, capsys, truncated, "truncated or corrupt")
+
+  evil = tmp_path / "evil.pth"
+
+  class Evil:
+    def __reduce__(self):
+      return (os.system, ("echo pwned",))
+
+  with zipfile.ZipFile(evil, "w") as z:
+    z.writestr("evil/data.pkl", pickle.dumps({"x": Evil()}, protocol=2))
+  assert_cli_fails_cleanly(tmp_path, capsys, evil, f"refusing to unpickle global '{os.system.__module__}.system'")
+
+  not_a_dict = tmp_path / "list.pth"
+  with zipfile.ZipFile(not_a_dict, "w") as z:
+    z.writestr("list/data.pkl", pickle.dumps([1, 2, 3], protocol=2))
+  assert_cli_fails_cleanly(tmp_path, capsys, not_a_dict, "holds a list, not a state dict")
+
+  assert_cli_fails_cleanly(tmp_path, capsys, os.path.join(FIXTURES, "legacy.pth"), "legacy")
+  broken = tmp_path / "broken.safetensors"
+  broken.write_bytes(open(HF_SAFETENSORS, "rb").read()[:1000])
+  assert_cli_fails_cleanly(tmp_path, capsys, broken, "unreadable safetensors file")
+  sd = official_state_dict()
+  del sd["head.bias"]
+  import safetensors.numpy
+  missing = tmp_path / "missing.safetensors"
+  safetensors.numpy.save_file(sd, str(missing))
+  assert_cli_fails_cleanly(tmp_path, capsys, missing, "missing    params/head/bias (10,)", "--heads", "1,2,3")
+  assert_cli_fails_cleanly(tmp_path, capsys, missing, "pass the heads per stage")
+
+
+def test_write_is_atomic(tmp_path, converted, monkeypatch):
+  dst = tmp_path / "w.npz"
+
+  def failing_savez(f, **arrays):
+    f.write(b"partial")
+    raise OSError("disk full")
+
+  monkeypatch.setattr(weights.np, "savez", failing_savez)
+  with pytest.raises(OSError, match="disk full"):
+    weights.save_variables(dst, converted.variables, converted.variant, converted.num_classes)
+  assert os.listdir(tmp_path) == []
+
+
+def test_pth_reader_views_dtypes_wrapper():
+  got = pth.load_state_dict(os.path.join(FIXTURES, "pth_cases.pth"))  # {'epoch', 'state_dict': {module.*}}
+  with np.load(os.path.join(FIXTURES, "pth_cases_expected.npz")) as f:
+    expected = dict(f)
+  assert got.keys() == expected.keys()
+  for k in expected:
+    np.testing.assert_array_equal(got[k].astype(expected[k].dtype), expected[k], err_msg=k)
+    assert got[k].flags.c_contiguous
+  assert got["half"].dtype == np.float16 and got["bfloat16"].dtype == np.float32
+  assert got["count"].dtype == np.int64 and got["count"].shape == ()
+
+
+def test_weights_round_trip_and_cli_verify(tmp_path, converted, capsys):
+  dst = tmp_path / "tiny.npz"
+  assert convert.main([HF_BIN, str(dst), "--verify"]) == 0
+  out = capsys.readouterr().out
+  assert "classes: 10" in out and f"params:  {converted.num_params:,}" in out and "verified:" in out
+  loaded = weights.load_weights(dst)
+  assert (loaded.variant, loaded.num_classes, loaded.source) == (converted.variant, 10, HF_BIN)
+  assert_same_variables(loaded.variables, converted.variables)
+  on_the_fly = weights.load_weights(OFFICIAL, heads=TINY_HEADS)
+  assert_same_variables(on_the_fly.variables, converted.variables)
+
+  flat = weights.flatten(loaded.variables)
+  flat["params/norm/scale"] = np.zeros(5, np.float32)
+  with np.load(dst) as f:
+    meta = f["__meta__"]
+  np.savez(tmp_path / "bad.npz", __meta__=meta, **flat)
+  with pytest.raises(weights.WeightsError, match=r"mis-shaped params/norm/scale: \(5,\), model expects \(24,\)"):
+    weights.load_weights(tmp_path / "bad.npz")
+  with pytest.raises(weights.WeightsError, match="unknown weights format"):
+    weights.load_weights(tmp_path / "w.onnx")
+
+
+def test_module_entry_point(tmp_path):
+  dst = tmp_path / "w.npz"
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  run = subprocess.run([sys.executable, "-m", "cvt_jax.convert", HF_SAFETENSORS, str(dst)], env=env,
+                       capture_output=True, text=True, cwd=os.path.dirname(FIXTURES) + "/..", check=False)
+  assert run.returncode == 0, run.stderr
+  assert "variant: custom (dims (8, 16, 24), depths (1, 2, 3), heads (1, 2, 3))" in run.stdout
+  assert jax.tree.leaves(weights.load_weights(dst).variables)
