@@ -382,7 +382,8 @@ def _tfds_read(builder, split: str, shuffle_seed: int | None):
                                 add_tfds_id=False)
   ds = builder.as_dataset(split=split, shuffle_files=shuffle_seed is not None, read_config=read_config,
                           decoders={"image": tfds.decode.SkipDecoding()})
-  options = ds.options()
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  options = tf.data.Options()
   options.deterministic = True
   return ds.with_options(options)
 
