@@ -89,15 +89,20 @@ def rand_augment(rng: jax.Array, images: jax.Array, num_ops: int = 2, magnitude:
   if images.dtype != jnp.uint8 or images.ndim != 4 or images.shape[-1] != 3:
     raise ValueError(f"rand_augment wants uint8 (B, H, W, 3) images, got {images.dtype} {images.shape}")
   batch = images.shape[0]
-  k_op, k_apply, k_mag, k_sign = jax.random.split(rng, 4)
-  ops = jax.random.randint(k_op, (num_ops, batch), 0, len(RAND_OPS))
-  apply = jax.random.uniform(k_apply, (num_ops, batch)) < 0.5
-  mags = jnp.clip(magnitude + magnitude_std * jax.random.normal(k_mag, (num_ops, batch)), 0.0, 10.0)
-  signs = jnp.where(jax.random.uniform(k_sign, (num_ops, batch)) < 0.5, -1.0, 1.0)
-  for layer in range(num_ops):
-    out = jax.vmap(apply_op)(images, ops[layer], mags[layer] / 10, signs[layer])
-    images = jnp.where(apply[layer][:, None, None, None], out, images)
-  return images
+  # Few, batched random draws: each jax.random call adds to the compile time.
+  k_uniform, k_normal = jax.random.split(rng)
+  u_op, u_apply, u_sign = jax.random.uniform(k_uniform, (3, num_ops, batch))
+  ops = jnp.minimum(jnp.floor(u_op * len(RAND_OPS)).astype(jnp.int32), len(RAND_OPS) - 1)
+  apply = u_apply < 0.5
+  signs = jnp.where(u_sign < 0.5, -1.0, 1.0)
+  mags = jnp.clip(magnitude + magnitude_std * jax.random.normal(k_normal, (num_ops, batch)), 0.0, 10.0)
+
+  def layer(images, args):  # a scan, so the op graph is compiled once for all layers
+    op, apply_, mag, sign = args
+    out = jax.vmap(apply_op)(images, op, mag / 10, sign)
+    return jnp.where(apply_[:, None, None, None], out, images), None
+
+  return jax.lax.scan(layer, images, (ops, apply, mags, signs))[0]
 
 
 def apply_op(image: jax.Array, op: jax.Array, level: jax.Array, sign: jax.Array) -> jax.Array:
@@ -266,20 +271,21 @@ def random_erasing(rng: jax.Array, images: jax.Array, prob: float = 0.25,
   log-uniform aspect that fits strictly inside the image) is replaced by N(0, 1) noise.
   """
   batch, height, width, _ = images.shape
-  k_apply, k_area, k_aspect, k_top, k_left, k_noise = jax.random.split(rng, 6)
-  shape = (batch, attempts)
-  target = jax.random.uniform(k_area, shape, minval=area[0], maxval=area[1]) * (height * width)
-  ratio = jnp.exp(jax.random.uniform(k_aspect, shape, minval=math.log(aspect[0]),
-                                     maxval=math.log(aspect[1])))
+  k_uniform, k_noise = jax.random.split(rng)
+  u = jax.random.uniform(k_uniform, (batch, 2 * attempts + 3))
+  u_area, u_aspect, (u_apply, u_top, u_left) = u[:, :attempts], u[:, attempts:-3], u[:, -3:].T
+  target = (area[0] + (area[1] - area[0]) * u_area) * (height * width)
+  log_aspect = (math.log(aspect[0]), math.log(aspect[1]))
+  ratio = jnp.exp(log_aspect[0] + (log_aspect[1] - log_aspect[0]) * u_aspect)
   h = jnp.round(jnp.sqrt(target * ratio)).astype(jnp.int32)
   w = jnp.round(jnp.sqrt(target / ratio)).astype(jnp.int32)
   fits = (h < height) & (w < width)
   first = jnp.argmax(fits, axis=1)
   pick = lambda a: jnp.take_along_axis(a, first[:, None], axis=1)[:, 0]
   h, w = pick(h), pick(w)
-  erase = (jax.random.uniform(k_apply, (batch,)) < prob) & jnp.any(fits, axis=1)
-  top = jnp.floor(jax.random.uniform(k_top, (batch,)) * (height - h + 1)).astype(jnp.int32)
-  left = jnp.floor(jax.random.uniform(k_left, (batch,)) * (width - w + 1)).astype(jnp.int32)
+  erase = (u_apply < prob) & jnp.any(fits, axis=1)
+  top = jnp.floor(u_top * (height - h + 1)).astype(jnp.int32)
+  left = jnp.floor(u_left * (width - w + 1)).astype(jnp.int32)
   rows = jnp.arange(height)[None, :, None]
   cols = jnp.arange(width)[None, None, :]
   inside = ((rows >= top[:, None, None]) & (rows < (top + h)[:, None, None])
@@ -297,8 +303,14 @@ def smooth_one_hot(labels: jax.Array, num_classes: int, smoothing: float) -> jax
   return jax.nn.one_hot(labels, num_classes, dtype=jnp.float32) * (1.0 - smoothing) + off
 
 
-def cutmix_box(rng: jax.Array, height: int, width: int, lam: jax.Array) -> tuple[jax.Array, ...]:
+def cutmix_box(u_y: jax.Array, u_x: jax.Array, height: int, width: int,
+               lam: jax.Array) -> tuple[jax.Array, ...]:
   """timm's `rand_bbox`: a (sqrt(1-lam) H, sqrt(1-lam) W) box around a uniform centre, clipped.
+
+  Args:
+    u_y, u_x: uniform [0, 1) draws for the centre row and column.
+    height, width: image size.
+    lam: the drawn mixing ratio.
 
   Returns:
     (top, bottom, left, right) int32 scalars, bottom/right exclusive.
@@ -306,9 +318,8 @@ def cutmix_box(rng: jax.Array, height: int, width: int, lam: jax.Array) -> tuple
   ratio = jnp.sqrt(1.0 - lam)
   cut_h = (height * ratio).astype(jnp.int32)
   cut_w = (width * ratio).astype(jnp.int32)
-  k_y, k_x = jax.random.split(rng)
-  cy = jax.random.randint(k_y, (), 0, height)
-  cx = jax.random.randint(k_x, (), 0, width)
+  cy = jnp.floor(u_y * height).astype(jnp.int32)
+  cx = jnp.floor(u_x * width).astype(jnp.int32)
   return (jnp.clip(cy - cut_h // 2, 0, height), jnp.clip(cy + cut_h // 2, 0, height),
           jnp.clip(cx - cut_w // 2, 0, width), jnp.clip(cx + cut_w // 2, 0, width))
 
@@ -328,14 +339,16 @@ def mixup_cutmix(rng: jax.Array, images: jax.Array, labels: jax.Array, num_class
   targets = smooth_one_hot(labels, num_classes, label_smoothing)
   if mixup_alpha <= 0 and cutmix_alpha <= 0:
     return images, targets
-  k_switch, k_mix, k_cut, k_box = jax.random.split(rng, 4)
+  k_uniform, k_beta = jax.random.split(rng)
+  u_switch, u_y, u_x = jax.random.uniform(k_uniform, (3,))
   if mixup_alpha > 0 and cutmix_alpha > 0:
-    use_cutmix = jax.random.uniform(k_switch) < switch_prob
+    use_cutmix = u_switch < switch_prob
   else:
     use_cutmix = jnp.asarray(cutmix_alpha > 0)
-  lam_mix = jax.random.beta(k_mix, mixup_alpha, mixup_alpha) if mixup_alpha > 0 else jnp.float32(1)
-  lam_cut = jax.random.beta(k_cut, cutmix_alpha, cutmix_alpha) if cutmix_alpha > 0 else jnp.float32(1)
-  top, bottom, left, right = cutmix_box(k_box, height, width, lam_cut)
+  # Both lambdas in one draw (an alpha of 0 is replaced by 1; its lambda is then unused).
+  alphas = jnp.asarray([mixup_alpha or 1.0, cutmix_alpha or 1.0], jnp.float32)
+  lam_mix, lam_cut = jax.random.beta(k_beta, alphas, alphas)
+  top, bottom, left, right = cutmix_box(u_y, u_x, height, width, lam_cut)
   rows = jnp.arange(height)[:, None]
   cols = jnp.arange(width)[None, :]
   in_box = (rows >= top) & (rows < bottom) & (cols >= left) & (cols < right)
