@@ -17,31 +17,36 @@ import re
 import sys
 from typing import Callable, Mapping, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import safetensors
 import safetensors.numpy
 
 from cvt_jax import pth
 from cvt_jax.model import VARIANTS
-from cvt_jax.weights import TORCH_SUFFIXES, LoadedWeights, architecture, describe, unflatten, variable_shapes, variant_from
+from cvt_jax.weights import (TORCH_SUFFIXES, LoadedWeights, WeightsError, architecture, describe,
+                             flatten, load_weights, model_for, save_variables, unflatten, variable_shapes,
+                             variant_from)
+
 
 class ConversionError(ValueError):
   """A checkpoint that does not map one-to-one onto a CvT."""
 
 
+_QKV = {"query": "q", "key": "k", "value": "v"}
+_HF_CONV_PROJ = "attention.attention.convolution_projection_{}.convolution_projection"
 # Hugging Face module paths (inside `encoder.stages.{s}.layers.{b}.`) -> official ones.
 _HF_BLOCK_MODULES = {
     "layernorm_before": "norm1",
     "layernorm_after": "norm2",
+    **{_HF_CONV_PROJ.format(hf) + ".convolution": f"attn.conv_proj_{x}.conv" for hf, x in _QKV.items()},
+    **{_HF_CONV_PROJ.format(hf) + ".normalization": f"attn.conv_proj_{x}.bn" for hf, x in _QKV.items()},
+    **{f"attention.attention.projection_{hf}": f"attn.proj_{x}" for hf, x in _QKV.items()},
     "attention.output.dense": "attn.proj",
     "intermediate.dense": "mlp.fc1",
     "output.dense": "mlp.fc2",
 }
-for _hf, _x in (("query", "q"), ("key", "k"), ("value", "v")):
-  _proj = f"attention.attention.convolution_projection_{_hf}.convolution_projection"
-  _HF_BLOCK_MODULES[f"{_proj}.convolution"] = f"attn.conv_proj_{_x}.conv"
-  _HF_BLOCK_MODULES[f"{_proj}.normalization"] = f"attn.conv_proj_{_x}.bn"
-  _HF_BLOCK_MODULES[f"attention.attention.projection_{_hf}"] = f"attn.proj_{_x}"
 # ... inside `encoder.stages.{s}.`, and at the top level.
 _HF_STAGE_MODULES = {
     "embedding.convolution_embeddings.projection": "patch_embed.proj",
@@ -244,11 +249,6 @@ def _parse_heads(text: str) -> tuple[int, int, int]:
 
 def _verify(dst: str, converted: LoadedWeights) -> None:
   """Reloads `dst`, compares it with the converted arrays and runs one forward pass."""
-  import jax
-  import jax.numpy as jnp
-
-  from cvt_jax.weights import flatten, load_weights, model_for
-
   loaded = load_weights(dst)
   want, got = flatten(converted.variables), flatten(loaded.variables)
   differ = [k for k in want if not np.array_equal(want[k], got.get(k))]
@@ -277,9 +277,6 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--verify", action="store_true",
                       help="reload DST, compare it with the conversion and run one forward pass")
   args = parser.parse_args(argv)
-
-  # weights imports this module, so its writer is imported here.
-  from cvt_jax.weights import WeightsError, save_variables
 
   try:
     print(f"reading {args.src}", flush=True)
