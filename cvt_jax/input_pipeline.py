@@ -79,7 +79,9 @@ class DataSpec:
     source = data_config.source
     default_eval = "val" if source == "folder" else "validation"
     get = data_config.get
-    return cls(source=source, name=get("name", "") or "", data_dir=get("data_dir", None) or None,
+    data_dir = get("data_dir", None)
+    return cls(source=source, name=get("name", "") or "",
+               data_dir=os.path.expanduser(data_dir) if data_dir else None,
                train_split=get("train_split", None) or "train",
                eval_split=get("eval_split", None) or default_eval, image_size=int(image_size),
                num_workers=int(get("num_workers", 0) or 0))
@@ -181,7 +183,11 @@ class _FolderSplit:
 
 @functools.lru_cache(maxsize=8)
 def _list_folder(root: str, split: str, class_names: tuple[str, ...] | None = None) -> _FolderSplit:
-  """Lists `<root>/<split>/<class>/<image>`; labels index `class_names` (default: this split's, sorted)."""
+  """Lists `<root>/<split>/<class>/<image>`; labels index `class_names` (default: this split's, sorted).
+
+  Cached per process (an ImageNet listing takes seconds and info, train and eval all need it), so files
+  added under `root` after the first call are not seen until the process restarts.
+  """
   if not os.path.isdir(root):
     raise FileNotFoundError(f"data dir {root!r} does not exist or is not a directory")
   split_dir = os.path.join(root, split)
@@ -242,7 +248,6 @@ class _BatchPrefetcher:
     images, futures, extra = self._pending.popleft()
     ok = np.array([f.result() for f in futures], dtype=bool)
     return images, ok, extra
-
 
 
 def _folder_train(spec: DataSpec, global_batch: int, local: int, seed: int,

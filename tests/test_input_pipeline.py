@@ -62,8 +62,9 @@ def test_spec_from_config():
                                    "num_workers": 4})
   spec = ip.DataSpec.from_config(cfg, 224)
   assert (spec.train_split, spec.eval_split, spec.image_size, spec.num_workers) == ("train", "val", 224, 4)
-  cfg = ml_collections.ConfigDict({"source": "tfds", "name": "imagenet2012", "data_dir": None})
-  assert ip.DataSpec.from_config(cfg, 384).eval_split == "validation"
+  cfg = ml_collections.ConfigDict({"source": "tfds", "name": "imagenet2012", "data_dir": "~/tfds"})
+  spec = ip.DataSpec.from_config(cfg, 384)
+  assert spec.eval_split == "validation" and spec.data_dir == os.path.expanduser("~/tfds")
   with pytest.raises(ValueError, match="source"):
     ip.DataSpec("files", "", "/d", "train", "val", 224, 0)
   with pytest.raises(ValueError, match="data_dir"):
