@@ -261,3 +261,51 @@ def test_tfds_train_and_eval(tfds_dir):
     assert [b["image"].shape for b in evals] == [(8, 32, 32, 3)] * 3
     assert sum(int(b["mask"].sum()) for b in evals) == 20
     assert not evals[-1]["mask"][4:].any()
+
+
+@pytest.fixture(scope="module")
+def tiny_tfds(tmp_path_factory):
+  """A real prepared TFDS dataset (JPEG images whose red channel is 8 x a unique id, 4 classes)."""
+  import tensorflow_datasets as tfds
+
+  class CvtTinyShapes(tfds.core.GeneratorBasedBuilder):
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+          "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
+          "label": tfds.features.ClassLabel(names=["a", "b", "c", "d"])}))
+
+    def _split_generators(self, dl_manager):
+      return {"train": self._generate_examples(range(22)),
+              "validation": self._generate_examples(range(22, 31))}
+
+    def _generate_examples(self, ids):
+      for i in ids:
+        image = np.full((24 + i, 30, 3), (8 * i, 100, 50), np.uint8)
+        yield i, {"image": image, "label": i % 4}
+
+  root = str(tmp_path_factory.mktemp("tiny_tfds"))
+  CvtTinyShapes(data_dir=root).download_and_prepare()
+  return ip.DataSpec("tfds", "cvt_tiny_shapes", root, "train", "validation", 16, 2)
+
+
+def _tfds_ids(batch):
+  return np.round(batch["image"][:, 8, 8, 0] / 8).astype(int)
+
+
+def test_tfds_processes_read_disjoint_parts(tiny_tfds, processes):
+  epoch_ids, eval_ids, eval_counts = [], [], []
+  for p in range(2):
+    processes(p, 2)
+    it = ip.train_batches(tiny_tfds, 4, seed=0)
+    batches = [next(it) for _ in range(5)]  # 11 examples per process: 5 steps of 2
+    for b in batches:
+      np.testing.assert_array_equal(_tfds_ids(b) % 4, b["label"])
+    epoch_ids.append(np.concatenate([_tfds_ids(b) for b in batches]))
+    evals = list(ip.eval_batches(tiny_tfds, 4))
+    eval_counts.append(len(evals))
+    eval_ids.extend(np.concatenate([_tfds_ids(b)[b["mask"]] for b in evals]).tolist())
+  assert not set(epoch_ids[0]) & set(epoch_ids[1])
+  assert all(len(set(ids)) == 10 for ids in epoch_ids)
+  assert eval_counts[0] == eval_counts[1] and sorted(eval_ids) == list(range(22, 31))
