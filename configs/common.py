@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from cvt_jax import augment
+
 # The official yaml recipe (microsoft/CvT experiments/imagenet/cvt/*.yaml).
 OFFICIAL_BATCH = 2048
 OFFICIAL_LR = 2e-3
@@ -64,6 +66,10 @@ def get_config(variant: str = "cvt-13", image_size: int = 224, weight_decay: flo
   config.model.dtype = "auto"
   config.model.drop_path_rate = ml_collections.config_dict.placeholder(float)  # None: the variant's.
   config.model.depthwise_impl = "auto"
+  # A custom width (e.g. the demo's narrow CvT): set all three; `variant` then only names it.
+  config.model.dims = ml_collections.config_dict.placeholder(tuple)
+  config.model.depths = ml_collections.config_dict.placeholder(tuple)
+  config.model.heads = ml_collections.config_dict.placeholder(tuple)
 
   config.data = ml_collections.ConfigDict()
   config.data.source = "tfds"  # 'tfds' or 'folder' (<data_dir>/train/<class>/*, <data_dir>/val/<class>/*)
@@ -74,15 +80,9 @@ def get_config(variant: str = "cvt-13", image_size: int = 224, weight_decay: flo
   config.data.image_size = image_size
   config.data.num_workers = 8
 
-  config.augment = ml_collections.ConfigDict()
-  config.augment.hflip = True
-  config.augment.randaugment = "rand-m9-mstd0.5-inc1"  # '' disables RandAugment.
-  config.augment.random_erasing = 0.25
-  config.augment.mixup_alpha = 0.8
-  config.augment.cutmix_alpha = 1.0
-  config.augment.mixup_switch_prob = 0.5
-  config.augment.mixup_prob = 1.0
-  config.augment.label_smoothing = 0.1
+  # RandAugment rand-m9-mstd0.5-inc1, erasing 0.25, mixup 0.8 / cutmix 1.0 / switch 0.5, smoothing 0.1;
+  # random-resized crop (0.08-1, 3/4-4/3, bicubic) and flip happen on the host (cvt_jax.preprocess).
+  config.augment = augment.default_config()
 
   config.optim = ml_collections.ConfigDict()
   config.optim.name = "adamw"  # or "sgd" (configs/finetune.py)

@@ -10,8 +10,13 @@ DATA_AXIS = "data"
 
 
 def make_mesh() -> Mesh:
-  """A ('data',) mesh over all devices of all processes (`jax.devices()`, not `jax.local_devices()`)."""
-  return jax.make_mesh((jax.device_count(),), (DATA_AXIS,), devices=jax.devices())
+  """A ('data',) mesh over all devices of all processes (`jax.devices()`, not `jax.local_devices()`).
+
+  The axis is 'Auto' (jit propagates shardings from the inputs), not the newer default 'Explicit', under
+  which every op of the model would need its sharding spelt out.
+  """
+  return jax.make_mesh((jax.device_count(),), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,),
+                       devices=jax.devices())
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

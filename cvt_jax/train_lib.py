@@ -53,9 +53,22 @@ def compute_dtype(name: str) -> jnp.dtype:
   return _DTYPES[name]
 
 
+def model_variant(model_config: Any) -> model_lib.Variant:
+  """The official variant by name, or a custom width when `dims`, `depths` and `heads` are all set."""
+  custom = (model_config.dims, model_config.depths, model_config.heads)
+  if all(x is None for x in custom):
+    return model_lib.get_variant(model_config.variant)
+  if any(x is None for x in custom) or any(len(x) != 3 for x in custom):
+    raise ValueError(f"model.dims/depths/heads={custom}: set all three, each with one value per stage.")
+  if any(d % h for d, h in zip(model_config.dims, model_config.heads)):
+    raise ValueError(f"model.dims={model_config.dims} must be divisible by model.heads={model_config.heads}.")
+  return model_lib.make_variant(model_config.variant, tuple(model_config.dims), tuple(model_config.depths),
+                                tuple(model_config.heads), model_config.drop_path_rate or 0.0)
+
+
 def create_model(model_config: Any, num_classes: int) -> model_lib.CvT:
   """The CvT described by the config's `model` block."""
-  return model_lib.CvT.from_variant(model_config.variant, num_classes=num_classes,
+  return model_lib.CvT.from_variant(model_variant(model_config), num_classes=num_classes,
                                     dtype=compute_dtype(model_config.dtype),
                                     drop_path_rate=model_config.drop_path_rate,
                                     depthwise_impl=model_config.depthwise_impl)
@@ -176,14 +189,14 @@ def evaluate(eval_step: Callable[[TrainState, Batch], Metrics], state: TrainStat
 
 
 def _make_writer(workdir: str):
-  """clu writers (TensorBoard + console) on process 0, nothing elsewhere; plain logging without clu."""
+  """TensorBoard scalars via clu on process 0 (the console gets the formatted lines logged beside them)."""
   try:
     from clu import metric_writers
-  except ImportError:
+  except ImportError:  # e.g. a GPU machine without TensorFlow: log the scalars instead
     return _LoggingWriter(enabled=jax.process_index() == 0)
   if jax.process_index() > 0:
     return metric_writers.MultiWriter([])
-  return metric_writers.create_default_writer(workdir)
+  return metric_writers.AsyncWriter(metric_writers.SummaryWriter(os.path.join(workdir, "tensorboard")))
 
 
 class _LoggingWriter:
@@ -229,7 +242,7 @@ def validate_config(config: Any) -> None:
     if not ok:
       raise ValueError(f"Invalid config: {message}")
 
-  model_lib.get_variant(config.model.variant)
+  model_variant(config.model)
   compute_dtype(config.model.dtype)
   require(config.model.num_classes > 0, f"model.num_classes={config.model.num_classes} must be positive.")
   require(config.model.drop_path_rate is None or 0.0 <= config.model.drop_path_rate < 1.0,
@@ -293,7 +306,7 @@ def train_and_evaluate(config: Any, workdir: str, *, interrupt_at_step: int | No
 
   model = create_model(config.model, info.num_classes)
   if jax.process_index() == 0:  # makes the workdir self-describing for evaluate/predict/export
-    pretrained.write_model_info(workdir, config.model.variant, info.num_classes, info.class_names,
+    pretrained.write_model_info(workdir, model.variant, info.num_classes, info.class_names,
                                 config.data.image_size)
   base_lr = optim.scaled_lr(config.optim.lr, config.optim.lr_batch_size, config.global_batch_size)
   schedule = optim.make_schedule(config.schedule, base_lr, config.num_epochs, steps_per_epoch)
@@ -305,7 +318,7 @@ def train_and_evaluate(config: Any, workdir: str, *, interrupt_at_step: int | No
   variables = jax.jit(model.init, out_shardings=replicated)(init_rng, dummy)
   if config.init_from:
     variables = jax.device_put(checkpointing.load_init_from(
-        config.init_from, variables, config.model.variant, info.num_classes), replicated)
+        config.init_from, variables, model_variant(config.model), info.num_classes), replicated)
   state = jax.jit(
       lambda v: TrainState(step=jnp.zeros((), jnp.int32), params=v["params"],
                            batch_stats=v["batch_stats"], opt_state=tx.init(v["params"])),
@@ -335,9 +348,9 @@ def train_and_evaluate(config: Any, workdir: str, *, interrupt_at_step: int | No
   def run_eval(step: int) -> dict[str, float]:
     started = time.time()
     result = evaluate(eval_step, state, input_pipeline.eval_batches(spec, config.eval_batch_size), mesh)
-    if result["count"] != info.num_eval_examples:
-      raise RuntimeError(f"Evaluation saw {result['count']} examples but split {spec.eval_split!r} has "
-                         f"{info.num_eval_examples}: the eval pipeline drops or repeats examples.")
+    if result["count"] != info.num_eval_examples:  # e.g. undecodable files, masked out by the pipeline
+      logging.warning("Evaluation counted %d examples but split %r has %d.", result["count"],
+                      spec.eval_split, info.num_eval_examples)
     logging.info("eval @ step %d (epoch %.2f): top-1 %.2f%%, top-5 %.2f%%, loss %.4f over %d/%d images "
                  "(%.1fs)", step, step / steps_per_epoch, result["top1"], result["top5"], result["loss"],
                  result["count"], info.num_eval_examples, time.time() - started)

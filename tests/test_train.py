@@ -1,0 +1,161 @@
+"""The trainer on 4 CPU devices with a tiny CvT: steps, learning, resume, NaN stop, eval coverage."""
+
+import os
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs import common, demo
+from cvt_jax import checkpointing
+from cvt_jax import optim
+from cvt_jax import parallel
+from cvt_jax import train_lib
+
+NUM_CLASSES = 3
+TRAIN_PER_CLASS, VAL_PER_CLASS = 16, 5  # 48 train, 15 val: no eval batch below divides 15
+
+
+def colour_image(rng: np.random.Generator, label: int, size: int = 40) -> np.ndarray:
+  """A noisy image whose dominant channel is the class: learnable in a few steps."""
+  image = rng.integers(0, 90, (size, size, 3))
+  image[..., label] += 150
+  return image.astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory) -> str:
+  root = tmp_path_factory.mktemp("colours")
+  rng = np.random.default_rng(0)
+  for split, count in (("train", TRAIN_PER_CLASS), ("val", VAL_PER_CLASS)):
+    for label, name in enumerate(("blue", "green", "red")[::-1]):  # sorted names give labels 2, 1, 0
+      os.makedirs(root / split / name)
+      for i in range(count):
+        Image.fromarray(colour_image(rng, label)).save(root / split / name / f"{i}.jpg", quality=95)
+  return str(root)
+
+
+def tiny_config(data_dir: str, **overrides):
+  """configs/demo.py at test scale: a 3-class narrow CvT at 32 px, 3 steps per epoch on 4 devices."""
+  config = demo.get_config("epochs=2,batch=16,res=32")
+  config.model.dims, config.model.depths, config.model.heads = (16, 32, 48), (1, 1, 2), (1, 2, 3)
+  config.model.num_classes = NUM_CLASSES
+  config.model.drop_path_rate = 0.1  # drop path draws from the per-step rng: covered by the resume test
+  config.data.data_dir = data_dir
+  config.eval_batch_size = 8
+  config.eval_every_epochs = 1
+  config.checkpoint_every_steps = 2
+  config.log_every_steps = 1
+  for key, value in overrides.items():
+    section, _, field = key.rpartition(".")
+    (config[section] if section else config)[field] = value
+  return config
+
+
+def assert_trees_equal(a, b):
+  leaves_a, tree_a = jax.tree.flatten(a)
+  leaves_b, tree_b = jax.tree.flatten(b)
+  assert tree_a == tree_b
+  for x, y in zip(leaves_a, leaves_b):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_loss_is_finite_and_decreases_on_a_learnable_set():
+  config = tiny_config("unused", **{"augment.label_smoothing": 0.0})
+  mesh = parallel.make_mesh()
+  model = train_lib.create_model(config.model, NUM_CLASSES)
+  schedule = lambda step: 1e-3
+  tx = optim.make_optimizer(config.optim, schedule)
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+  state = train_lib.TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
+                               batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"]))
+  replicated, batch_sharding = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+  step_fn = jax.jit(train_lib.make_train_step(model, tx, schedule, NUM_CLASSES, config.augment,
+                                              jax.random.key(1)),
+                    in_shardings=(replicated, batch_sharding), out_shardings=(replicated, replicated),
+                    donate_argnums=0)
+  rng = np.random.default_rng(0)
+  labels = np.arange(32) % NUM_CLASSES
+  batch = parallel.global_batch(
+      {"image": np.stack([colour_image(rng, int(l), 32) for l in labels]), "label": labels.astype(np.int32)},
+      mesh)
+  assert batch["image"].sharding.spec == jax.sharding.PartitionSpec("data")
+  losses = []
+  for _ in range(12):
+    state, metrics = step_fn(state, batch)
+    losses.append(float(metrics["loss"]))
+  assert np.all(np.isfinite(losses)), losses
+  assert np.mean(losses[-3:]) < 0.5 * losses[0], losses
+  assert int(state.step) == 12 and float(metrics["lr"]) == pytest.approx(1e-3)
+
+
+def test_resume_after_a_stop_equals_an_uninterrupted_run(tree, tmp_path):
+  config = tiny_config(tree)
+  straight, straight_eval = train_lib.train_and_evaluate(config, str(tmp_path / "straight"))
+  assert int(straight.step) == 6  # 48 // 16 steps per epoch x 2 epochs
+
+  stopped, _ = train_lib.train_and_evaluate(config, str(tmp_path / "resumed"), interrupt_at_step=4)
+  assert int(stopped.step) == 4
+  assert checkpointing.Checkpointer(tmp_path / "resumed", 2, 3).latest_step() == 4
+  resumed, resumed_eval = train_lib.train_and_evaluate(config, str(tmp_path / "resumed"))
+
+  assert_trees_equal(resumed, straight)  # params, batch_stats, AdamW moments and step: bit for bit
+  assert resumed_eval == straight_eval
+  assert straight_eval["count"] == NUM_CLASSES * VAL_PER_CLASS
+  # Running the finished command again only re-evaluates the final checkpoint.
+  _, again = train_lib.train_and_evaluate(config, str(tmp_path / "straight"))
+  assert again == straight_eval
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tree, tmp_path):
+  config = tiny_config(tree, **{"optim.lr": 1e30, "optim.lr_batch_size": 16, "schedule.warmup_epochs": 0,
+                                "checkpoint_every_steps": 1, "eval_every_epochs": 2})
+  with pytest.raises(FloatingPointError, match="Non-finite training loss at step") as error:
+    train_lib.train_and_evaluate(config, str(tmp_path))
+  bad_step = int(re.search(r"at step (\d+)", str(error.value)).group(1))
+  latest = checkpointing.Checkpointer(tmp_path, 1, 3).latest_step()
+  assert latest == bad_step - 1
+  assert f"last good checkpoint is step {latest}" in str(error.value)
+
+
+@pytest.mark.parametrize("batch_size", [4, 12, 32])
+def test_eval_counts_every_example_once(tree, batch_size):
+  from cvt_jax import input_pipeline
+
+  config = tiny_config(tree)
+  mesh = parallel.make_mesh()
+  model = train_lib.create_model(config.model, NUM_CLASSES)
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+  state = train_lib.TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
+                               batch_stats=variables["batch_stats"], opt_state=())
+  eval_step = jax.jit(train_lib.make_eval_step(model))
+  spec = input_pipeline.DataSpec.from_config(config.data, 32)
+  result = train_lib.evaluate(eval_step, state, input_pipeline.eval_batches(spec, batch_size), mesh)
+  assert result["count"] == NUM_CLASSES * VAL_PER_CLASS
+  assert 0.0 <= result["top1"] <= result["top5"] <= 100.0
+
+
+def test_train_steps_on_tfds_mock_data(tmp_path):
+  import tensorflow_datasets as tfds
+
+  data_dir = str(tmp_path / "tfds")
+  builder = tfds.builder("imagenet2012", data_dir=data_dir)
+  builder.info.set_splits(tfds.core.SplitDict([
+      tfds.core.SplitInfo(name=name, shard_lengths=[n], num_bytes=0)
+      for name, n in (("train", 32), ("validation", 10))]))
+  os.makedirs(builder.data_dir)
+  builder.info.write_to_directory(builder.data_dir)
+  # The official recipe's augmentation chain (RandAugment, erasing, mixup/cutmix) on 1000 classes.
+  config = tiny_config(data_dir, **{"data.source": "tfds", "data.name": "imagenet2012",
+                                    "data.eval_split": "validation", "model.num_classes": 1000,
+                                    "num_epochs": 1, "checkpoint_every_steps": 100})
+  for key in ("randaugment", "erasing_prob", "mixup_alpha", "cutmix_alpha"):
+    config.augment[key] = common.get_config().augment[key]
+  with tfds.testing.mock_data(num_examples=32, data_dir=data_dir):
+    state, result = train_lib.train_and_evaluate(config, str(tmp_path / "work"))
+  assert int(state.step) == 2
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(state.params))
+  assert result["count"] == 10
