@@ -163,7 +163,9 @@ def affine_transform(image: jax.Array, matrix: jax.Array, fill: tuple[int, ...] 
   flat = (y0[..., :, None] * width + x0[..., None, :]).reshape(-1)  # row gathers are cheaper
   patch = image.reshape(-1, image.shape[-1])[flat].reshape(height, width, 4, 4, -1).astype(jnp.float32)
   value = jnp.einsum("hwi,hwj,hwijc->hwc", _cubic_weights(dy), _cubic_weights(dx), patch)
-  value = jnp.floor(jnp.clip(value, 0, 255))
+  # PIL truncates a double; a float32 sum lands just below an exact integer (e.g. on flat regions), so
+  # nudge it up by far less than the spacing of distinct results.
+  value = jnp.floor(jnp.clip(value + 1e-3, 0, 255))
   return jnp.where(inside[..., None], value, jnp.asarray(fill, jnp.float32)).astype(jnp.uint8)
 
 

@@ -115,6 +115,9 @@ def eval_image(path: str | os.PathLike, size: int) -> np.ndarray:
 def tf_train_image(encoded, seed, *, size: int, is_jpeg: bool):
   """Random-resized crop + flip of an encoded image; JPEGs decode only the crop window.
 
+  The window comes from `stateless_sample_distorted_bounding_box` (same area/ratio ranges and 10 tries as
+  `random_resized_crop_box`; when all tries fail it takes the whole image instead of a centre crop).
+
   Args:
     encoded: scalar tf.string, the encoded image.
     seed: int64 (2,), the stateless seed of this example.

@@ -1,8 +1,9 @@
 """Device augmentation: each RandAugment op against its PIL definition, erasing, mixup/cutmix, the chain.
 
-Tolerances (stated, measured on sklearn's sample photos at 96x128): the pixel-map and enhance ops are
-exact except AutoContrast (PIL's double vs our float32 stretch: |diff| <= 1 on < 0.1 % of pixels); the
-bicubic geometric ops differ by at most 1 on < 2 % of pixels (summation order before PIL's truncation).
+Tolerances, on sklearn's two sample photos, a digit and a flat image at 96x128, four magnitudes/signs:
+the pixel-map and enhance ops are exact except AutoContrast (PIL's double vs our float32 stretch:
+|diff| <= 1 on 0.011 % of pixels measured, 0.1 % allowed); the bicubic geometric ops differ by at most 1 on
+<= 0.38 % of pixels measured, 1 % allowed (float32 vs double before PIL's truncation).
 """
 
 import numpy as np
@@ -11,7 +12,7 @@ import jax.numpy as jnp
 import ml_collections
 import pytest
 from PIL import Image, ImageEnhance, ImageOps
-from sklearn.datasets import load_sample_images
+from sklearn.datasets import load_digits, load_sample_images
 
 from cvt_jax import augment
 
@@ -54,8 +55,11 @@ def pil_op(img: Image.Image, name: str, level: np.float32, sign: float) -> np.nd
 
 @pytest.fixture(scope="module")
 def photos():
-  return [np.asarray(Image.fromarray(p).resize((128, 96), Image.Resampling.BICUBIC))
-          for p in load_sample_images().images]
+  """sklearn's two sample photos, a digit (grey, flat background) and a flat image (degenerate stats)."""
+  photos = [Image.fromarray(p).resize((128, 96), Image.Resampling.BICUBIC) for p in load_sample_images().images]
+  digit = Image.fromarray((load_digits().images[0] * 15).astype(np.uint8)).resize((128, 96)).convert("RGB")
+  flat = Image.new("RGB", (128, 96), (90, 90, 200))
+  return [np.asarray(p) for p in (*photos, digit, flat)]
 
 
 def test_rand_augment_ops_match_pil(photos):
@@ -73,7 +77,7 @@ def test_rand_augment_ops_match_pil(photos):
   for name, (max_diff, frac) in worst.items():
     geometric = name in ("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
     assert max_diff <= 1, (name, max_diff)
-    assert frac <= (0.02 if geometric else 1e-3), (name, frac)
+    assert frac <= (0.01 if geometric else 1e-3), (name, frac)
 
 
 def test_rand_augment_batch_is_per_image_and_deterministic(photos):
