@@ -113,7 +113,7 @@ def evaluate_checkpoint(config: Any, checkpoint_path: str, output: str | None = 
     RuntimeError: the pass did not count every image of the split (e.g. undecodable files).
   """
   parallel.check_global_batch_size(config.eval_batch_size, "eval_batch_size")
-  checkpoint = pretrained.load(checkpoint_path, variant=config.model.variant, heads=heads)
+  checkpoint = pretrained.load(checkpoint_path, variant=train_lib.model_variant(config.model), heads=heads)
   spec = input_pipeline.DataSpec.from_config(config.data, config.data.image_size)
   where = (f"folder tree {os.path.join(spec.data_dir, spec.eval_split)!r}" if spec.source == "folder"
            else f"TFDS {spec.name}:{spec.eval_split}")
