@@ -107,36 +107,6 @@ def machine_info() -> dict[str, Any]:
   }
 
 
-# ------------------------------------------------------------------------------------------------- MACs
-
-
-def macs_per_image(model: str, res: int, num_classes: int = 1000) -> int:
-  """Multiply-accumulates of one forward pass: convs, linears and the two attention einsums.
-
-  Counts what the paper counts (its "GFLOPs" are MACs): 4.566 G for CvT-13 @224. Norms, softmax and
-  activations are left out.
-  """
-  from cvt_jax.model import get_variant
-  h = w = res
-  c_in = 3
-  total = 0
-  for s in get_variant(model).stages:
-    h = (h + 2 * s.patch_padding - s.patch_size) // s.patch_stride + 1
-    w = (w + 2 * s.patch_padding - s.patch_size) // s.patch_stride + 1
-    c = s.dim
-    total += h * w * c * c_in * s.patch_size**2
-    cls = int(s.cls_token)
-    n_q = h * w + cls
-    n_kv = ((h - 1) // 2 + 1) * ((w - 1) // 2 + 1) + cls
-    per_block = (9 * c * (h * w + 2 * (n_kv - cls))  # depthwise q (stride 1), k and v (stride 2)
-                 + c * c * (2 * n_q + 2 * n_kv)  # proj_q, proj, proj_k, proj_v
-                 + 2 * n_q * n_kv * c  # q k^T and probs v
-                 + 8 * n_q * c * c)  # mlp fc1 + fc2
-    total += s.depth * per_block
-    c_in = c
-  return total + c_in * num_classes
-
-
 # ----------------------------------------------------------------------------------------------- timing
 
 
@@ -314,53 +284,36 @@ def run_case(case: Case, args: argparse.Namespace, macs: int, peak: float | None
 # --------------------------------------------------------------------------------------- input pipeline
 
 
-def _write_jpegs(directory: pathlib.Path, count: int) -> list[pathlib.Path]:
-  """`count` 500x375 photo-like JPEGs (smooth gradients + noise, quality 90, like ImageNet's median)."""
+def _write_jpeg_tree(root: pathlib.Path, count: int, classes: int = 4) -> None:
+  """`count` photo-like 500x375 JPEGs (ImageNet's median size, quality 90) under root/train/<class>/."""
   from PIL import Image
   rng = np.random.default_rng(0)
   yy, xx = np.mgrid[0:375, 0:500]
-  paths = []
   for i in range(count):
     base = np.stack([np.sin(xx / (20 + 7 * c + i % 5)) * np.cos(yy / (30 + 5 * c)) for c in range(3)], -1)
     pixels = np.clip(127 + 90 * base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
-    path = directory / f"{i:05d}.jpg"
-    Image.fromarray(pixels).save(path, quality=90)
-    paths.append(path)
-  return paths
+    folder = root / "train" / f"class{i % classes}"
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(folder / f"{i:05d}.jpg", quality=90)
 
 
-def decode_crop_flip(path: pathlib.Path, size: int = 224, seed: int = 0) -> np.ndarray:
-  """PIL decode + random-resized crop (scale 0.08-1, ratio 3/4-4/3, bicubic) + horizontal flip."""
-  from PIL import Image
-  rng = np.random.default_rng(seed)
-  with Image.open(path) as img:
-    img = img.convert("RGB")
-    width, height = img.size
-    for _ in range(10):
-      area = width * height * rng.uniform(0.08, 1.0)
-      ratio = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
-      w, h = int(round(np.sqrt(area * ratio))), int(round(np.sqrt(area / ratio)))
-      if 0 < w <= width and 0 < h <= height:
-        break
-    else:
-      w, h = min(width, height), min(width, height)
-    left, top = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
-    out = img.resize((size, size), Image.BICUBIC, box=(left, top, left + w, top + h))
-    if rng.random() < 0.5:
-      out = out.transpose(Image.FLIP_LEFT_RIGHT)
-    return np.asarray(out)
+def _decode_task(item: tuple[str, int]) -> np.ndarray:
+  from cvt_jax import preprocess
+  return preprocess.train_image(item[0], 224, np.random.default_rng(item[1]))
 
 
-def _decode_task(item: tuple[pathlib.Path, int]) -> np.ndarray:
-  return decode_crop_flip(*item)
+def bench_input_pipeline(num_images: int, batch: int) -> dict[str, Any]:
+  """Host img/s of the training transform (decode + random-resized crop + flip, `cvt_jax.preprocess`).
 
-
-def bench_input_pipeline(num_images: int) -> dict[str, Any]:
-  """Host img/s of PIL decode + random-resized crop + flip on one process and on every core."""
+  Timed three ways: one process, a process pool on every core, and `input_pipeline.train_batches` on a
+  folder tree (its decode threads), the path a training run takes.
+  """
+  from cvt_jax import input_pipeline
   cores = os.cpu_count() or 1
   with tempfile.TemporaryDirectory() as tmp:
-    paths = _write_jpegs(pathlib.Path(tmp), num_images)
-    items = [(p, i) for i, p in enumerate(paths)]
+    root = pathlib.Path(tmp)
+    _write_jpeg_tree(root, num_images)
+    items = [(str(p), i) for i, p in enumerate(sorted(root.glob("train/*/*.jpg")))]
     for item in items[:8]:
       _decode_task(item)
     start = time.perf_counter()
@@ -372,10 +325,22 @@ def bench_input_pipeline(num_images: int) -> dict[str, Any]:
       start = time.perf_counter()
       pool.map(_decode_task, items, chunksize=8)
       every = num_images / (time.perf_counter() - start)
-  result = {"what": "PIL decode 500x375 JPEG + random-resized crop 224 + flip", "images": num_images,
-            "img_per_s_one_process": one, "img_per_s_all_cores": every, "cores": cores}
-  print(f"\n== input pipeline: {one:.0f} img/s on one process, {every:.0f} img/s on {cores} processes",
-        flush=True)
+    spec = input_pipeline.DataSpec(source="folder", name="", data_dir=str(root), train_split="train",
+                                   eval_split="train", image_size=224, num_workers=cores)
+    batch = min(batch, num_images // 2)
+    batches = input_pipeline.train_batches(spec, batch, seed=0)
+    next(batches)
+    steps = max(1, num_images // batch - 1)
+    start = time.perf_counter()
+    for _ in range(steps):
+      next(batches)
+    folder = steps * batch / (time.perf_counter() - start)
+    batches.close()
+  result = {"what": "decode 500x375 JPEG + random-resized crop 224 + flip (cvt_jax.preprocess.train_image)",
+            "images": num_images, "cores": cores, "img_per_s_one_process": one,
+            "img_per_s_all_cores": every, "img_per_s_train_batches": folder, "batch": batch}
+  print(f"\n== input pipeline: {one:.0f} img/s one process, {every:.0f} img/s on {cores} processes, "
+        f"{folder:.0f} img/s from input_pipeline.train_batches (batch {batch})", flush=True)
   return result
 
 
@@ -408,7 +373,9 @@ def markdown(report: dict[str, Any]) -> str:
     p = report["input_pipeline"]
     lines += ["", f"Input pipeline ({p['what']}, {p['images']} images): "
               f"{p['img_per_s_one_process']:.0f} img/s on one process, "
-              f"{p['img_per_s_all_cores']:.0f} img/s on {p['cores']} processes."]
+              f"{p['img_per_s_all_cores']:.0f} img/s on {p['cores']} processes, "
+              f"{p['img_per_s_train_batches']:.0f} img/s through `input_pipeline.train_batches` "
+              f"(folder tree, batch {p['batch']})."]
   lines += ["", "jax ratio = cvt_jax img/s / that PyTorch configuration's img/s, same run, interleaved rounds."]
   return "\n".join(lines) + "\n"
 
@@ -449,6 +416,8 @@ def main(argv: list[str] | None = None) -> None:
   # jax and torch are imported only now, so that --xla-flags reaches XLA before it starts.
   import jax
   import torch
+
+  from cvt_jax.summary import count_macs
   torch.set_num_threads(os.cpu_count() or 1)
   gpu = jax.default_backend() == "gpu"
   if gpu != torch.cuda.is_available():
@@ -495,10 +464,10 @@ def main(argv: list[str] | None = None) -> None:
     stem.with_suffix(".md").write_text(markdown(report))
 
   for case in cases:
-    report["cases"].append(run_case(case, args, macs_per_image(case.model, case.res), peak))
+    report["cases"].append(run_case(case, args, count_macs(case.model, case.res), peak))
     save()  # partial results survive an interrupted run
   if args.pipeline_images:
-    report["input_pipeline"] = bench_input_pipeline(args.pipeline_images)
+    report["input_pipeline"] = bench_input_pipeline(args.pipeline_images, max(args.train_batches or [32]))
   save()
   print("\n" + markdown(report))
   print(f"wrote {stem}.json and {stem}.md")
