@@ -309,3 +309,25 @@ def test_tfds_processes_read_disjoint_parts(tiny_tfds, processes):
   assert not set(epoch_ids[0]) & set(epoch_ids[1])
   assert all(len(set(ids)) == 10 for ids in epoch_ids)
   assert eval_counts[0] == eval_counts[1] and sorted(eval_ids) == list(range(22, 31))
+
+
+def test_reduced_jpeg_decode_keeps_the_crop(tmp_path):
+  """Large JPEGs decode at a reduced DCT scale; the output must still be the same crop."""
+  from cvt_jax import preprocess
+  from sklearn.datasets import load_sample_image
+  photo = Image.fromarray(load_sample_image("china.jpg")).resize((1600, 1200), Image.Resampling.BICUBIC)
+  path = str(tmp_path / "big.jpg")
+  photo.save(path, quality=95)
+  with Image.open(path) as img:
+    full = img.convert("RGB")
+  for seed in range(4):
+    ours = preprocess.train_image(path, 64, np.random.default_rng(seed)).astype(int)
+    rng = np.random.default_rng(seed)
+    box = preprocess.random_resized_crop_box(rng, 1600, 1200)
+    ref = full.resize((64, 64), Image.Resampling.BICUBIC, box=box)
+    if rng.random() < 0.5:
+      ref = ref.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    assert np.abs(ours - np.asarray(ref, int)).mean() < 1.5  # a 40 px shift of the box gives >= 3
+  ours = preprocess.eval_image(path, 64).astype(int)
+  ref = np.asarray(full.resize((97, 73), Image.Resampling.BICUBIC), int)[4:68, 16:80]
+  assert np.abs(ours - ref).mean() < 1.5
