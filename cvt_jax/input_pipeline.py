@@ -114,6 +114,7 @@ def train_batches(spec: DataSpec, global_batch_size: int, seed: int,
   """Infinite training batches of this process: {'image': uint8 (B/P, S, S, 3), 'label': int32 (B/P,)}.
 
   Deterministic in (seed, step); see the module docstring. Random-resized crop + flip on the host.
+  An epoch is `num_train_examples // global_batch_size` steps for both sources.
   """
   local = _local_batch_size(global_batch_size)
   if start_step < 0:
