@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import tempfile
 import threading
 from typing import Any
 
@@ -54,12 +55,51 @@ class Checkpointer:
   def restore(self, step: int, target: Any) -> Any:
     """Restores `step` with the structure, dtypes and shardings of `target` (arrays or abstract)."""
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-    return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    try:
+      return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    except ValueError as e:  # orbax names one key or two shapes, not the checkpoint, the arrays or the fix
+      path = os.path.join(self.directory, str(step))
+      raise ValueError(f"Checkpoint {path} does not fit the configured model and optimiser "
+                       f"({_mismatches(path, abstract) or e}). It was written with another config: "
+                       "resume with that config, or train in a new --workdir.") from e
 
   def close(self) -> None:
     """Waits for pending asynchronous saves, then releases the manager."""
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def check_writable(workdir: str | os.PathLike) -> None:
+  """Fails at start-up, not at the first save, when `workdir` cannot be created or written."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with tempfile.TemporaryFile(dir=workdir):
+      pass
+  except OSError as e:
+    raise ValueError(f"workdir {os.fspath(workdir)!r} is not writable: {e.strerror or e} "
+                     f"({e.filename or workdir}).") from e
+
+
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  return {jax.tree_util.keystr(path, simple=True, separator="/"): tuple(leaf.shape)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _mismatches(path: str, target: Any, limit: int = 5) -> str:
+  """The arrays missing from, unused in and mis-shaped in the checkpoint at `path`, for `target`."""
+  try:
+    with ocp.StandardCheckpointer() as reader:
+      stored = _shapes(reader.metadata(os.path.join(path, "default")).item_metadata)
+  except Exception:  # pylint: disable=broad-except  # unreadable metadata: orbax's own message is used
+    return ""
+  wanted = _shapes(target)
+  cap = lambda keys: keys[:limit] + ([f"... {len(keys) - limit} more"] if len(keys) > limit else [])
+  problems = {
+      "missing in checkpoint": [k for k in wanted if k not in stored],
+      "not used by the model": [k for k in stored if k not in wanted],
+      "shape mismatch": [f"{k}: checkpoint {stored[k]} vs model {wanted[k]}"
+                         for k in wanted if k in stored and stored[k] != wanted[k]]}
+  return "; ".join(f"{what}: {cap(keys)}" for what, keys in problems.items() if keys)
 
 
 class StopFlag:

@@ -291,6 +291,7 @@ def train_and_evaluate(config: Any, workdir: str, *, interrupt_at_step: int | No
     The final train state and the last evaluation ({'top1','top5','loss','count'}; None if none ran).
   """
   validate_config(config)
+  checkpointing.check_writable(workdir)
   mesh = parallel.make_mesh()
   spec = input_pipeline.DataSpec.from_config(config.data, config.data.image_size)
   info = input_pipeline.dataset_info(spec)
