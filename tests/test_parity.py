@@ -2,7 +2,8 @@
 
 Reference: transformers' CvtForImageClassification with QuickGELU (identical to microsoft/CvT), random
 unit-gain weights and perturbed norms (tests/fixtures/torch_reference.py), eval mode, fp32. Its state dict
-is saved to disk in one format per variant, converted by `cvt_jax.convert` and run by `cvt_jax.model`.
+is saved to disk in one format per variant, converted by `cvt_jax.convert`, written to and reloaded from
+the project's `.npz` format (`cvt_jax.weights`) and run by `cvt_jax.model`.
 Needs torch + transformers (installed by `./run.sh test`); in CI (CI=true) their absence is a failure.
 """
 
@@ -62,9 +63,16 @@ class Pair:
     else:
       path = os.path.join(tmp_dir, "model.safetensors")
       safetensors.torch.save_file(self.torch_model.state_dict(), path)
-    self.loaded = convert.convert_file(path)
+    converted = convert.convert_file(path)
+    # Through the project's own format, as training/eval/predict will load it.
+    npz = os.path.join(tmp_dir, f"{name}.npz")
+    weights.save_variables(npz, converted.variables, converted.variant, converted.num_classes, source=path)
+    self.loaded = weights.load_weights(npz)
+    assert (self.loaded.variant, self.loaded.num_classes) == (converted.variant, converted.num_classes)
     os.remove(path)
-    print(f"\n[{name}] built + saved ({fmt}) + converted in {time.perf_counter() - start:.1f}s")
+    os.remove(npz)
+    print(f"\n[{name}] built + saved ({fmt}) + converted + npz round trip in "
+          f"{time.perf_counter() - start:.1f}s")
     self.forwards = {}
 
   def jax_outputs(self, images: np.ndarray, dtype=jnp.float32) -> dict[str, np.ndarray]:
