@@ -20,6 +20,9 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints and TensorBoard logs; reused to resume.")
 _JAX_DISTRIBUTED = flags.DEFINE_bool("jax_distributed", False,
                                      "Call jax.distributed.initialize() (multi-host runs).")
+_HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
+    "heartbeat_timeout", 100, "With --jax_distributed: seconds after which a silent process counts as dead "
+    "and every other process stops with an error instead of waiting for it.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -28,11 +31,12 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
   import jax  # after flag parsing, so that --help stays fast
 
+  from cvt_jax import parallel
   from cvt_jax import train_lib
 
   config = _CONFIG.value
   if _JAX_DISTRIBUTED.value or config.jax_distributed:
-    jax.distributed.initialize()
+    parallel.initialize_distributed(_HEARTBEAT_TIMEOUT.value)
   logging.info("JAX process %d of %d, %d local / %d global devices (%s).", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(), jax.default_backend())
   try:

@@ -2,11 +2,34 @@
 
 from __future__ import annotations
 
+import os
+
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = "data"
+
+
+def initialize_distributed(heartbeat_timeout_s: int = 100) -> None:
+  """`jax.distributed.initialize` in which a dead process stops the others instead of hanging them.
+
+  TPU pods, SLURM, Open MPI and Kubernetes are detected by jax; elsewhere set JAX_COORDINATOR_ADDRESS
+  (host:port of process 0), JAX_NUM_PROCESSES and JAX_PROCESS_ID on every process.
+
+  Args:
+    heartbeat_timeout_s: a process silent this long is declared dead; the coordination service then
+      aborts every other process with "the JAX distributed service detected fatal errors ... another task
+      died" rather than leaving them blocked in a collective. Also bounds the start-up and shutdown waits.
+  """
+  env = {k: os.environ.get(k) for k in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID")}
+  if any(env.values()) and not all(env.values()):
+    raise ValueError(f"Set both JAX_NUM_PROCESSES and JAX_PROCESS_ID, or neither (got {env}).")
+  jax.distributed.initialize(
+      num_processes=int(env["JAX_NUM_PROCESSES"]) if env["JAX_NUM_PROCESSES"] else None,
+      process_id=int(env["JAX_PROCESS_ID"]) if env["JAX_PROCESS_ID"] else None,
+      initialization_timeout=max(heartbeat_timeout_s, 60), heartbeat_timeout_seconds=heartbeat_timeout_s,
+      shutdown_timeout_seconds=heartbeat_timeout_s)
 
 
 def make_mesh() -> Mesh:
