@@ -265,15 +265,16 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
       prog="python -m cvt_jax.convert",
       description="Convert a PyTorch CvT checkpoint to the cvt_jax weights format (.npz).\n"
-                  "Reads official microsoft/CvT state dicts (CvT-13-224x224-IN-1k.pth, ...) and Hugging Face\n"
-                  "checkpoints (pytorch_model.bin, model.safetensors; with or without the 'cvt.' prefix)\n"
-                  "without PyTorch. The variant and class count are read off the tensors.",
+                  "Reads official microsoft/CvT state dicts (CvT-13-224x224-IN-1k.pth, ...) and Hugging\n"
+                  "Face checkpoints (pytorch_model.bin, model.safetensors; with or without the 'cvt.'\n"
+                  "prefix) without PyTorch. The variant and class count are read off the tensors.",
       formatter_class=argparse.RawDescriptionHelpFormatter,
       epilog="examples:\n"
              "  python -m cvt_jax.convert CvT-13-224x224-IN-1k.pth cvt13_224.npz --verify\n"
              "  python -m cvt_jax.convert cvt-21-384/model.safetensors cvt21_384.npz\n"
              "Load the result with cvt_jax.weights.load_weights(DST).")
-  parser.add_argument("src", metavar="SRC", help="checkpoint: .pth/.pt/.bin/.ckpt (torch.save) or .safetensors")
+  parser.add_argument("src", metavar="SRC",
+                      help="checkpoint: .pth/.pt/.bin/.ckpt (torch.save) or .safetensors")
   parser.add_argument("dst", metavar="DST", help="output .npz, written atomically (no partial file on error)")
   parser.add_argument("--heads", type=_parse_heads, default=None, metavar="H0,H1,H2",
                       help="attention heads per stage; only for custom widths that are not multiples of 64 "

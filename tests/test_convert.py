@@ -112,7 +112,8 @@ def synthetic_official(dims, depths, classes) -> dict[str, np.ndarray]:
       sd |= {p + f"{n}.{w}": z(c) for n in ("norm1", "norm2") for w in ("weight", "bias")}
       for x in "qkv":
         sd[p + f"attn.conv_proj_{x}.conv.weight"] = z(c, 1, 3, 3)
-        sd |= {p + f"attn.conv_proj_{x}.bn.{w}": z(c) for w in ("weight", "bias", "running_mean", "running_var")}
+        sd |= {p + f"attn.conv_proj_{x}.bn.{w}": z(c)
+               for w in ("weight", "bias", "running_mean", "running_var")}
         sd[p + f"attn.conv_proj_{x}.bn.num_batches_tracked"] = np.array(0, np.int64)
       for n in ("proj_q", "proj_k", "proj_v", "proj"):
         sd |= {p + f"attn.{n}.weight": z(c, c), p + f"attn.{n}.bias": z(c)}
@@ -157,8 +158,8 @@ def test_heads_are_required_for_odd_widths():
     (lambda sd: sd.update({"stage1.blocks.0.attn.extra.weight": np.zeros((2, 2), np.float32)}),
      ["unused     stage1.blocks.0.attn.extra.weight (2, 2)"]),
     (lambda sd: sd.update({"stage2.blocks.0.mlp.fc1.weight": np.zeros((96, 23), np.float32)}),
-     ["mis-shaped stage2.blocks.0.mlp.fc1.weight (96, 23) -> params/stages_2/blocks_0/mlp/fc1/kernel (23, 96), "
-      "model expects (24, 96)"]),
+     ["mis-shaped stage2.blocks.0.mlp.fc1.weight (96, 23) -> params/stages_2/blocks_0/mlp/fc1/kernel "
+      "(23, 96), model expects (24, 96)"]),
     (lambda sd: sd.update({"stage3.patch_embed.proj.weight": np.zeros((32, 24, 3, 3), np.float32),
                            "stage0.blocks.0.mlp.fc2.bias": np.zeros(7, np.float32),
                            "stage1.blocks.1.attn.proj.bias": sd.pop("stage1.blocks.1.attn.proj_q.bias")}),
@@ -197,7 +198,8 @@ def test_cli_errors_leave_no_output(tmp_path, capsys):
 
   with zipfile.ZipFile(evil, "w") as z:
     z.writestr("evil/data.pkl", pickle.dumps({"x": Evil()}, protocol=2))
-  assert_cli_fails_cleanly(tmp_path, capsys, evil, f"refusing to unpickle global '{os.system.__module__}.system'")
+  assert_cli_fails_cleanly(tmp_path, capsys, evil,
+                           f"refusing to unpickle global '{os.system.__module__}.system'")
 
   not_a_dict = tmp_path / "list.pth"
   with zipfile.ZipFile(not_a_dict, "w") as z:
@@ -258,7 +260,8 @@ def test_weights_round_trip_and_cli_verify(tmp_path, converted, capsys):
   with np.load(dst) as f:
     meta = f["__meta__"]
   np.savez(tmp_path / "bad.npz", __meta__=meta, **flat)
-  with pytest.raises(weights.WeightsError, match=r"mis-shaped params/norm/scale: \(5,\), model expects \(24,\)"):
+  with pytest.raises(weights.WeightsError,
+                     match=r"mis-shaped params/norm/scale: \(5,\), model expects \(24,\)"):
     weights.load_weights(tmp_path / "bad.npz")
   with pytest.raises(weights.WeightsError, match="unknown weights format"):
     weights.load_weights(tmp_path / "w.onnx")

@@ -15,7 +15,7 @@ import pytest
 try:
   import safetensors.torch
   import torch
-  import transformers  # noqa: F401
+  import transformers  # noqa: F401 - only checked for: torch_reference needs it
 except ImportError as e:
   if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
     raise ImportError(f"CI must run the parity tests, but {e.name!r} is missing: install "
