@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-# `torch.<Name>Storage` -> numpy dtype of its raw little-endian bytes.
+# `torch.<Name>Storage` -> numpy dtype of its elements (byte order from the archive's `byteorder` entry).
 _STORAGE_DTYPES: dict[str, np.dtype] = {
     "DoubleStorage": np.dtype(np.float64),
     "FloatStorage": np.dtype(np.float32),
@@ -47,10 +47,6 @@ class _StorageType:
     self.dtype = _STORAGE_DTYPES[name]
 
 
-class _BFloat16(np.ndarray):
-  """Marks a uint16 storage view that holds bfloat16 bits."""
-
-
 def _rebuild_tensor(storage: np.ndarray, offset: int, size: tuple[int, ...], stride: tuple[int, ...],
                     *unused: Any) -> np.ndarray:
   """`torch._utils._rebuild_tensor_v2`: a strided view into a storage, copied to a contiguous array."""
@@ -69,11 +65,7 @@ def _rebuild_tensor(storage: np.ndarray, offset: int, size: tuple[int, ...], str
         storage[offset:], shape=size, strides=tuple(s * storage.itemsize for s in stride), writeable=False)
   else:  # as_strided cannot make a 0-d view
     view = storage[offset:offset + 1].reshape(())
-  out = np.array(view, order="C")
-  if isinstance(storage, _BFloat16):
-    # bfloat16 is the upper half of a float32: shift the bits into place.
-    return (out.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
-  return out.view(np.ndarray)
+  return np.array(view, order="C")
 
 
 def _rebuild_parameter(data: np.ndarray, *unused: Any) -> np.ndarray:
@@ -97,6 +89,11 @@ class _RestrictedUnpickler(pickle.Unpickler):
     self._archive = archive
     self._prefix = prefix
     self._storages: dict[str, np.ndarray] = {}
+    try:
+      order = archive.read(f"{prefix}byteorder").decode().strip()
+    except KeyError:
+      order = "little"  # files from before torch recorded it are little-endian
+    self._byteorder = "<" if order == "little" else ">"
 
   def find_class(self, module: str, name: str) -> Any:
     if (module, name) in _ALLOWED_GLOBALS:
@@ -123,17 +120,12 @@ class _RestrictedUnpickler(pickle.Unpickler):
         raise TorchFileError(
             f"storage '{name}' holds {len(raw)} bytes, {numel} x {storage_type.name} need "
             f"{numel * dtype.itemsize}")
-      array = np.frombuffer(raw, dtype=dtype.newbyteorder(self._byteorder()), count=numel)
-      array = array.astype(dtype)  # native byte order
-      self._storages[key] = array.view(_BFloat16) if storage_type.name == "BFloat16Storage" else array
+      array = np.frombuffer(raw, dtype=dtype.newbyteorder(self._byteorder), count=numel).astype(dtype)
+      if storage_type.name == "BFloat16Storage":
+        # bfloat16 is the upper half of a float32: shift the bits into place.
+        array = (array.astype(np.uint32) << 16).view(np.float32)
+      self._storages[key] = array
     return self._storages[key]
-
-  def _byteorder(self) -> str:
-    try:
-      order = self._archive.read(f"{self._prefix}byteorder").decode().strip()
-    except KeyError:
-      order = "little"  # files from before torch recorded it are little-endian
-    return "<" if order == "little" else ">"
 
 
 def _is_legacy_format(path: str) -> bool:
