@@ -140,6 +140,9 @@ def detect_architecture(shapes: Mapping[str, tuple[int, ...]], heads: Sequence[i
   if missing:
     raise ConversionError(f"cannot detect the architecture: no {', '.join(missing)}; "
                           f"this does not look like a CvT checkpoint (keys: {sorted(shapes)[:6]} ...)")
+  bad = {k: shapes[k] for k in stage_keys + ["head.weight"] if k in shapes and len(shapes[k]) < 2}
+  if bad:
+    raise ConversionError(f"cannot detect the architecture from tensors of shapes {bad}")
   dims = tuple(shapes[k][0] for k in stage_keys)
   depths = tuple(len({m[1] for k in shapes if (m := re.match(rf"stage{s}\.blocks\.(\d+)\.", k))})
                  for s in range(3))

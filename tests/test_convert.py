@@ -145,6 +145,12 @@ def test_custom_architecture_is_converted_and_reported(tmp_path, capsys):
   assert weights.architecture(loaded.variant) == ((64, 128, 192), (1, 1, 2), (1, 2, 3))
 
 
+def test_not_a_cvt_checkpoint():
+  path = os.path.join(FIXTURES, "pth_cases.pth")
+  with pytest.raises(convert.ConversionError, match=f"{path}: cannot detect the architecture: no stage0"):
+    convert.convert_file(path)
+
+
 def test_heads_are_required_for_odd_widths():
   with pytest.raises(convert.ConversionError, match="--heads"):
     convert.convert_file(OFFICIAL)
