@@ -1,0 +1,340 @@
+"""Reliability of training runs (issue 7): kills, preemption, bad input, determinism.
+
+The kill/resume chain runs the real command line (`train.py --config configs/demo.py ...`, a CvT of widths
+8/16/24 on a generated 32 px tree) as subprocesses and interrupts it with SIGKILL while a checkpoint is being
+written, SIGKILL at a random step and SIGTERM at a random step, restarting the same command each time; the
+final train state and every logged loss must be bit-identical to those of an uninterrupted run.
+Subprocesses share a persistent compilation cache, so only the first one compiles the train step.
+"""
+
+from __future__ import annotations
+
+import glob
+import math
+import os
+import random
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs import demo
+from cvt_jax import checkpointing
+from cvt_jax import optim
+from cvt_jax import train_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLASSES = 4
+STEPS_PER_EPOCH = 6  # 48 decodable + 1 broken training image // global batch 8
+EPOCHS = 3
+TOTAL_STEPS = STEPS_PER_EPOCH * EPOCHS
+CONFIG_ARG = f"epochs={EPOCHS},batch=8,res=32"
+OVERRIDES = {
+    "model.dims": (8, 16, 24), "model.depths": (1, 1, 1), "model.heads": (1, 2, 3),
+    "model.num_classes": CLASSES, "model.drop_path_rate": 0.1,
+    "augment.mixup_alpha": 0.8, "augment.cutmix_alpha": 1.0,  # exercise every per-step random draw
+    "eval_batch_size": 8, "checkpoint_every_steps": 4, "keep_checkpoints": 2, "log_every_steps": 1,
+}
+RUN_TIMEOUT_S = 900  # one subprocess, on 2 shared cores
+TMP_SUFFIX = ".orbax-checkpoint-tmp"
+
+
+def make_tree(root: str) -> str:
+  """4 colour classes x (12 train, 2 val) JPEGs at 32 px, plus a broken JPEG and a CMYK file in train."""
+  rng = np.random.default_rng(0)
+  for split, count in (("train", 12), ("val", 2)):
+    for c in range(CLASSES):
+      folder = os.path.join(root, split, f"class{c}")
+      os.makedirs(folder, exist_ok=True)
+      for i in range(count):
+        pixels = np.full((32, 32, 3), 40.0)
+        pixels[..., c % 3] += 50 * (c + 1)
+        pixels += rng.normal(0, 30, pixels.shape)
+        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(os.path.join(folder, f"{i}.jpg"))
+  with open(os.path.join(root, "train", "class0", "broken.jpg"), "wb") as f:
+    f.write(b"\xff\xd8\xff\xe0 truncated")
+  Image.new("CMYK", (32, 32), (0, 90, 90, 0)).save(os.path.join(root, "train", "class1", "cmyk.jpg"))
+  return root
+
+
+def make_config(tree: str, **changes):
+  config = demo.get_config(CONFIG_ARG)
+  for key, value in {**OVERRIDES, "data.data_dir": tree, **changes}.items():
+    section, _, field = key.rpartition(".")
+    (config[section] if section else config)[field] = value
+  return config
+
+
+def command(workdir: str, tree: str) -> list[str]:
+  def text(v):
+    return "(" + ",".join(map(str, v)) + ")" if isinstance(v, tuple) else str(v)
+  return [sys.executable, "train.py", "--config", f"configs/demo.py:{CONFIG_ARG}", f"--workdir={workdir}",
+          f"--config.data.data_dir={tree}", *(f"--config.{k}={text(v)}" for k, v in OVERRIDES.items())]
+
+
+class Run:
+  """`train.py` as a subprocess whose log (stderr) is collected line by line on a thread."""
+
+  def __init__(self, workdir: str, tree: str, cache_dir: str, *args: str, **env: str):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="4", CUDA_VISIBLE_DEVICES="",
+               TF_CPP_MIN_LOG_LEVEL="2", JAX_COMPILATION_CACHE_DIR=cache_dir,
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+               **env)
+    self.workdir = workdir
+    self.started = time.time()
+    self.proc = subprocess.Popen([*command(workdir, tree), *args], cwd=ROOT, env=env,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    self.lines: list[str] = []
+    self._reader = threading.Thread(target=self._read, daemon=True)
+    self._reader.start()
+
+  def _read(self) -> None:
+    with open(os.path.join(os.path.dirname(self.workdir), f"train-{self.proc.pid}.log"), "w") as f:
+      for line in self.proc.stderr:  # kept next to the workdir for post-mortems
+        self.lines.append(line)
+        f.write(line)
+
+  @property
+  def log(self) -> str:
+    return "".join(self.lines)
+
+  def steps_done(self) -> list[int]:
+    return [int(m) for m in re.findall(r"\bstep (\d+)/\d+ \(epoch", self.log)]
+
+  def wait_for(self, ready, what: str) -> None:
+    """Polls `ready()` every millisecond until it holds; fails if the process ends or times out first."""
+    deadline = self.started + RUN_TIMEOUT_S
+    while not ready():
+      assert self.proc.poll() is None, f"train.py ended (rc {self.proc.returncode}) before {what}:\n{self.tail()}"
+      assert time.time() < deadline, f"timed out waiting for {what}:\n{self.tail()}"
+      time.sleep(0.001)
+
+  def finish(self) -> int:
+    try:
+      rc = self.proc.wait(timeout=max(1.0, self.started + RUN_TIMEOUT_S - time.time()))
+    except subprocess.TimeoutExpired:
+      self.proc.kill()
+      raise AssertionError(f"train.py did not finish in {RUN_TIMEOUT_S}s:\n{self.tail()}") from None
+    self._reader.join(timeout=30)
+    return rc
+
+  def kill(self, sig: int) -> int:
+    self.proc.send_signal(sig)
+    return self.finish()
+
+  def resumed_from(self) -> int:
+    found = re.findall(r"Resuming from step (\d+) of", self.log)
+    return int(found[0]) if found else 0
+
+  def tail(self, lines: int = 40) -> str:
+    return "".join(self.lines[-lines:])
+
+
+def committed_steps(workdir: str) -> list[int]:
+  folder = os.path.join(workdir, "checkpoints")
+  return sorted(int(n) for n in os.listdir(folder) if n.isdigit()) if os.path.isdir(folder) else []
+
+
+def writing_checkpoints(workdir: str) -> list[str]:
+  folder = os.path.join(workdir, "checkpoints")
+  return [n for n in os.listdir(folder) if TMP_SUFFIX in n] if os.path.isdir(folder) else []
+
+
+def logged_losses(workdir: str) -> dict[int, list[float]]:
+  """Every `train/loss` value in the workdir's TensorBoard files, by step (a resumed run repeats steps)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  losses: dict[int, list[float]] = {}
+  for path in glob.glob(os.path.join(workdir, "**", "events.out.tfevents.*"), recursive=True):
+    try:
+      for event in tf.compat.v1.train.summary_iterator(path):
+        for value in event.summary.value:
+          if value.tag == "train/loss":
+            losses.setdefault(event.step, []).append(float(tf.make_ndarray(value.tensor)))
+    except tf.errors.DataLossError:  # the tail of a file written by a killed process
+      pass
+  return losses
+
+
+def leaves(tree) -> dict[str, np.ndarray]:
+  return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory) -> str:
+  return make_tree(str(tmp_path_factory.mktemp("data") / "tree"))
+
+
+@pytest.fixture(scope="module")
+def jax_cache(tmp_path_factory) -> str:
+  """A persistent compilation cache shared by the subprocesses: only the first compiles the train step."""
+  return str(tmp_path_factory.mktemp("jax_cache"))
+
+
+@pytest.fixture(scope="module")
+def reference(tree, jax_cache, tmp_path_factory) -> tuple[train_lib.TrainState, str]:
+  """The final state and the workdir of an uninterrupted `train.py` run."""
+  workdir = str(tmp_path_factory.mktemp("reference"))
+  run = Run(workdir, tree, jax_cache)
+  assert run.finish() == 0, run.tail()
+  assert re.search(rf"eval @ step {TOTAL_STEPS} .* over {2 * CLASSES}/{2 * CLASSES} images", run.log)
+  return final_state(workdir, _initial_state(make_config(tree))), workdir
+
+
+def final_state(workdir: str, like: train_lib.TrainState) -> train_lib.TrainState:
+  ckpt = checkpointing.Checkpointer(workdir, 4, 2)
+  try:
+    assert ckpt.latest_step() == TOTAL_STEPS
+    return ckpt.restore(TOTAL_STEPS, like)
+  finally:
+    ckpt.close()
+
+
+def test_kills_and_preemption_resume_to_the_uninterrupted_result(tree, reference, jax_cache, tmp_path):
+  workdir, cache = str(tmp_path / "chain"), jax_cache
+  pick = random.Random(7)
+
+  # 1. SIGKILL while orbax writes a checkpoint (its tmp dir exists); retried if the write won the race.
+  for _ in range(3):
+    run = Run(workdir, tree, cache)
+    run.wait_for(lambda: writing_checkpoints(workdir), "a checkpoint write")
+    assert run.kill(signal.SIGKILL) == -signal.SIGKILL
+    half_written = writing_checkpoints(workdir)
+    if half_written:
+      break
+  assert half_written, "never killed during a checkpoint write"
+  interrupted = int(half_written[0].split(".")[0])
+  assert interrupted not in committed_steps(workdir)
+
+  # 2. SIGKILL at a random step; 3. SIGTERM at a random step; 4. run to the end.
+  for sig in (signal.SIGKILL, signal.SIGTERM, None):
+    expected_start = committed_steps(workdir)[-1] if committed_steps(workdir) else 0
+    run = Run(workdir, tree, cache)
+    if sig is None:
+      assert run.finish() == 0, run.tail()
+    else:
+      stop_at = pick.randint(expected_start + 1, min(expected_start + 4, TOTAL_STEPS - 6))
+      run.wait_for(lambda: stop_at in run.steps_done(), f"step {stop_at}")
+      rc = run.kill(sig)
+    # The half-written step is never picked up: restarts resume from the newest committed one.
+    assert run.resumed_from() == expected_start, run.tail()
+    if sig == signal.SIGTERM:
+      stopped = int(re.search(r"Stopped at step (\d+); checkpoint saved", run.log).group(1))
+      assert rc == 0, run.tail()
+      assert stopped >= stop_at and committed_steps(workdir)[-1] == stopped
+      preempted_from = expected_start
+  assert committed_steps(workdir)[-1] == TOTAL_STEPS
+  assert not writing_checkpoints(workdir)
+  assert "eval @ step 18" in run.log
+
+  state, reference_dir = reference
+  want, got = leaves(state), leaves(final_state(workdir, state))
+  assert want.keys() == got.keys()
+  different = [k for k in want if not np.array_equal(want[k], got[k])]
+  assert not different, f"resumed run differs from the uninterrupted one in {different}"
+
+  # Same config and seed: the same loss at every step. Killed runs lose their unflushed TensorBoard
+  # events; the preempted and the final run close theirs, so their steps must all be there.
+  curve, resumed_curve = logged_losses(reference_dir), logged_losses(workdir)
+  assert sorted(curve) == list(range(1, TOTAL_STEPS + 1)) and all(len(v) == 1 for v in curve.values())
+  assert set(range(preempted_from + 1, TOTAL_STEPS + 1)) <= set(resumed_curve)
+  for step, values in resumed_curve.items():
+    assert values == curve[step] * len(values), f"step {step}: {values} vs {curve[step]}"
+  assert all(math.isfinite(v[0]) for v in curve.values())
+
+
+def _initial_state(config) -> train_lib.TrainState:
+  """A fresh (untrained) train state for `config`, as train_and_evaluate builds it."""
+  model = train_lib.create_model(config.model, config.model.num_classes)
+  variables = model.init_variables(jax.random.key(0), config.data.image_size)
+  tx = optim.make_optimizer(config.optim, optim.make_schedule(config.schedule, 1e-3, EPOCHS, STEPS_PER_EPOCH))
+  return train_lib.TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
+                              batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"]))
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"model.dims": (8, 16, 30)},
+     r"shape mismatch: \['params/head/kernel: checkpoint \(24, 4\) vs model \(30, 4\)'"),
+    ({"model.depths": (1, 1, 2)}, r"missing in checkpoint: \['params/stages_2/blocks_1/"),
+], ids=["mis-shaped", "missing"])
+def test_resuming_a_workdir_of_another_model_names_the_arrays(tree, tmp_path, change, message):
+  workdir = str(tmp_path / "other")
+  ckpt = checkpointing.Checkpointer(workdir, 4, 2)
+  ckpt.save(4, _initial_state(make_config(tree)))
+  ckpt.close()
+  with pytest.raises(ValueError, match=message) as err:
+    train_lib.train_and_evaluate(make_config(tree, **change), workdir)
+  assert os.path.join(workdir, "checkpoints", "4") in str(err.value) and "new --workdir" in str(err.value)
+  assert committed_steps(workdir) == [4]
+
+
+def test_class_count_of_the_head_must_match_the_data(tree, tmp_path):
+  with pytest.raises(ValueError, match=f"model.num_classes=5 but dataset 'digits' has {CLASSES} classes"):
+    train_lib.train_and_evaluate(make_config(tree, **{"model.num_classes": 5}), str(tmp_path / "w"))
+  assert not committed_steps(str(tmp_path / "w"))
+
+
+def test_unwritable_workdir_fails_before_any_work(tree, tmp_path):
+  blocker = tmp_path / "a_file"
+  blocker.write_text("")
+  workdir = str(blocker / "run")
+  with pytest.raises(ValueError, match=f"workdir '{workdir}' is not writable: Not a directory"):
+    train_lib.train_and_evaluate(make_config(tree), workdir)
+
+
+HEARTBEAT_S = 10
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def start_processes(workdir: str, tree: str, cache: str, count: int = 2) -> list[Run]:
+  """`train.py --jax_distributed` as `count` local processes of 4 // count CPU devices each."""
+  port = free_port()
+  return [Run(workdir, tree, cache, "--jax_distributed", f"--heartbeat_timeout={HEARTBEAT_S}",
+              JAX_NUM_CPU_DEVICES=str(4 // count), JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+              JAX_NUM_PROCESSES=str(count), JAX_PROCESS_ID=str(i)) for i in range(count)]
+
+
+def test_two_processes_preempt_together_resume_and_stop_when_one_dies(tree, jax_cache, tmp_path):
+  # tests/test_multiprocess.py covers a two-process run's training and eval coverage; this adds the failures.
+  workdir = str(tmp_path / "work")
+  runs = start_processes(workdir, tree, jax_cache)
+  try:
+    # SIGTERM to both: they agree on one step, save it together and exit 0.
+    runs[0].wait_for(lambda: 2 in runs[0].steps_done(), "step 2 of the two-process run")
+    assert "JAX process 0 of 2, 2 local / 4 global devices" in runs[0].log
+    for run in runs:
+      run.proc.send_signal(signal.SIGTERM)
+    assert [run.finish() for run in runs] == [0, 0], runs[0].tail() + runs[1].tail()
+    stopped = {int(re.search(r"Stopped at step (\d+); checkpoint saved", run.log).group(1)) for run in runs}
+    assert len(stopped) == 1 and committed_steps(workdir)[-1] == stopped.pop()
+
+    # Both resume from it; then one dies (SIGKILL) and the other stops with a clear error, not a hang.
+    runs = start_processes(workdir, tree, jax_cache)
+    resumed = committed_steps(workdir)[-1]
+    runs[0].wait_for(lambda: resumed + 1 in runs[0].steps_done(), f"step {resumed + 1} after resuming")
+    assert all(f"Resuming from step {resumed} of {TOTAL_STEPS}" in run.log for run in runs)
+    runs[1].kill(signal.SIGKILL)
+    killed = time.time()
+    rc = runs[0].finish()
+    waited = time.time() - killed
+  finally:
+    for run in runs:
+      if run.proc.poll() is None:
+        run.proc.kill()
+  assert rc != 0, runs[0].tail()
+  assert waited < HEARTBEAT_S + 60, f"the surviving process took {waited:.0f}s to stop"
+  assert "another task died" in runs[0].log or "Connection closed by peer" in runs[0].log, runs[0].tail()
+  assert TOTAL_STEPS not in runs[0].steps_done()
