@@ -16,6 +16,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from flax import traverse_util
 
 from cvt_jax import model as model_lib
@@ -126,11 +127,18 @@ class StopFlag:
                     signal.Signals(signum).name)
     self._event.set()
 
-  def set(self) -> None:
-    self._event.set()
-
   def is_set(self) -> bool:
     return self._event.is_set()
+
+  def should_stop(self, sync: bool) -> bool:
+    """Whether any process got a signal. With several processes they only agree when `sync` is True,
+    because agreeing is a collective that waits for the queued steps; the caller syncs every few steps.
+    """
+    if jax.process_count() == 1:
+      return self.is_set()
+    if not sync:
+      return False
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(self.is_set()))))
 
 
 def _flat(tree: Any) -> dict[str, Any]:

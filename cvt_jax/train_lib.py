@@ -99,7 +99,7 @@ def make_train_step(model: model_lib.CvT, tx: optax.GradientTransformation, sche
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     new_state = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                            batch_stats=batch_stats, opt_state=opt_state)
-    metrics = {"loss": loss, "lr": schedule(state.step), "grad_norm": optax.global_norm(grads)}
+    metrics = {"loss": loss, "lr": schedule(state.step), "grad_norm": optax.tree.norm(grads)}
     return new_state, metrics
 
   return train_step
@@ -370,9 +370,8 @@ def train_and_evaluate(config: Any, workdir: str, *, interrupt_at_step: int | No
       for step in range(start_step + 1, total_steps + 1):
         state, metrics = train_step(state, next(train_batches))
         history.append((step, metrics))
-        if step == interrupt_at_step:
-          stop.set()
-        stop_now = stop.is_set() or ckpt.reached_preemption(step)
+        stop_now = (step == interrupt_at_step or ckpt.reached_preemption(step)
+                    or stop.should_stop(sync=step % config.log_every_steps == 0))
         log_now = step % config.log_every_steps == 0 or step == total_steps or stop_now
         save_now = ckpt.should_save(step) or step == total_steps or stop_now
         if log_now or save_now:
