@@ -3,8 +3,8 @@ r"""Fine-tuning a converted CvT on another dataset: the paper's recipe (SGD mome
 Commands (a folder tree is `<root>/{train,val}/<class>/<image>`; labels = sorted class folder names):
   ./run.sh train --config configs/finetune.py:init=cvt13_224.npz,data=~/flowers,classes=102 \
       --workdir out/ft_flowers
-  ./run.sh train --config configs/finetune.py:init=CvT-13-224x224-IN-1k.pth,tfds=oxford_iiit_pet,classes=37,res=384 \
-      --workdir out/ft_pets --config.data.data_dir=~/tensorflow_datasets
+  ./run.sh train --workdir out/ft_pets --config.data.data_dir=~/tensorflow_datasets \
+      --config configs/finetune.py:init=CvT-13-224x224-IN-1k.pth,tfds=oxford_iiit_pet,classes=37,res=384
   ... configs/finetune.py:...,opt=adamw,lr=1e-4        # AdamW (lr given at batch 512, decay `wd`)
 
 `init` is any checkpoint `init_from` reads (a converted .npz, or a PyTorch .pth/.bin/.safetensors converted on

@@ -49,7 +49,7 @@ def check_classes(checkpoint: pretrained.Checkpoint, info: input_pipeline.Datase
 
   The class count must equal the head size. The names are compared with the checkpoint's stored class
   names (fine-tuned runs) or, for a 1000-class head without them, with the sorted ImageNet WNIDs of
-  `imagenet_classes.tsv`: always for a folder tree (`source` 'folder'), for TFDS when it names classes by WNID.
+  `imagenet_classes.tsv`: always for a folder tree (`source` 'folder'), for TFDS when its names are WNIDs.
 
   Raises:
     ClassMismatchError: naming the dataset, both counts or the first label that differs.
@@ -63,7 +63,8 @@ def check_classes(checkpoint: pretrained.Checkpoint, info: input_pipeline.Datase
     if source != "folder" and not all(_WNID.fullmatch(name) for name in info.class_names):
       logging.info("%s does not name its classes by WNID; only the class count was checked.", where)
       return
-    expected, kind = tuple(w for w, _ in pretrained.imagenet_classes()), "the sorted ImageNet WNIDs of imagenet_classes.tsv"
+    expected = tuple(wnid for wnid, _ in pretrained.imagenet_classes())
+    kind = "the sorted ImageNet WNIDs of imagenet_classes.tsv"
   if expected is None or tuple(info.class_names) == tuple(expected):
     return
   first = next(i for i, (a, b) in enumerate(zip(info.class_names, expected)) if a != b)
@@ -113,7 +114,8 @@ def evaluate_checkpoint(config: Any, checkpoint_path: str, output: str | None = 
     RuntimeError: the pass did not count every image of the split (e.g. undecodable files).
   """
   parallel.check_global_batch_size(config.eval_batch_size, "eval_batch_size")
-  checkpoint = pretrained.load(checkpoint_path, variant=train_lib.model_variant(config.model), heads=heads)
+  variant = train_lib.model_variant(config.model)  # used only by a workdir without model_info.json
+  checkpoint = pretrained.load(checkpoint_path, variant=variant, heads=heads)
   spec = input_pipeline.DataSpec.from_config(config.data, config.data.image_size)
   where = (f"folder tree {os.path.join(spec.data_dir, spec.eval_split)!r}" if spec.source == "folder"
            else f"TFDS {spec.name}:{spec.eval_split}")
@@ -129,8 +131,8 @@ def evaluate_checkpoint(config: Any, checkpoint_path: str, output: str | None = 
   state = jax.device_put(train_lib.TrainState(
       step=jnp.asarray(checkpoint.step or 0, jnp.int32), params=checkpoint.variables["params"],
       batch_stats=checkpoint.variables["batch_stats"], opt_state=None), replicated)
-  eval_step = jax.jit(train_lib.make_eval_step(model), in_shardings=(replicated, parallel.batch_sharding(mesh)),
-                      out_shardings=replicated)
+  eval_step = jax.jit(train_lib.make_eval_step(model),
+                      in_shardings=(replicated, parallel.batch_sharding(mesh)), out_shardings=replicated)
   logging.info("Evaluating %s (%s, %d classes) on %s: %d images at %d px, batch %d on %d devices.",
                checkpoint.source, checkpoint.variant.name, checkpoint.num_classes, where,
                info.num_eval_examples, spec.image_size, config.eval_batch_size, jax.device_count())
@@ -156,10 +158,10 @@ def evaluate_checkpoint(config: Any, checkpoint_path: str, output: str | None = 
 
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config file (data, resolution, eval batch): configs/cvt13.py or configs/cvt13.py:res=384.",
+    "config", None, "Config file (data, resolution, eval batch), e.g. configs/cvt13.py:res=384.",
     lock_config=True)
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None,
-                                  "Training workdir (latest step), converted .npz, or PyTorch .pth/.bin/.safetensors.")
+_CHECKPOINT = flags.DEFINE_string(
+    "checkpoint", None, "Training workdir (latest step), converted .npz, or PyTorch .pth/.bin/.safetensors.")
 _DATA = flags.DEFINE_string("data", None, "Shortcut for a folder tree: sets data.source=folder and "
                             "data.data_dir (the root holding train/ and val/).")
 _OUTPUT = flags.DEFINE_string("output", None, "JSON summary path (default: next to the checkpoint).")

@@ -2,7 +2,7 @@
 
   from cvt_jax import features
   backbone = features.Backbone.load("cvt13_224.npz")    # or a workdir, or a PyTorch .pth
-  out = backbone(images)                                 # uint8 (B, H, W, 3) RGB; H, W multiples of 16 give exact strides
+  out = backbone(images)   # uint8 (B, H, W, 3) RGB; H, W multiples of 16 give exact strides
   out["stage0"]  # (B, H/4,  W/4,  64)   CvT-13 widths; strides 4, 8, 16 for FPN-style necks
   out["stage1"]  # (B, H/8,  W/8,  192)
   out["stage2"]  # (B, H/16, W/16, 384)

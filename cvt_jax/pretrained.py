@@ -1,4 +1,4 @@
-"""Any checkpoint the project can hold, ready for inference: an orbax workdir, a converted `.npz`, a PyTorch file.
+"""Any checkpoint the project holds, for inference: an orbax workdir, a converted `.npz`, a PyTorch file.
 
   ckpt = pretrained.load("out/cvt13")                      # latest step of a training workdir
   ckpt = pretrained.load("cvt13_224.npz")                  # converted weights
@@ -103,14 +103,21 @@ def load(path: str | os.PathLike, variant: str | model_lib.Variant | None = None
                     None, path)
 
 
-def export(checkpoint: Checkpoint, path: str | os.PathLike) -> None:
-  """Writes `checkpoint` as a converted `.npz` (and its class names to `<name>.classes.txt`)."""
+def export(checkpoint: Checkpoint, path: str | os.PathLike, include_head: bool = True) -> None:
+  """Writes `checkpoint` as a converted `.npz` (and its class names to `<name>.classes.txt`).
+
+  Without the head (`include_head=False`), fine-tuning from the file always starts from a fresh head, even
+  on a dataset with as many classes as the checkpoint's (`init_from` keeps a head of the right size).
+  """
   path = os.fspath(path)
   if not path.endswith(".npz"):
     raise ValueError(f"export path {path!r} must end in .npz")
-  weights.save_variables(path, checkpoint.variables, checkpoint.variant, checkpoint.num_classes,
-                         source=checkpoint.source)
-  if checkpoint.class_names:
+  variables, num_classes = checkpoint.variables, checkpoint.num_classes
+  if not include_head:
+    variables = {**variables, "params": {k: v for k, v in variables["params"].items() if k != "head"}}
+    num_classes = 0
+  weights.save_variables(path, variables, checkpoint.variant, num_classes, source=checkpoint.source)
+  if checkpoint.class_names and include_head:
     with open(_classes_path(path), "w") as f:
       f.write("".join(f"{name}\n" for name in checkpoint.class_names))
 
