@@ -138,7 +138,7 @@ def jax_contender(case: Case, dtype: str, depthwise_impl: str) -> Contender:
 
   tx = optax.adamw(1e-3, weight_decay=0.05)
 
-  def loss_fn(params, batch_stats, rng):
+  def loss_fn(params, batch_stats, rng, images, labels):
     logits, new_vars = model.apply({"params": params, "batch_stats": batch_stats}, images, train=True,
                                    mutable=["batch_stats"], rngs={"drop_path": rng})
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
@@ -148,7 +148,7 @@ def jax_contender(case: Case, dtype: str, depthwise_impl: str) -> Contender:
     params, batch_stats, opt_state, rng = state
     rng, sub = jax.random.split(rng)
     (loss, batch_stats), grads = jax.value_and_grad(
-        lambda p, b, r: loss_fn(p, b, r), has_aux=True)(params, batch_stats, sub)
+        loss_fn, has_aux=True)(params, batch_stats, sub, images, labels)
     updates, opt_state = tx.update(grads, opt_state, params)
     return (optax.apply_updates(params, updates), batch_stats, opt_state, rng), loss
 
