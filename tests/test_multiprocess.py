@@ -29,7 +29,7 @@ def _worker(process_id: int, port: int, data_dir: str, workdir: str, out: str) -
   from test_train import tiny_config
 
   assert (jax.process_count(), jax.device_count(), jax.local_device_count()) == (2, 4, 2)
-  state, result = train_lib.train_and_evaluate(tiny_config(data_dir, num_epochs=1), workdir)
+  state, result = train_lib.train_and_evaluate(tiny_config(data_dir, **{"num_epochs": 1, "schedule.warmup_epochs": 0}), workdir)
   leaves = jax.tree.leaves(jax.device_get(state.params))
   with open(out, "w") as f:
     json.dump({"step": int(state.step), "eval": result,
