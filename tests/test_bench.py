@@ -1,0 +1,119 @@
+"""The speed formulations in model.py (custom VJPs, conv as matmul) and the benchmark's own plumbing."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from bench import run, torch_reference
+from cvt_jax import model
+
+
+def _plain_depthwise(x, kernel, stride):
+  """The slice formulation left to autodiff: the reference for the custom VJP."""
+  _, h, w, _ = x.shape
+  out_h, out_w = (h - 1) // stride + 1, (w - 1) // stride + 1
+  padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  return sum(padded[:, i:i + stride * (out_h - 1) + 1:stride, j:j + stride * (out_w - 1) + 1:stride]
+             * kernel[i, j, 0] for i in range(3) for j in range(3))
+
+
+def _plain_attention(q, k, v, scale):
+  scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) * scale
+  return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), v)
+
+
+def _assert_grads_close(f_ref, f_new, args, atol):
+  loss = lambda f: lambda *a: jnp.sum(jnp.sin(f(*a)))  # non-linear, so every output element matters
+  np.testing.assert_allclose(f_new(*args), f_ref(*args), atol=atol, rtol=0)
+  argnums = tuple(range(len(args)))
+  for ref, new in zip(jax.grad(loss(f_ref), argnums)(*args), jax.grad(loss(f_new), argnums)(*args)):
+    np.testing.assert_allclose(new, ref, atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("hw", [(8, 8), (7, 9)])
+def test_depthwise_custom_vjp_matches_autodiff(stride, hw):
+  x = jax.random.normal(jax.random.key(0), (2, *hw, 5))
+  kernel = jax.random.normal(jax.random.key(1), (3, 3, 1, 5))
+  _assert_grads_close(lambda a, b: _plain_depthwise(a, b, stride),
+                      lambda a, b: model.depthwise_conv3x3(a, b, stride, "shift"), (x, kernel), 1e-5)
+
+
+def test_attention_custom_vjp_matches_autodiff():
+  keys = jax.random.split(jax.random.key(2), 3)
+  q = jax.random.normal(keys[0], (2, 11, 3, 4))
+  k, v = (jax.random.normal(key, (2, 6, 3, 4)) for key in keys[1:])
+  _assert_grads_close(lambda *a: _plain_attention(*a, 0.3), lambda *a: model.attention(*a, 0.3), (q, k, v),
+                      1e-5)
+
+
+@pytest.mark.parametrize("kernel_size,stride,padding", [(7, 4, 2), (3, 2, 1)])
+def test_conv_as_matmul_matches_lax_conv(kernel_size, stride, padding):
+  x = jax.random.normal(jax.random.key(3), (2, 17, 15, 3))
+  kernel = jax.random.normal(jax.random.key(4), (kernel_size, kernel_size, 3, 8))
+  pads = ((padding, padding),) * 2
+
+  def lax_conv(a, b):
+    return jax.lax.conv_general_dilated(a, b, (stride, stride), pads,
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+  _assert_grads_close(lax_conv, lambda a, b: model.conv_as_matmul(a, b, (stride, stride), pads), (x, kernel),
+                      1e-4)
+
+
+def test_conv_as_matmul_rejects_grouped_convs():
+  with pytest.raises(ValueError, match="grouped"):
+    model.conv_as_matmul(jnp.zeros((1, 4, 4, 2)), jnp.zeros((3, 3, 1, 2)), (1, 1), ((1, 1), (1, 1)),
+                         feature_group_count=2)
+
+
+def test_torch_reference_is_cvt13_with_quickgelu():
+  net = torch_reference.build_torch_cvt("cvt-13")
+  assert sum(p.numel() for p in net.parameters()) == 19_997_480
+  activations = [m.activation for m in net.modules() if hasattr(m, "activation")]
+  assert len(activations) == 13 and all(isinstance(a, torch_reference.QuickGELU) for a in activations)
+  x = torch.linspace(-3, 3, 7)
+  torch.testing.assert_close(activations[0](x), x * torch.sigmoid(1.702 * x))
+
+
+def test_interleaved_timing_rotates_the_order():
+  calls = []
+  contenders = {name: run.Contender(0.0, lambda name=name: calls.append(name)) for name in "abc"}
+  times = run.time_interleaved(contenders, warmup=1, rounds=3)
+  assert calls == list("abc") + list("abc") + list("bca") + list("cab")
+  assert all(len(t) == 3 for t in times.values())
+
+
+def test_cpu_peak_is_cores_times_clock_times_fma_width():
+  peak, source = run.peak_flops("cpu", "float32", {"cores": 2, "mhz": 2500.0, "simd": "avx2+fma"})
+  assert peak == 2 * 2500e6 * 32 and "2 cores" in source
+  assert run.peak_flops("NVIDIA H100 80GB HBM3", "bfloat16", {})[0] == 989e12
+  assert run.peak_flops("mystery accelerator", "bfloat16", {})[0] is None
+
+
+def test_markdown_names_the_machine_and_the_winner():
+  report = {
+      "date": "now", "peak_source": "test",
+      "machine": {"cpu": {"model": "Test CPU", "cores": 2, "simd": "avx2+fma"}, "device_kind": "cpu",
+                  "device_count": 1, "torch_device": "cpu", "torch_threads": 2, "versions": {"jax": "x"},
+                  "xla_flags": ""},
+      "args": {"dtype": "float32", "depthwise_impl": "auto", "rounds": 3},
+      "cases": [{"model": "cvt-13", "res": 224, "batch": 8, "mode": "infer", "macs_per_image": 4_566_089_216,
+                 "torch_best": "torch-compile", "ratio_vs_torch-eager": 1.5, "ratio_vs_torch-compile": 1.2,
+                 "results": {n: {"img_per_s": v, "compile_s": 1.0, "tflops": 0.1, "mfu": 0.3}
+                             for n, v in (("jax", 12.0), ("torch-eager", 8.0), ("torch-compile", 10.0))}}],
+  }
+  text = run.markdown(report)
+  assert "Test CPU" in text and "torch-compile (best torch)" in text and "| 1.20x |" in text
+  assert "4.566" in text
+
+
+def test_help_describes_the_options(capsys):
+  with pytest.raises(SystemExit):
+    run.parse_args(["--help"])
+  out = capsys.readouterr().out
+  for flag in ("--quick", "--models", "--res", "--infer-batches", "--train-batches", "--max-batch",
+               "--xla-flags", "--frameworks"):
+    assert flag in out
