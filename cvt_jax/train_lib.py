@@ -180,10 +180,10 @@ def evaluate(eval_step: Callable[[TrainState, Batch], Metrics], state: TrainStat
       totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   finally:
     prefetch.close()
-  if totals is None:
-    raise ValueError("The evaluation split yielded no batches.")
   totals = jax.device_get(totals)
-  count = int(totals["count"])
+  count = 0 if totals is None else int(totals["count"])
+  if count == 0:
+    raise ValueError("The evaluation split yielded no examples.")
   return {"top1": 100.0 * float(totals["top1"]) / count, "top5": 100.0 * float(totals["top5"]) / count,
           "loss": float(totals["loss"]) / count, "count": count}
 
