@@ -102,7 +102,11 @@ def main(argv: list[str]) -> None:
                          _SHOTS.value)
   count = lambda tree: sum(len(os.listdir(os.path.join(tree, "train", c))) for c in os.listdir(
       os.path.join(tree, "train")))
+  results_path = os.path.join(out, "results.json")
   results: dict = {}
+  if os.path.isfile(results_path):  # earlier invocations (other --settings) stay in the table
+    with open(results_path) as f:
+      results = json.load(f)
 
   pretrain_images = count(pretrain_tree)
   config = _config(pretrain_tree, "", 64, _PRETRAIN_EPOCHS.value * (pretrain_images // 64), pretrain_images,
@@ -123,7 +127,7 @@ def main(argv: list[str]) -> None:
       name = f"{run} {label} {opt} lr={lr:g}"
       _run(name, _config(tree, start, batch, _STEPS.value, images, opt, lr),
            os.path.join(out, name.replace(" ", "_")), results)
-  with open(os.path.join(out, "results.json"), "w") as f:
+  with open(results_path, "w") as f:
     json.dump(results, f, indent=1)
   print(f"{'run (digits 5-9 val top-1 unless pretrain)':44s} {'top-1':>7s} {'images':>6s} {'epochs':>6s} "
         f"{'batch':>5s}")

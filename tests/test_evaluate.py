@@ -1,0 +1,121 @@
+"""cvt_jax.evaluate end to end: workdir / .npz / PyTorch checkpoints, counts, class checks, CLI."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import finetuned_tiny
+from cvt_jax import evaluate
+from cvt_jax import input_pipeline
+from cvt_jax import pretrained
+from cvt_jax.model import get_variant
+
+ROOT = os.path.dirname(finetuned_tiny.HERE)
+
+
+@pytest.fixture(scope="module")
+def finetuned(tmp_path_factory):
+  return finetuned_tiny.build(str(tmp_path_factory.getbasetemp() / "finetuned_tiny"))
+
+
+def _val_size(tree: str) -> int:
+  val = os.path.join(tree, "val")
+  return sum(len(os.listdir(os.path.join(val, c))) for c in os.listdir(val))
+
+
+def test_workdir_counts_every_image_and_matches_the_training_eval(finetuned):
+  config = finetuned_tiny.config(finetuned.tree)
+  summary = evaluate.evaluate_checkpoint(config, finetuned.workdir)
+  assert summary["count"] == _val_size(finetuned.tree) == finetuned.train_eval["count"]
+  assert summary["top1"] == pytest.approx(finetuned.train_eval["top1"], abs=1e-6)
+  assert summary["loss"] == pytest.approx(finetuned.train_eval["loss"], rel=1e-4)
+  assert summary["top1"] <= summary["top5"] <= 100.0
+  with open(summary["output"]) as f:  # default: inside the workdir, named after split, size and step
+    written = json.load(f)
+  assert os.path.dirname(summary["output"]) == finetuned.workdir and "_step" in summary["output"]
+  assert written["count"] == summary["count"] and written["images_per_second"] > 0
+
+
+def test_exported_npz_gives_the_same_numbers_at_any_batch_size(finetuned, tmp_path):
+  config = finetuned_tiny.config(finetuned.tree)
+  config.eval_batch_size = 28  # does not divide the split: the last batch is padded and masked
+  summary = evaluate.evaluate_checkpoint(config, finetuned.npz, str(tmp_path / "npz.json"))
+  assert summary["count"] == finetuned.train_eval["count"]
+  assert summary["top1"] == pytest.approx(finetuned.train_eval["top1"], abs=1e-6)
+  assert os.path.isfile(tmp_path / "npz.json")
+
+
+def test_pytorch_file_is_converted_on_the_fly_and_its_head_is_checked(finetuned, tmp_path):
+  config = finetuned_tiny.config(finetuned.tree)
+  with pytest.raises(evaluate.ClassMismatchError, match=r"has 5 classes .* has 10"):
+    evaluate.evaluate_checkpoint(config, finetuned_tiny.PTH_FIXTURE)
+  config.data.data_dir = finetuned.digits  # all ten digits: fits the fixture's 10-class head
+  summary = evaluate.evaluate_checkpoint(config, finetuned_tiny.PTH_FIXTURE, str(tmp_path / "pth.json"))
+  assert summary["count"] == _val_size(finetuned.digits)
+
+
+def test_missing_checkpoints_fail_with_the_path(finetuned, tmp_path):
+  config = finetuned_tiny.config(finetuned.tree)
+  with pytest.raises(FileNotFoundError, match="no_such.npz"):
+    evaluate.evaluate_checkpoint(config, str(tmp_path / "no_such.npz"))
+  with pytest.raises(FileNotFoundError, match="without checkpoints/"):
+    evaluate.evaluate_checkpoint(config, str(tmp_path))
+
+
+def _imagenet_checkpoint(class_names=None) -> pretrained.Checkpoint:
+  return pretrained.Checkpoint({}, get_variant("cvt-13"), 1000, class_names, None, "in1k.pth")
+
+
+def _info(names) -> input_pipeline.DatasetInfo:
+  return input_pipeline.DatasetInfo(len(names), tuple(names), 0, 50_000)
+
+
+def test_imagenet_heads_need_sorted_wnid_folders():
+  wnids = [w for w, _ in pretrained.imagenet_classes()]
+  assert len(wnids) == 1000 and wnids == sorted(wnids)
+  evaluate.check_classes(_imagenet_checkpoint(), _info(wnids), "folder", "folder tree 'val'")
+  shuffled = wnids[:10][::-1] + wnids[10:]
+  with pytest.raises(evaluate.ClassMismatchError, match=r"from label 0 on: dataset 'n01518878'"):
+    evaluate.check_classes(_imagenet_checkpoint(), _info(shuffled), "folder", "folder tree 'val'")
+  by_name = sorted(name for _, name in pretrained.imagenet_classes())
+  with pytest.raises(evaluate.ClassMismatchError, match="sorted ImageNet WNIDs"):
+    evaluate.check_classes(_imagenet_checkpoint(), _info(by_name), "folder", "folder tree 'val'")
+  # A TFDS dataset with numbered classes can only be checked by count.
+  evaluate.check_classes(_imagenet_checkpoint(), _info([str(i) for i in range(1000)]), "tfds", "TFDS x")
+  with pytest.raises(evaluate.ClassMismatchError, match="has 999 classes"):
+    evaluate.check_classes(_imagenet_checkpoint(), _info(wnids[:999]), "tfds", "TFDS x")
+
+
+def test_stored_class_names_catch_a_reordered_tree():
+  names = ("cat", "dog", "fox")
+  ckpt = pretrained.Checkpoint({}, get_variant("cvt-13"), 3, names, None, "ft")
+  evaluate.check_classes(ckpt, _info(names), "folder", "tree")
+  with pytest.raises(evaluate.ClassMismatchError, match="from label 0 on: dataset 'dog' vs checkpoint 'cat'"):
+    evaluate.check_classes(ckpt, _info(("dog", "cat", "fox")), "folder", "tree")
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+  env = dict(os.environ, JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2")
+  return subprocess.run([sys.executable, "-m", "cvt_jax.evaluate", *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=600)
+
+
+def test_command_line(finetuned, tmp_path):
+  out = tmp_path / "cli.json"
+  run = _cli("--config", f"{ROOT}/configs/finetune.py:classes=5,res=32", "--checkpoint", finetuned.npz,
+             "--data", finetuned.tree, "--config.eval_batch_size=20", "--output", str(out))
+  assert run.returncode == 0, run.stderr[-3000:]
+  assert "top-1" in run.stdout and "img/s" in run.stderr  # the progress line
+  summary = json.loads(out.read_text())
+  assert summary["count"] == finetuned.train_eval["count"]
+  assert np.isclose(summary["top1"], finetuned.train_eval["top1"])
+
+  missing = _cli("--config", f"{ROOT}/configs/finetune.py:classes=5,res=32", "--checkpoint",
+                 str(tmp_path / "gone.npz"), "--data", finetuned.tree)
+  assert missing.returncode != 0
+  assert "evaluate: FileNotFoundError" in missing.stderr and "gone.npz" in missing.stderr
+  assert "Traceback" not in missing.stderr
