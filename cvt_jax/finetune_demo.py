@@ -30,7 +30,7 @@ _PRETRAIN_EPOCHS = flags.DEFINE_integer("pretrain_epochs", 30, "Epochs on digits
 _STEPS = flags.DEFINE_integer("steps", 120, "Training steps of every fine-tuning / scratch run.")
 _FINETUNE_LRS = flags.DEFINE_list("finetune_lrs", ["0.003", "0.01", "0.03"],
                                   "SGD learning rates of the fine-tuning runs (at the batch used).")
-_SCRATCH_LRS = flags.DEFINE_list("scratch_lrs", ["0.03", "0.1"],
+_SCRATCH_LRS = flags.DEFINE_list("scratch_lrs", ["0.01", "0.03", "0.1"],
                                  "SGD learning rates of the from-scratch runs (at the batch used).")
 _ADAMW_LR = flags.DEFINE_float("adamw_lr", 2e-3, "AdamW learning rate of the from-scratch AdamW run.")
 _SETTINGS = flags.DEFINE_list("settings", ["few", "full"],
