@@ -46,6 +46,7 @@ OVERRIDES = {
 }
 RUN_TIMEOUT_S = 900  # one subprocess, on 2 shared cores
 TMP_SUFFIX = ".orbax-checkpoint-tmp"
+_STEP_LINE = re.compile(r"\bstep (\d+)/\d+ \(epoch")
 
 
 def make_tree(root: str) -> str:
@@ -94,6 +95,7 @@ class Run:
     self.proc = subprocess.Popen([*command(workdir, tree), *args], cwd=ROOT, env=env,
                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     self.lines: list[str] = []
+    self.steps: list[int] = []  # every "step k/N" progress line, parsed as it arrives
     self._reader = threading.Thread(target=self._read, daemon=True)
     self._reader.start()
 
@@ -103,21 +105,21 @@ class Run:
       for line in self.proc.stderr:  # kept next to the workdir for post-mortems
         self.lines.append(line)
         f.write(line)
+        if progress := _STEP_LINE.search(line):
+          self.steps.append(int(progress.group(1)))
 
   @property
   def log(self) -> str:
     return "".join(self.lines)
 
-  def steps_done(self) -> list[int]:
-    return [int(m) for m in re.findall(r"\bstep (\d+)/\d+ \(epoch", self.log)]
-
   def wait_for(self, ready, what: str) -> None:
-    """Polls `ready()` every millisecond until it holds; fails if the process ends or times out first."""
+    """Polls `ready()` every 2 ms until it holds; fails if the process ends or times out first."""
     deadline = self.started + RUN_TIMEOUT_S
     while not ready():
-      assert self.proc.poll() is None, f"train.py ended (rc {self.proc.returncode}) before {what}:\n{self.tail()}"
+      ended = self.proc.poll()
+      assert ended is None, f"train.py ended (rc {ended}) before {what}:\n{self.tail()}"
       assert time.time() < deadline, f"timed out waiting for {what}:\n{self.tail()}"
-      time.sleep(0.001)
+      time.sleep(0.002)
 
   def finish(self) -> int:
     try:
@@ -215,15 +217,19 @@ def test_kills_and_preemption_resume_to_the_uninterrupted_result(tree, reference
   interrupted = int(half_written[0].split(".")[0])
   assert interrupted not in committed_steps(workdir)
 
-  # 2. SIGKILL at a random step; 3. SIGTERM at a random step; 4. run to the end.
+  # 2. SIGKILL 1-3 steps after the run committed a new checkpoint; 3. SIGTERM at a random step; 4. the rest.
   for sig in (signal.SIGKILL, signal.SIGTERM, None):
-    expected_start = committed_steps(workdir)[-1] if committed_steps(workdir) else 0
+    expected_start = (committed_steps(workdir) or [0])[-1]
     run = Run(workdir, tree, cache)
     if sig is None:
       assert run.finish() == 0, run.tail()
     else:
-      stop_at = pick.randint(expected_start + 1, min(expected_start + 4, TOTAL_STEPS - 6))
-      run.wait_for(lambda: stop_at in run.steps_done(), f"step {stop_at}")
+      if sig == signal.SIGKILL:
+        run.wait_for(lambda: (committed_steps(workdir) or [0])[-1] > expected_start, "a new checkpoint")
+        stop_at = max(run.steps, default=expected_start) + pick.randint(1, 3)
+      else:
+        stop_at = pick.randint(expected_start + 1, expected_start + 4)
+      run.wait_for(lambda: stop_at in run.steps, f"step {stop_at}")
       rc = run.kill(sig)
     # The half-written step is never picked up: restarts resume from the newest committed one.
     assert run.resumed_from() == expected_start, run.tail()
@@ -323,7 +329,7 @@ def test_two_processes_preempt_together_resume_and_stop_when_one_dies(tree, tmp_
   runs = start_processes(workdir, tree)
   try:
     # SIGTERM to both: they agree on one step, save it together and exit 0.
-    runs[0].wait_for(lambda: 2 in runs[0].steps_done(), "step 2 of the two-process run")
+    runs[0].wait_for(lambda: 2 in runs[0].steps, "step 2 of the two-process run")
     assert "JAX process 0 of 2, 2 local / 4 global devices" in runs[0].log
     for run in runs:
       run.proc.send_signal(signal.SIGTERM)
@@ -334,7 +340,7 @@ def test_two_processes_preempt_together_resume_and_stop_when_one_dies(tree, tmp_
     # Both resume from it; then one dies (SIGKILL) and the other stops with a clear error, not a hang.
     runs = start_processes(workdir, tree)
     resumed = committed_steps(workdir)[-1]
-    runs[0].wait_for(lambda: resumed + 1 in runs[0].steps_done(), f"step {resumed + 1} after resuming")
+    runs[0].wait_for(lambda: resumed + 1 in runs[0].steps, f"step {resumed + 1} after resuming")
     assert all(f"Resuming from step {resumed} of {TOTAL_STEPS}" in run.log for run in runs)
     runs[1].kill(signal.SIGKILL)
     killed = time.time()
@@ -347,4 +353,4 @@ def test_two_processes_preempt_together_resume_and_stop_when_one_dies(tree, tmp_
   assert rc != 0, runs[0].tail()
   assert waited < HEARTBEAT_S + 60, f"the surviving process took {waited:.0f}s to stop"
   assert "another task died" in runs[0].log or "Connection closed by peer" in runs[0].log, runs[0].tail()
-  assert TOTAL_STEPS not in runs[0].steps_done()
+  assert TOTAL_STEPS not in runs[0].steps
