@@ -20,11 +20,11 @@ degenerate image. Per image, the op's family result is selected, so a layer cost
 from __future__ import annotations
 
 import math
+import types
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 MEAN_RGB = (0.485, 0.456, 0.406)
@@ -44,9 +44,12 @@ _FAMILY = np.array([next(f for f, ops in enumerate(_FAMILIES) if op in ops) for 
 _INDEX_IN_FAMILY = np.array([_FAMILIES[f].index(op) for f, op in zip(_FAMILY, RAND_OPS)])
 
 
-def default_config() -> ml_collections.ConfigDict:
-  """`config.augment`: the official recipe; tiny demo runs turn pieces down or off."""
-  return ml_collections.ConfigDict({
+def default_config() -> dict[str, Any]:
+  """`config.augment`: the official recipe; tiny demo runs turn pieces down or off.
+
+  A plain dict (configs wrap it in a ConfigDict) so the training step imports without ml_collections.
+  """
+  return {
       "randaugment": True,  # timm rand-m{magnitude}-mstd{magnitude_std}-inc1 with num_ops layers
       "randaugment_num_ops": 2,
       "randaugment_magnitude": 9.0,
@@ -56,7 +59,7 @@ def default_config() -> ml_collections.ConfigDict:
       "cutmix_alpha": 1.0,  # 0 disables cutmix
       "mixup_switch_prob": 0.5,  # chance of cutmix when both are on
       "label_smoothing": 0.1,
-  })
+  }
 
 
 def normalize(images: jax.Array) -> jax.Array:
@@ -366,7 +369,7 @@ def mixup_cutmix(rng: jax.Array, images: jax.Array, labels: jax.Array, num_class
 # ------------------------------------------------------------------------------------- the chain --
 
 
-def _settings(config: Any) -> ml_collections.ConfigDict:
+def _settings(config: Any) -> types.SimpleNamespace:
   """`config` (the augment block, or a config holding one) over the defaults; unknown keys fail."""
   if "augment" in config:
     config = config["augment"]
@@ -375,7 +378,7 @@ def _settings(config: Any) -> ml_collections.ConfigDict:
   if unknown:
     raise ValueError(f"unknown config.augment keys {unknown}; known: {sorted(settings.keys())}")
   settings.update(dict(config.items()))
-  return settings
+  return types.SimpleNamespace(**settings)
 
 
 def train_augment(rng: jax.Array, images: jax.Array, labels: jax.Array, num_classes: int,

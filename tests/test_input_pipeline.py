@@ -212,11 +212,13 @@ def test_bad_trees_fail_with_the_path(tmp_path, layout, message):
   assert root in str(err.value)
 
 
-def test_folder_path_imports_no_tensorflow(tree):
-  code = ("import sys; from cvt_jax import input_pipeline as ip, augment, demo_data; "
+def test_folder_path_and_train_step_import_no_tensorflow(tree):
+  # The GPU hosts we benchmark on have no TensorFlow, tfds, clu or ml_collections.
+  code = ("import sys; from cvt_jax import input_pipeline as ip, augment, demo_data, train_lib; "
           f"b = next(ip.train_batches(ip.DataSpec('folder', '', {tree!r}, 'train', 'val', 16, 1), 4, 0)); "
           "assert b['image'].shape == (4, 16, 16, 3); "
-          "assert 'tensorflow' not in sys.modules, 'tensorflow was imported'")
+          "loaded = [m for m in ('tensorflow', 'tensorflow_datasets', 'clu', 'ml_collections') "
+          "if m in sys.modules]; assert not loaded, f'imported {loaded}'")
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   subprocess.run([sys.executable, "-c", code], check=True, cwd=root,
                  env={**os.environ, "JAX_PLATFORMS": "cpu"})
