@@ -1,4 +1,4 @@
-r"""The offline demo: a narrow CvT trained on scikit-learn's digits (10 classes, 1,437 train / 360 val).
+r"""The offline demo: a narrow CvT trained on scikit-learn's digits (10 classes, 1,438 train / 359 val).
 
 Command (builds the JPEG folder tree under demo_data/digits, trains into demo_out/, prints val top-1):
   ./run.sh demo
@@ -36,7 +36,7 @@ def get_config(arg: str | None = None):
   config.schedule.warmup_epochs = 2
   config.schedule.per_step = True
   config.num_epochs = args.epochs
-  config.eval_batch_size = 128  # does not divide the 360 val images: the last batch is padded and masked
+  config.eval_batch_size = 128  # does not divide the 359 val images: the last batch is padded and masked
   config.eval_every_epochs = 10
   config.checkpoint_every_steps = 200
   config.keep_checkpoints = 2
