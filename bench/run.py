@@ -101,6 +101,7 @@ def machine_info() -> dict[str, Any]:
       "device_count": jax.device_count(),
       "torch_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
       "torch_threads": torch.get_num_threads(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
       "versions": {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__,
                    "optax": optax.__version__, "torch": torch.__version__,
                    "transformers": transformers.__version__, "numpy": np.__version__},
@@ -356,7 +357,7 @@ def markdown(report: dict[str, Any]) -> str:
       f"torch threads {m['torch_threads']}",
       f"- versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
       f"- dtype {report['args']['dtype']}, depthwise_impl {report['args']['depthwise_impl']}, "
-      f"XLA_FLAGS '{m['xla_flags']}', rounds {report['args']['rounds']} (medians), "
+      f"XLA_FLAGS '{m['xla_flags']}', GLIBC_TUNABLES '{m.get('glibc_tunables', '')}', rounds {report['args']['rounds']} (medians), "
       f"peak {report['peak_source']}", "",
       "| model | res | mode | batch | GMACs/img | framework | img/s | compile s | TFLOP/s | MFU | jax ratio |",
       "|---|---|---|---|---|---|---|---|---|---|---|",
