@@ -357,7 +357,8 @@ def markdown(report: dict[str, Any]) -> str:
       f"torch threads {m['torch_threads']}",
       f"- versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
       f"- dtype {report['args']['dtype']}, depthwise_impl {report['args']['depthwise_impl']}, "
-      f"XLA_FLAGS '{m['xla_flags']}', GLIBC_TUNABLES '{m.get('glibc_tunables', '')}', rounds {report['args']['rounds']} (medians), "
+      f"XLA_FLAGS '{m['xla_flags']}', GLIBC_TUNABLES '{m['glibc_tunables']}', "
+      f"rounds {report['args']['rounds']} (medians), "
       f"peak {report['peak_source']}", "",
       "| model | res | mode | batch | GMACs/img | framework | img/s | compile s | TFLOP/s | MFU | jax ratio |",
       "|---|---|---|---|---|---|---|---|---|---|---|",

@@ -98,7 +98,7 @@ def test_markdown_names_the_machine_and_the_winner():
       "date": "now", "peak_source": "test",
       "machine": {"cpu": {"model": "Test CPU", "cores": 2, "simd": "avx2+fma"}, "device_kind": "cpu",
                   "device_count": 1, "torch_device": "cpu", "torch_threads": 2, "versions": {"jax": "x"},
-                  "xla_flags": ""},
+                  "xla_flags": "", "glibc_tunables": ""},
       "args": {"dtype": "float32", "depthwise_impl": "auto", "rounds": 3},
       "cases": [{"model": "cvt-13", "res": 224, "batch": 8, "mode": "infer", "macs_per_image": 4_566_089_216,
                  "torch_best": "torch-compile", "ratio_vs_torch-eager": 1.5, "ratio_vs_torch-compile": 1.2,
