@@ -46,11 +46,12 @@ ensure_venv() {
 # XLA:CPU allocates a step's temporaries afresh on every call (7.5 GB for a CvT-13 training step at batch
 # 32) and glibc hands them back to the kernel on free, so every step faulted them in again, 4 KiB at a time:
 # ~1.9 M page faults, a third of the step on a 2-core CPU (bench/README.md). One arena that never returns
-# memory (arena_max, mmap_max, trim_threshold) reuses the pages; hugetlb backs the heap with transparent huge
-# pages. Your own GLIBC_TUNABLES wins; other C libraries ignore it. Not used by `test`: the suite was
-# validated without it, and a process that never returns memory would hold the suite's peak to the end.
+# memory (arena_max, mmap_max, trim_threshold) reuses the pages. No glibc.malloc.hugetlb: with the input
+# pipeline allocating beside the step it made every other training step twice as slow (bench/README.md).
+# Your own GLIBC_TUNABLES wins; other C libraries ignore it. Not used by `test`: the suite was validated
+# without it, and a process that never returns memory would hold the suite's peak to the end.
 reuse_memory() {
-  export GLIBC_TUNABLES="${GLIBC_TUNABLES:-glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736:glibc.malloc.hugetlb=1}"
+  export GLIBC_TUNABLES="${GLIBC_TUNABLES:-glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736}"
 }
 
 py() { exec "$VENV/bin/python" "$@"; }

@@ -11,7 +11,10 @@ cvt_jax to the faster PyTorch configuration of the same case.
   ./run.sh bench --xla-flags=--xla_cpu_use_onednn=true   # try XLA flags (set before jax starts)
 
 On a GPU the defaults become bf16 (PyTorch: AMP bf16 + fused AdamW), CvT-13/21/W24, batch 256 and the
-largest batch that fits both frameworks. Results go to bench/results/local/<time>.{json,md}.
+largest batch that fits both frameworks. Every run also measures a large matmul (the GEMM ceiling: no
+model's FLOPs run faster, so each case gets a roofline img/s) and the input side of training on generated
+JPEGs: host decode + crop + flip, the on-device augmentation alone, and the trainer's whole loop on the JPEG
+folder tree against its bare step. Results go to bench/results/local/<time>.{json,md}.
 """
 
 from __future__ import annotations
@@ -59,7 +62,7 @@ class Case:
 def cpu_info() -> dict[str, Any]:
   """CPU model, cores, clock and SIMD width from /proc/cpuinfo (Linux); best effort elsewhere."""
   info = {"model": platform.processor() or platform.machine(), "cores": os.cpu_count(), "mhz": None,
-          "simd": "unknown"}
+          "simd": "unknown", "fp32_flops_per_cycle": None}
   try:
     text = pathlib.Path("/proc/cpuinfo").read_text()
   except OSError:
@@ -70,13 +73,25 @@ def cpu_info() -> dict[str, Any]:
   info["mhz"] = float(fields["cpu MHz"]) if "cpu MHz" in fields else None
   flags = fields.get("flags", "").split()
   info["simd"] = "avx512" if "avx512f" in flags else "avx2+fma" if "fma" in flags else "sse"
+  info["fp32_flops_per_cycle"] = fp32_flops_per_cycle(info["simd"], fields.get("vendor_id", ""),
+                                                      fields.get("cpu family", ""))
   return info
+
+
+def fp32_flops_per_cycle(simd: str, vendor: str, family: str) -> int | None:
+  """fp32 FLOP per cycle and core: two FMA pipes x vector lanes x 2.
+
+  AMD Zen 4 (family 25) has AVX-512 but runs each 512-bit FMA as two 256-bit halves: AVX2's rate.
+  """
+  if simd == "avx512" and not (vendor == "AuthenticAMD" and family == "25"):
+    return 64
+  return {"avx512": 32, "avx2+fma": 32, "sse": 8}.get(simd)
 
 
 def peak_flops(device_kind: str, dtype: str, cpu: dict[str, Any]) -> tuple[float | None, str]:
   """(peak FLOP/s, where the number comes from) for MFU; CPU peaks are cores x clock x FMA width."""
   if device_kind.lower() == "cpu":
-    per_cycle = {"avx512": 64, "avx2+fma": 32, "sse": 8}.get(cpu["simd"])  # fp32, two FMA pipes
+    per_cycle = cpu.get("fp32_flops_per_cycle")
     if not cpu["mhz"] or not per_cycle:
       return None, "unknown CPU clock or SIMD width"
     peak = cpu["cores"] * cpu["mhz"] * 1e6 * per_cycle
@@ -106,6 +121,26 @@ def machine_info() -> dict[str, Any]:
                    "optax": optax.__version__, "torch": torch.__version__,
                    "transformers": transformers.__version__, "numpy": np.__version__},
   }
+
+
+def gemm_ceiling(dtype: str) -> float:
+  """FLOP/s of a large square matmul in jax on the default device, best of 5.
+
+  No model can run its FLOPs faster than its GEMMs, so this bounds every contender from above; on a CPU
+  it is the honest peak (the nominal clock in /proc/cpuinfo ignores boost).
+  """
+  import jax
+  import jax.numpy as jnp
+  n = 4096 if jax.default_backend() == "cpu" else 16384
+  a = jnp.ones((n, n), getattr(jnp, dtype))
+  matmul = jax.jit(jnp.dot)
+  matmul(a, a).block_until_ready()
+  best = float("inf")
+  for _ in range(5):
+    start = time.perf_counter()
+    matmul(a, a).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 2 * n**3 / best
 
 
 # ----------------------------------------------------------------------------------------------- timing
@@ -252,7 +287,8 @@ def largest_batch(case: Case, frameworks: list[str], dtype: str, depthwise_impl:
   return batch
 
 
-def run_case(case: Case, args: argparse.Namespace, macs: int, peak: float | None) -> dict[str, Any]:
+def run_case(case: Case, args: argparse.Namespace, macs: int, peak: float | None,
+             ceiling: float) -> dict[str, Any]:
   print(f"\n== {case.model} @{case.res} {case.mode} batch {case.batch}", flush=True)
   contenders = {}
   for framework in args.frameworks:
@@ -271,7 +307,8 @@ def run_case(case: Case, args: argparse.Namespace, macs: int, peak: float | None
           flush=True)
   torch_best = max((n for n in rows if n.startswith("torch")), key=lambda n: rows[n]["img_per_s"],
                    default=None)
-  result = {**dataclasses.asdict(case), "macs_per_image": macs, "results": rows, "torch_best": torch_best}
+  result = {**dataclasses.asdict(case), "macs_per_image": macs, "results": rows, "torch_best": torch_best,
+            "roofline_img_per_s": ceiling / flops_per_image}
   if "jax" in rows:
     for name in rows:
       if name.startswith("torch"):
@@ -303,45 +340,119 @@ def _decode_task(item: tuple[str, int]) -> np.ndarray:
   return preprocess.train_image(item[0], 224, np.random.default_rng(item[1]))
 
 
-def bench_input_pipeline(num_images: int, batch: int) -> dict[str, Any]:
-  """Host img/s of the training transform (decode + random-resized crop + flip, `cvt_jax.preprocess`).
+def _host_decode_rates(root: pathlib.Path, spec: Any, batch: int) -> dict[str, float]:
+  """img/s of decode + random-resized crop + flip: one process, a pool on every core, `train_batches`."""
+  from cvt_jax import input_pipeline
+  items = [(str(p), i) for i, p in enumerate(sorted(root.glob("train/*/*.jpg")))]
+  for item in items[:8]:
+    _decode_task(item)
+  start = time.perf_counter()
+  for item in items:
+    _decode_task(item)
+  one = len(items) / (time.perf_counter() - start)
+  with multiprocessing.get_context("spawn").Pool(spec.num_workers) as pool:
+    pool.map(_decode_task, items[:spec.num_workers * 2])
+    start = time.perf_counter()
+    pool.map(_decode_task, items, chunksize=8)
+    every = len(items) / (time.perf_counter() - start)
+  batches = input_pipeline.train_batches(spec, batch, seed=0)
+  next(batches)
+  steps = max(1, len(items) // batch - 1)
+  start = time.perf_counter()
+  for _ in range(steps):
+    next(batches)
+  folder = steps * batch / (time.perf_counter() - start)
+  batches.close()
+  return {"img_per_s_one_process": one, "img_per_s_all_cores": every, "img_per_s_train_batches": folder}
 
-  Timed three ways: one process, a process pool on every core, and `input_pipeline.train_batches` on a
-  folder tree (its decode threads), the path a training run takes.
+
+def _device_augment_rate(batch: int, res: int, rounds: int) -> float:
+  """img/s of the on-device training augmentation alone (RandAugment, erasing, mixup/cutmix, smoothing)."""
+  import jax
+  import jax.numpy as jnp
+
+  from cvt_jax import augment
+  rng = np.random.default_rng(0)
+  images = jnp.asarray(rng.integers(0, 256, (batch, res, res, 3), dtype=np.uint8))
+  labels = jnp.asarray(rng.integers(0, 1000, batch).astype(np.int32))
+  chain = jax.jit(lambda key, x, y: augment.train_augment(key, x, y, 1000, augment.default_config()))
+  jax.block_until_ready(chain(jax.random.key(0), images, labels))
+  times = []
+  for r in range(rounds):
+    start = time.perf_counter()
+    jax.block_until_ready(chain(jax.random.key(r + 1), images, labels))
+    times.append(time.perf_counter() - start)
+  return batch / statistics.median(times)
+
+
+def _training_loop_rates(spec: Any, model_name: str, dtype: str, batch: int, steps: int) -> dict[str, float]:
+  """img/s of the trainer's own sharded step (on-device augmentation included) fed one fixed batch ('bare')
+  and fed by the real loop: folder tree of JPEGs -> `train_batches` -> `Prefetcher` ('loop')."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  from cvt_jax import augment, input_pipeline, parallel, train_lib
+  from cvt_jax.model import CvT
+  mesh = parallel.make_mesh()
+  model = CvT.from_variant(model_name, dtype=getattr(jnp, dtype))
+  schedule = optax.constant_schedule(1e-3)
+  tx = optax.adamw(schedule, weight_decay=0.05)
+  state = train_lib.create_train_state(model.init_variables(jax.random.key(0), spec.image_size), tx, mesh)
+  step = train_lib.shard_train_step(
+      train_lib.make_train_step(model, tx, schedule, 1000, augment.default_config(), jax.random.key(1)), mesh)
+  first = input_pipeline.train_batches(spec, batch, seed=1)
+  fixed = parallel.global_batch(next(first), mesh)
+  first.close()
+
+  def rate(feed: Callable[[], Any]) -> float:
+    nonlocal state
+    state, metrics = step(state, feed())  # compiles (first call) or fills the pipeline; untimed
+    jax.block_until_ready(metrics)
+    start = time.perf_counter()
+    for _ in range(steps):
+      state, metrics = step(state, feed())
+    jax.block_until_ready(metrics)
+    return steps * batch / (time.perf_counter() - start)
+
+  bare = rate(lambda: fixed)
+  batches = train_lib.Prefetcher(input_pipeline.train_batches(spec, batch, seed=0), mesh)
+  try:
+    loop = rate(lambda: next(batches))
+  finally:
+    batches.close()
+  return {"img_per_s_bare_step": bare, "img_per_s_loop": loop, "loop_steps": steps}
+
+
+def bench_input_pipeline(num_images: int, batch: int, model: str, res: int, dtype: str,
+                         loop_steps: int) -> dict[str, Any]:
+  """The input side of training next to the step it feeds, on photo-like 500x375 JPEGs.
+
+  Host decode + crop + flip (`cvt_jax.preprocess`) on one process, on every core and through
+  `input_pipeline.train_batches`; the on-device augmentation alone; and the whole training loop on the
+  JPEG folder tree against the same step fed one fixed batch (the goal: loop within 10% of bare).
   """
   from cvt_jax import input_pipeline
   cores = os.cpu_count() or 1
+  batch = min(batch, num_images // 2)
   with tempfile.TemporaryDirectory() as tmp:
     root = pathlib.Path(tmp)
     _write_jpeg_tree(root, num_images)
-    items = [(str(p), i) for i, p in enumerate(sorted(root.glob("train/*/*.jpg")))]
-    for item in items[:8]:
-      _decode_task(item)
-    start = time.perf_counter()
-    for item in items:
-      _decode_task(item)
-    one = num_images / (time.perf_counter() - start)
-    with multiprocessing.get_context("spawn").Pool(cores) as pool:
-      pool.map(_decode_task, items[:cores * 2])
-      start = time.perf_counter()
-      pool.map(_decode_task, items, chunksize=8)
-      every = num_images / (time.perf_counter() - start)
     spec = input_pipeline.DataSpec(source="folder", name="", data_dir=str(root), train_split="train",
-                                   eval_split="train", image_size=224, num_workers=cores)
-    batch = min(batch, num_images // 2)
-    batches = input_pipeline.train_batches(spec, batch, seed=0)
-    next(batches)
-    steps = max(1, num_images // batch - 1)
-    start = time.perf_counter()
-    for _ in range(steps):
-      next(batches)
-    folder = steps * batch / (time.perf_counter() - start)
-    batches.close()
-  result = {"what": "decode 500x375 JPEG + random-resized crop 224 + flip (cvt_jax.preprocess.train_image)",
-            "images": num_images, "cores": cores, "img_per_s_one_process": one,
-            "img_per_s_all_cores": every, "img_per_s_train_batches": folder, "batch": batch}
-  print(f"\n== input pipeline: {one:.0f} img/s one process, {every:.0f} img/s on {cores} processes, "
-        f"{folder:.0f} img/s from input_pipeline.train_batches (batch {batch})", flush=True)
+                                   eval_split="train", image_size=res, num_workers=cores)
+    result = {"what": f"decode 500x375 JPEG + random-resized crop {res} + flip (cvt_jax.preprocess.train_image)",
+              "images": num_images, "cores": cores, "batch": batch, "model": model, "res": res,
+              **_host_decode_rates(root, spec, batch)}
+    print(f"\n== input pipeline: {result['img_per_s_one_process']:.0f} img/s one process, "
+          f"{result['img_per_s_all_cores']:.0f} img/s on {cores} processes, "
+          f"{result['img_per_s_train_batches']:.0f} img/s from input_pipeline.train_batches", flush=True)
+    result["img_per_s_device_augment"] = _device_augment_rate(batch, res, rounds=5)
+    print(f"   device augmentation: {result['img_per_s_device_augment']:.0f} img/s", flush=True)
+    if loop_steps:
+      result.update(_training_loop_rates(spec, model, dtype, batch, loop_steps))
+      print(f"   training loop on JPEGs: {result['img_per_s_loop']:.2f} img/s vs "
+            f"{result['img_per_s_bare_step']:.2f} img/s for the bare step "
+            f"({result['img_per_s_loop'] / result['img_per_s_bare_step']:.2f}x)", flush=True)
   return result
 
 
@@ -359,9 +470,12 @@ def markdown(report: dict[str, Any]) -> str:
       f"- dtype {report['args']['dtype']}, depthwise_impl {report['args']['depthwise_impl']}, "
       f"XLA_FLAGS '{m['xla_flags']}', GLIBC_TUNABLES '{m['glibc_tunables']}', "
       f"rounds {report['args']['rounds']} (medians), "
-      f"peak {report['peak_source']}", "",
-      "| model | res | mode | batch | GMACs/img | framework | img/s | compile s | TFLOP/s | MFU | jax ratio |",
-      "|---|---|---|---|---|---|---|---|---|---|---|",
+      f"peak {report['peak_source']}",
+      f"- measured GEMM ceiling {report['gemm_ceiling'] / 1e12:.3f} TFLOP/s (large square matmul, jax); "
+      "roofline = the img/s of a model whose every FLOP ran at that rate", "",
+      "| model | res | mode | batch | GMACs/img | framework | img/s | compile s | TFLOP/s | MFU | of roofline "
+      "| jax ratio |",
+      "|---|---|---|---|---|---|---|---|---|---|---|---|",
   ]
   for case in report["cases"]:
     for name, row in case["results"].items():
@@ -370,14 +484,22 @@ def markdown(report: dict[str, Any]) -> str:
       mfu = f"{100 * row['mfu']:.1f}%" if row["mfu"] else "n/a"
       lines.append(f"| {case['model']} | {case['res']} | {case['mode']} | {case['batch']} | "
                    f"{case['macs_per_image'] / 1e9:.3f} | {name}{best} | {row['img_per_s']:.2f} | "
-                   f"{row['compile_s']:.1f} | {row['tflops']:.3f} | {mfu} | {ratio} |")
+                   f"{row['compile_s']:.1f} | {row['tflops']:.3f} | {mfu} | "
+                   f"{100 * row['img_per_s'] / case['roofline_img_per_s']:.0f}% | {ratio} |")
   if report.get("input_pipeline"):
     p = report["input_pipeline"]
     lines += ["", f"Input pipeline ({p['what']}, {p['images']} images): "
               f"{p['img_per_s_one_process']:.0f} img/s on one process, "
               f"{p['img_per_s_all_cores']:.0f} img/s on {p['cores']} processes, "
               f"{p['img_per_s_train_batches']:.0f} img/s through `input_pipeline.train_batches` "
-              f"(folder tree, batch {p['batch']})."]
+              f"(folder tree, batch {p['batch']}); on-device augmentation (RandAugment, erasing, "
+              f"mixup/cutmix) alone {p['img_per_s_device_augment']:.0f} img/s."]
+    if "img_per_s_loop" in p:
+      lines += ["", f"Training loop on those JPEGs ({p['model']} @{p['res']}, batch {p['batch']}, "
+                f"{p['loop_steps']} steps, the trainer's sharded step with augmentation): "
+                f"{p['img_per_s_loop']:.2f} img/s vs {p['img_per_s_bare_step']:.2f} img/s for the same step "
+                f"fed one fixed batch = {p['img_per_s_loop'] / p['img_per_s_bare_step']:.2f}x "
+                "(goal >= 0.90x)."]
   lines += ["", "jax ratio = cvt_jax img/s / that PyTorch configuration's img/s, same run, interleaved rounds."]
   return "\n".join(lines) + "\n"
 
@@ -403,10 +525,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   parser.add_argument("--warmup", type=int, default=2, help="untimed steps per contender after compiling")
   parser.add_argument("--pipeline-images", type=int, default=256,
                       help="JPEGs for the input-pipeline measurement (0 skips it; default 256)")
+  parser.add_argument("--loop-steps", type=int, help="timed steps of the training loop on JPEG files and "
+                      "of the bare step it is compared with (default 3 on CPU, 20 on GPU; 0 skips them)")
   parser.add_argument("--xla-flags", default="", help="appended to XLA_FLAGS before jax starts")
   parser.add_argument("--quick", action="store_true",
                       help="short run: first model @224 only, inference b8 + training b32 (GPU: b256), "
-                      "3 rounds, 1 warm-up, 64 pipeline images")
+                      "3 rounds, 1 warm-up, 64 pipeline images, 2 loop steps (GPU: 10)")
   parser.add_argument("--out", type=pathlib.Path, default=RESULTS_DIR, help=f"output folder ({RESULTS_DIR})")
   return parser.parse_args(argv)
 
@@ -431,17 +555,22 @@ def main(argv: list[str] | None = None) -> None:
     args.infer_batches = [256] if gpu else [1, 8, 32]
   if args.train_batches is None:
     args.train_batches = [256] if gpu else [32]
+  if args.loop_steps is None:
+    args.loop_steps = 20 if gpu else 3
   if gpu and not args.max_batch:
     args.max_batch = 4096
   if args.quick:
     args.models, args.res = args.models[:1], [224]
     args.infer_batches, args.train_batches = ([256], [256]) if gpu else ([8], [32])
     args.rounds, args.warmup, args.pipeline_images = 3, 1, min(args.pipeline_images, 64)
+    args.loop_steps = min(args.loop_steps, 2 if not gpu else 10)
 
   machine = machine_info()
   peak, peak_source = peak_flops(machine["device_kind"], args.dtype, machine["cpu"])
+  ceiling = gemm_ceiling(args.dtype)
   print(f"bench on {machine['cpu']['model']} ({machine['cpu']['cores']} cores), device {machine['device_kind']},"
-        f" dtype {args.dtype}; peak {peak_source}", flush=True)
+        f" dtype {args.dtype}; peak {peak_source}; measured GEMM ceiling {ceiling / 1e12:.3f} TFLOP/s",
+        flush=True)
   cases = []
   for model in args.models:
     for res in args.res:
@@ -455,7 +584,7 @@ def main(argv: list[str] | None = None) -> None:
             cases.append(Case(model, res, top, mode))
 
   report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "machine": machine, "peak_flops": peak, "peak_source": peak_source,
+            "machine": machine, "peak_flops": peak, "peak_source": peak_source, "gemm_ceiling": ceiling,
             "args": {k: str(v) if isinstance(v, pathlib.Path) else v for k, v in vars(args).items()},
             "cases": []}
   args.out.mkdir(parents=True, exist_ok=True)
@@ -466,10 +595,11 @@ def main(argv: list[str] | None = None) -> None:
     stem.with_suffix(".md").write_text(markdown(report))
 
   for case in cases:
-    report["cases"].append(run_case(case, args, count_macs(case.model, case.res), peak))
+    report["cases"].append(run_case(case, args, count_macs(case.model, case.res), peak, ceiling))
     save()  # partial results survive an interrupted run
   if args.pipeline_images:
-    report["input_pipeline"] = bench_input_pipeline(args.pipeline_images, max(args.train_batches or [32]))
+    report["input_pipeline"] = bench_input_pipeline(args.pipeline_images, max(args.train_batches or [32]),
+                                                    args.models[0], args.res[0], args.dtype, args.loop_steps)
   save()
   print("\n" + markdown(report))
   print(f"wrote {stem}.json and {stem}.md")

@@ -217,19 +217,25 @@ class ConvProjection(nn.Module):
     return y.astype(self.dtype)
 
 
+def _heads_first(x: jax.Array) -> jax.Array:
+  """(B, N, H, D) <-> (B, H, N, D)."""
+  return x.transpose(0, 2, 1, 3)
+
+
 def _attention_parts(scaled_q: jax.Array, k: jax.Array,
                      v: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """(output, unnormalised probabilities exp(s - max s), their row sums (B, Nq, H, 1)), s = scaled_q k^T.
+  """(output, unnormalised probabilities exp(s - max s), their row sums), s = scaled_q k^T, all (B, H, N, ...).
 
-  Scaling q instead of the scores and normalising the (B, Nq, H, D) output instead of the (B, H, Nq, Nk)
-  probabilities saves two passes over the scores (3136 x 784 per image in stage 0); the rounding differs
-  from softmax-then-matmul by ~1e-7 relative.
+  Heads-first operands keep the (B, H, Nq, Nk) scores and their row statistics in row-major layout; with
+  tokens-first operands XLA:CPU transposed the 3136 x 784 stage-0 scores before the second matmul.
+  Scaling q instead of the scores and normalising the (B, H, Nq, D) output instead of the probabilities saves
+  two more passes over the scores; the rounding differs from softmax-then-matmul by ~1e-7 relative.
   """
-  scores = jnp.einsum("bqhd,bkhd->bhqk", scaled_q, k, preferred_element_type=jnp.float32)
+  scores = jnp.einsum("bhqd,bhkd->bhqk", scaled_q, k, preferred_element_type=jnp.float32)
   weights = jnp.exp(scores - scores.max(axis=-1, keepdims=True))
-  sums = jnp.einsum("bhq->bqh", weights.sum(axis=-1))[..., None]
+  sums = weights.sum(axis=-1, keepdims=True)
   weights = weights.astype(scaled_q.dtype)
-  out = jnp.einsum("bhqk,bkhd->bqhd", weights, v, preferred_element_type=jnp.float32) / sums
+  out = jnp.einsum("bhqk,bhkd->bhqd", weights, v, preferred_element_type=jnp.float32) / sums
   return out.astype(scaled_q.dtype), weights, sums
 
 
@@ -239,13 +245,13 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Arr
 
   Softmax statistics in fp32. The backward pass is written out (see `_attention_bwd`).
   """
-  return _attention_parts(q * scale, k, v)[0]
+  return _heads_first(_attention_parts(_heads_first(q) * scale, _heads_first(k), _heads_first(v))[0])
 
 
 def _attention_fwd(q, k, v, scale):
-  scaled_q = q * scale
+  scaled_q, k, v = _heads_first(q) * scale, _heads_first(k), _heads_first(v)
   out, weights, sums = _attention_parts(scaled_q, k, v)
-  return out, (scaled_q, k, v, weights, sums, out)
+  return _heads_first(out), (scaled_q, k, v, weights, sums, out)
 
 
 def _attention_bwd(scale, residuals, g):
@@ -253,14 +259,14 @@ def _attention_bwd(scale, residuals, g):
   # P * (g v^T - rowsum(g * out)) = weights * (g' v^T - rowsum(g' * out)) with g' = g / sums, so the
   # probabilities are never normalised. rowsum(g * out) reduces over D instead of over the Nk keys.
   scaled_q, k, v, weights, sums, out = residuals
-  g = (g / sums).astype(scaled_q.dtype)
-  dv = jnp.einsum("bhqk,bqhd->bkhd", weights, g)
-  dweights = jnp.einsum("bqhd,bkhd->bhqk", g, v, preferred_element_type=jnp.float32)
-  rows = jnp.einsum("bqhd,bqhd->bhq", g, out, preferred_element_type=jnp.float32)[..., None]
+  g = (_heads_first(g) / sums).astype(scaled_q.dtype)
+  dv = jnp.einsum("bhqk,bhqd->bhkd", weights, g)
+  dweights = jnp.einsum("bhqd,bhkd->bhqk", g, v, preferred_element_type=jnp.float32)
+  rows = jnp.einsum("bhqd,bhqd->bhq", g, out, preferred_element_type=jnp.float32)[..., None]
   dscores = (weights * (dweights - rows)).astype(scaled_q.dtype)
-  dq = jnp.einsum("bhqk,bkhd->bqhd", dscores, k) * scale
-  dk = jnp.einsum("bhqk,bqhd->bkhd", dscores, scaled_q)
-  return dq, dk, dv
+  dq = jnp.einsum("bhqk,bhkd->bhqd", dscores, k) * scale
+  dk = jnp.einsum("bhqk,bhqd->bhkd", dscores, scaled_q)
+  return _heads_first(dq), _heads_first(dk), _heads_first(dv)
 
 
 attention.defvjp(_attention_fwd, _attention_bwd)

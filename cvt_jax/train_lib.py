@@ -105,6 +105,23 @@ def make_train_step(model: model_lib.CvT, tx: optax.GradientTransformation, sche
   return train_step
 
 
+def create_train_state(variables: dict[str, Any], tx: optax.GradientTransformation,
+                       mesh: jax.sharding.Mesh) -> TrainState:
+  """Step 0 with fresh AdamW moments, replicated over the mesh."""
+  return jax.jit(
+      lambda v: TrainState(step=jnp.zeros((), jnp.int32), params=v["params"],
+                           batch_stats=v["batch_stats"], opt_state=tx.init(v["params"])),
+      out_shardings=parallel.replicated(mesh))(variables)
+
+
+def shard_train_step(train_step: Callable[[TrainState, Batch], tuple[TrainState, Metrics]],
+                     mesh: jax.sharding.Mesh) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+  """`train_step` jitted data-parallel: state replicated and donated, the batch split over 'data'."""
+  replicated = parallel.replicated(mesh)
+  return jax.jit(train_step, in_shardings=(replicated, parallel.batch_sharding(mesh)),
+                 out_shardings=(replicated, replicated), donate_argnums=0)
+
+
 def make_eval_step(model: model_lib.CvT) -> Callable[[TrainState, Batch], Metrics]:
   """Sums of loss, top-1 and top-5 hits and the example count over the real (mask=1) rows of a batch."""
 
@@ -320,10 +337,7 @@ def train_and_evaluate(config: Any, workdir: str, *, interrupt_at_step: int | No
   if config.init_from:
     variables = jax.device_put(checkpointing.load_init_from(
         config.init_from, variables, model_variant(config.model), info.num_classes), replicated)
-  state = jax.jit(
-      lambda v: TrainState(step=jnp.zeros((), jnp.int32), params=v["params"],
-                           batch_stats=v["batch_stats"], opt_state=tx.init(v["params"])),
-      out_shardings=replicated)(variables)
+  state = create_train_state(variables, tx, mesh)
   del variables
 
   ckpt = checkpointing.Checkpointer(workdir, config.checkpoint_every_steps, config.keep_checkpoints)
@@ -339,11 +353,9 @@ def train_and_evaluate(config: Any, workdir: str, *, interrupt_at_step: int | No
                info.num_eval_examples, info.num_classes, steps_per_epoch, config.num_epochs, total_steps,
                config.global_batch_size, jax.device_count(), jax.process_count(), base_lr)
 
-  batch_sharding = parallel.batch_sharding(mesh)
-  train_step = jax.jit(
-      make_train_step(model, tx, schedule, info.num_classes, config.augment, train_rng),
-      in_shardings=(replicated, batch_sharding), out_shardings=(replicated, replicated), donate_argnums=0)
-  eval_step = jax.jit(make_eval_step(model), in_shardings=(replicated, batch_sharding),
+  train_step = shard_train_step(
+      make_train_step(model, tx, schedule, info.num_classes, config.augment, train_rng), mesh)
+  eval_step = jax.jit(make_eval_step(model), in_shardings=(replicated, parallel.batch_sharding(mesh)),
                       out_shardings=replicated)
 
   def run_eval(step: int) -> dict[str, float]:

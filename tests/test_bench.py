@@ -87,27 +87,43 @@ def test_interleaved_timing_rotates_the_order():
 
 
 def test_cpu_peak_is_cores_times_clock_times_fma_width():
-  peak, source = run.peak_flops("cpu", "float32", {"cores": 2, "mhz": 2500.0, "simd": "avx2+fma"})
+  cpu = {"cores": 2, "mhz": 2500.0, "simd": "avx2+fma", "fp32_flops_per_cycle": 32}
+  peak, source = run.peak_flops("cpu", "float32", cpu)
   assert peak == 2 * 2500e6 * 32 and "2 cores" in source
   assert run.peak_flops("NVIDIA H100 80GB HBM3", "bfloat16", {})[0] == 989e12
   assert run.peak_flops("mystery accelerator", "bfloat16", {})[0] is None
 
 
+def test_fma_width_knows_that_zen4_splits_avx512():
+  assert run.fp32_flops_per_cycle("avx512", "AuthenticAMD", "25") == 32  # Zen 4: 512-bit as 2 x 256
+  assert run.fp32_flops_per_cycle("avx512", "AuthenticAMD", "26") == 64  # Zen 5: full-width FMAs
+  assert run.fp32_flops_per_cycle("avx512", "GenuineIntel", "6") == 64
+  assert run.fp32_flops_per_cycle("avx2+fma", "AuthenticAMD", "25") == 32
+  assert run.fp32_flops_per_cycle("unknown", "", "") is None
+
+
 def test_markdown_names_the_machine_and_the_winner():
   report = {
-      "date": "now", "peak_source": "test",
+      "date": "now", "peak_source": "test", "gemm_ceiling": 2e11,
       "machine": {"cpu": {"model": "Test CPU", "cores": 2, "simd": "avx2+fma"}, "device_kind": "cpu",
                   "device_count": 1, "torch_device": "cpu", "torch_threads": 2, "versions": {"jax": "x"},
                   "xla_flags": "", "glibc_tunables": ""},
       "args": {"dtype": "float32", "depthwise_impl": "auto", "rounds": 3},
       "cases": [{"model": "cvt-13", "res": 224, "batch": 8, "mode": "infer", "macs_per_image": 4_566_089_216,
+                 "roofline_img_per_s": 24.0,
                  "torch_best": "torch-compile", "ratio_vs_torch-eager": 1.5, "ratio_vs_torch-compile": 1.2,
                  "results": {n: {"img_per_s": v, "compile_s": 1.0, "tflops": 0.1, "mfu": 0.3}
                              for n, v in (("jax", 12.0), ("torch-eager", 8.0), ("torch-compile", 10.0))}}],
   }
+  report["input_pipeline"] = {
+      "what": "decode", "images": 64, "cores": 2, "batch": 32, "model": "cvt-13", "res": 224,
+      "img_per_s_one_process": 300.0, "img_per_s_all_cores": 550.0, "img_per_s_train_batches": 500.0,
+      "img_per_s_device_augment": 90.0, "img_per_s_bare_step": 4.0, "img_per_s_loop": 3.0, "loop_steps": 2}
   text = run.markdown(report)
   assert "Test CPU" in text and "torch-compile (best torch)" in text and "| 1.20x |" in text
-  assert "4.566" in text
+  assert "4.566" in text and "0.200 TFLOP/s" in text
+  assert "| 50% |  |" in text and "| 42% | 1.20x |" in text  # 12 and 10 img/s of a 24 img/s roofline
+  assert "alone 90 img/s" in text and "3.00 img/s vs 4.00 img/s" in text and "= 0.75x" in text
 
 
 def test_help_describes_the_options(capsys):
@@ -115,5 +131,5 @@ def test_help_describes_the_options(capsys):
     run.parse_args(["--help"])
   out = capsys.readouterr().out
   for flag in ("--quick", "--models", "--res", "--infer-batches", "--train-batches", "--max-batch",
-               "--xla-flags", "--frameworks"):
+               "--xla-flags", "--frameworks", "--loop-steps", "--pipeline-images"):
     assert flag in out

@@ -179,3 +179,36 @@ def test_sigterm_sets_the_stop_flag_and_handlers_are_restored():
     os.kill(os.getpid(), signal.SIGTERM)
     assert stop.should_stop(sync=False)
   assert signal.getsignal(signal.SIGTERM) is previous
+
+
+def test_sharded_train_step_never_recompiles_or_transfers_to_the_host(tree):
+  """Steady state of the real step on 4 devices: one trace, no implicit host<->device copies, no callbacks."""
+  config = tiny_config(tree)
+  config.augment.erasing_prob, config.augment.mixup_alpha, config.augment.cutmix_alpha = 0.25, 0.8, 1.0
+  mesh = parallel.make_mesh()
+  assert mesh.devices.size == 4
+  model = train_lib.create_model(config.model, NUM_CLASSES)
+  schedule = optim.make_schedule(config.schedule, 1e-3, config.num_epochs, steps_per_epoch=3)
+  tx = optim.make_optimizer(config.optim, schedule)
+  state = train_lib.create_train_state(model.init_variables(jax.random.key(0), 32), tx, mesh)
+  step_fn = train_lib.make_train_step(model, tx, schedule, NUM_CLASSES, config.augment, jax.random.key(1))
+  traces = []
+
+  def counted_step(state, batch):
+    traces.append(state.step)  # runs once per trace, i.e. per compilation
+    return step_fn(state, batch)
+
+  train_step = train_lib.shard_train_step(counted_step, mesh)
+  rng = np.random.default_rng(0)
+  batches = [parallel.global_batch({"image": rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8),
+                                    "label": rng.integers(0, NUM_CLASSES, 16).astype(np.int32)}, mesh)
+             for _ in range(4)]
+  assert "callback" not in train_step.lower(state, batches[0]).as_text()
+  with jax.transfer_guard("disallow"):
+    for batch in batches:
+      state, metrics = train_step(state, batch)
+    jax.block_until_ready((state, metrics))
+  assert len(traces) == 1
+  assert int(jax.device_get(state.step)) == 4
+  for leaf in jax.tree.leaves((state, metrics)):
+    assert leaf.sharding.is_fully_replicated and len(leaf.sharding.device_set) == 4
