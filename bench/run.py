@@ -335,15 +335,17 @@ def _write_jpeg_tree(root: pathlib.Path, count: int, classes: int = 4) -> None:
     Image.fromarray(pixels).save(folder / f"{i:05d}.jpg", quality=90)
 
 
-def _decode_task(item: tuple[str, int]) -> np.ndarray:
+def _decode_task(item: tuple[str, int, int]) -> np.ndarray:
+  """(path, seed, size) -> the training crop, as `input_pipeline` makes it."""
   from cvt_jax import preprocess
-  return preprocess.train_image(item[0], 224, np.random.default_rng(item[1]))
+  path, seed, size = item
+  return preprocess.train_image(path, size, np.random.default_rng(seed))
 
 
 def _host_decode_rates(root: pathlib.Path, spec: Any, batch: int) -> dict[str, float]:
   """img/s of decode + random-resized crop + flip: one process, a pool on every core, `train_batches`."""
   from cvt_jax import input_pipeline
-  items = [(str(p), i) for i, p in enumerate(sorted(root.glob("train/*/*.jpg")))]
+  items = [(str(p), i, spec.image_size) for i, p in enumerate(sorted(root.glob("train/*/*.jpg")))]
   for item in items[:8]:
     _decode_task(item)
   start = time.perf_counter()
@@ -533,7 +535,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       help="short run: first model @224 only, inference b8 + training b32 (GPU: b256), "
                       "3 rounds, 1 warm-up, 64 pipeline images, 3 loop steps (GPU: 10)")
   parser.add_argument("--out", type=pathlib.Path, default=RESULTS_DIR, help=f"output folder ({RESULTS_DIR})")
-  return parser.parse_args(argv)
+  args = parser.parse_args(argv)
+  if args.loop_steps is not None and args.loop_steps < 0:
+    parser.error(f"--loop-steps must be >= 0 (0 skips the loop), got {args.loop_steps}")
+  return args
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -245,7 +245,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Arr
 
   Softmax statistics in fp32. The backward pass is written out (see `_attention_bwd`).
   """
-  return _heads_first(_attention_parts(_heads_first(q) * scale, _heads_first(k), _heads_first(v))[0])
+  return _attention_fwd(q, k, v, scale)[0]
 
 
 def _attention_fwd(q, k, v, scale):

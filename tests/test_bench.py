@@ -133,3 +133,9 @@ def test_help_describes_the_options(capsys):
   for flag in ("--quick", "--models", "--res", "--infer-batches", "--train-batches", "--max-batch",
                "--xla-flags", "--frameworks", "--loop-steps", "--pipeline-images"):
     assert flag in out
+
+
+def test_negative_loop_steps_is_a_usage_error(capsys):
+  with pytest.raises(SystemExit):
+    run.parse_args(["--loop-steps", "-1"])
+  assert "--loop-steps must be >= 0" in capsys.readouterr().err
