@@ -100,10 +100,52 @@ def _layer_norm(name: str) -> nn.Module:
                       name=name)
 
 
+@jax.custom_vjp
+def matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """x @ kernel, contracting x's last axis, with `_kernel_grad` as the kernel's gradient."""
+  return jnp.dot(x, kernel)
+
+
+def _matmul_fwd(x, kernel):
+  return jnp.dot(x, kernel), (x, kernel)
+
+
+def _matmul_bwd(residuals, g):
+  x, kernel = residuals
+  return jax.lax.dot_general(g, kernel, (((g.ndim - 1,), (1,)), ((), ()))), _kernel_grad(x, g)
+
+
+matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+def _kernel_grad(x: jax.Array, g: jax.Array) -> jax.Array:
+  """sum over the leading axes of outer(x, g): the gradient of the kernel of x @ kernel.
+
+  XLA:CPU's GEMMs contract the minor axis of their left operand, so one operand is transposed first, in a
+  loop fused with whatever produced it. JAX's own rule always transposes g; the narrower of x and g moves
+  less memory (bench/README.md, fourth round).
+  """
+  leading = tuple(range(x.ndim - 1))
+  if x.shape[-1] <= g.shape[-1]:
+    return jax.lax.dot_general(x, g, ((leading, leading), ((), ())))
+  return jax.lax.dot_general(g, x, ((leading, leading), ((), ()))).T
+
+
+def _dense_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers: Any, precision: Any = None,
+                       preferred_element_type: Any = None) -> jax.Array:
+  """`lax.dot_general` as `nn.Dense` calls it (last axis of lhs with the kernel's first), via `matmul`."""
+  if (dimension_numbers != (((lhs.ndim - 1,), (0,)), ((), ())) or precision is not None
+      or preferred_element_type is not None):
+    raise ValueError(f"matmul supports only nn.Dense's contraction, got {dimension_numbers}, "
+                     f"precision={precision}, preferred_element_type={preferred_element_type}.")
+  return matmul(lhs, rhs)
+
+
 class Dense(nn.Dense):
-  """nn.Dense with the official trunc-normal(0.02) weight init and zero bias."""
+  """nn.Dense with the official trunc-normal(0.02) weight init, zero bias, and `matmul`'s gradient."""
 
   kernel_init: Callable[..., jax.Array] = _trunc_normal_002
+  dot_general: Callable[..., jax.Array] = _dense_dot_general
 
 
 class DropPath(nn.Module):
@@ -341,21 +383,50 @@ def conv_as_matmul(lhs: jax.Array, rhs: jax.Array, window_strides: tuple[int, in
   """NHWC x HWIO convolution as patches @ kernel, with `lax.conv_general_dilated`'s signature.
 
   XLA:CPU computes the kernel gradient of the strided patch-embedding convs ~10x slower than the same
-  GEMM (5.8 s of a 70 s CvT-13 training step at batch 32); as slices + one dot both directions are GEMMs.
-  Only the arguments `nn.Conv` passes for a plain strided conv are supported.
+  GEMM (5.8 s of a 70 s CvT-13 training step at batch 32), so the forward and the kernel gradient are
+  GEMMs over the patches. Only the arguments `nn.Conv` passes for a plain strided conv are supported.
   """
-  if unused.get("feature_group_count", 1) != 1 or any(d not in (None, 1, (1, 1)) for d in (
-      unused.get("lhs_dilation"), unused.get("rhs_dilation"))):
-    raise ValueError("conv_as_matmul supports neither grouped nor dilated convolutions.")
-  kh, kw, cin, cout = rhs.shape
-  (sh, sw), ((top, bottom), (left, right)) = window_strides, padding
-  _, h, w, _ = lhs.shape
+  if unused.get("feature_group_count", 1) != 1 or unused.get("precision") is not None or any(
+      d not in (None, 1, (1, 1)) for d in (unused.get("lhs_dilation"), unused.get("rhs_dilation"))):
+    raise ValueError("conv_as_matmul supports neither grouped nor dilated convolutions, nor a precision.")
+  return _strided_conv(lhs, rhs, tuple(window_strides), tuple(map(tuple, padding)))
+
+
+def _patches(x: jax.Array, kernel_hw: tuple[int, int], strides: tuple[int, int],
+             padding: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
+  """(B, out_h, out_w, kh * kw * C) windows of x, in the HWI order of an HWIO kernel."""
+  (kh, kw), (sh, sw), ((top, bottom), (left, right)) = kernel_hw, strides, padding
+  _, h, w, _ = x.shape
   out_h, out_w = (h + top + bottom - kh) // sh + 1, (w + left + right - kw) // sw + 1
-  padded = jnp.pad(lhs, ((0, 0), (top, bottom), (left, right), (0, 0)))
-  patches = jnp.concatenate([
-      padded[:, i:i + sh * (out_h - 1) + 1:sh, j:j + sw * (out_w - 1) + 1:sw]
-      for i in range(kh) for j in range(kw)], axis=-1)  # (B, out_h, out_w, kh * kw * cin), HWI order
-  return jnp.dot(patches, rhs.reshape(kh * kw * cin, cout), precision=unused.get("precision"))
+  padded = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
+  return jnp.concatenate([padded[:, i:i + sh * (out_h - 1) + 1:sh, j:j + sw * (out_w - 1) + 1:sw]
+                          for i in range(kh) for j in range(kw)], axis=-1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _strided_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
+                  padding: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
+  return _strided_conv_fwd(x, kernel, strides, padding)[0]
+
+
+def _strided_conv_fwd(x, kernel, strides, padding):
+  kh, kw, cin, cout = kernel.shape
+  patches = _patches(x, (kh, kw), strides, padding)
+  return jnp.dot(patches, kernel.reshape(kh * kw * cin, cout)), (x, patches, kernel)
+
+
+def _strided_conv_bwd(strides, padding, residuals, g):
+  # dx as XLA's transposed convolution, not as the patches' transpose (nine padded copies of the patch
+  # gradient summed): a loop XLA fused with the transposed copy the next weight gradient needs, 0.3 s
+  # per training step at batch 32 on CPU; the convolution's output is transposed in a plain copy.
+  x, patches, kernel = residuals
+  conv = lambda x_: jax.lax.conv_general_dilated(x_, kernel, strides, padding,
+                                                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  dx, = jax.linear_transpose(conv, x)(g)
+  return dx, _kernel_grad(patches, g).reshape(kernel.shape)
+
+
+_strided_conv.defvjp(_strided_conv_fwd, _strided_conv_bwd)
 
 
 class ConvEmbed(nn.Module):
@@ -432,8 +503,8 @@ class CvT(nn.Module):
     self.norm = _layer_norm("norm")
     if self.num_classes:
       dim = specs[-1].dim
-      self.head = nn.Dense(self.num_classes, dtype=jnp.float32, param_dtype=jnp.float32,
-                           kernel_init=_trunc_normal_002, bias_init=_torch_default_uniform(dim))
+      self.head = Dense(self.num_classes, dtype=jnp.float32, param_dtype=jnp.float32,
+                        bias_init=_torch_default_uniform(dim))
 
   def features(self, images: jax.Array, train: bool = False) -> dict[str, jax.Array]:
     """Backbone outputs: 'stage0'..'stage2' NHWC grids (strides 4, 8, 16) and 'cls' (B, C), un-normed."""

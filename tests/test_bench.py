@@ -49,6 +49,18 @@ def test_attention_custom_vjp_matches_autodiff():
                       1e-5)
 
 
+@pytest.mark.parametrize("in_features,out_features", [(4, 6), (6, 4)])  # both kernel-gradient forms
+def test_matmul_custom_vjp_matches_autodiff(in_features, out_features):
+  x = jax.random.normal(jax.random.key(5), (2, 7, in_features))
+  kernel = jax.random.normal(jax.random.key(6), (in_features, out_features))
+  _assert_grads_close(jnp.dot, model.matmul, (x, kernel), 1e-5)
+
+
+def test_dense_rejects_contractions_matmul_does_not_implement():
+  with pytest.raises(ValueError, match="nn.Dense's contraction"):
+    model.Dense(3, precision=jax.lax.Precision.HIGHEST).init(jax.random.key(0), jnp.ones((2, 4)))
+
+
 @pytest.mark.parametrize("kernel_size,stride,padding", [(7, 4, 2), (3, 2, 1)])
 def test_conv_as_matmul_matches_lax_conv(kernel_size, stride, padding):
   x = jax.random.normal(jax.random.key(3), (2, 17, 15, 3))
@@ -139,3 +151,14 @@ def test_negative_loop_steps_is_a_usage_error(capsys):
   with pytest.raises(SystemExit):
     run.parse_args(["--loop-steps", "-1"])
   assert "--loop-steps must be >= 0" in capsys.readouterr().err
+
+
+def test_input_pipeline_bench_times_the_loop_between_two_bare_blocks():
+  tiny = model.make_variant("tiny", dims=(8, 16, 24), depths=(1, 1, 1), heads=(1, 1, 2), drop_path_rate=0.0)
+  result = run.bench_input_pipeline(num_images=16, batch=4, model=tiny, res=64, dtype="float32", loop_steps=2)
+  assert all(len(times) == 2 and min(times) > 0 for times in result["step_s"].values())
+  assert set(result["step_s"]) == {"bare_before", "loop", "bare_after"}
+  assert result["img_per_s_loop"] == pytest.approx(4 / np.median(result["step_s"]["loop"]))
+  bare = (np.median(result["step_s"]["bare_before"]) + np.median(result["step_s"]["bare_after"])) / 2
+  assert result["img_per_s_bare_step"] == pytest.approx(4 / bare)
+  assert result["img_per_s_all_cores"] > 0 and result["img_per_s_device_augment"] > 0
