@@ -1,9 +1,9 @@
 """Benchmark cvt_jax against PyTorch (eager and torch.compile) on this machine, side by side.
 
-Every case (model, resolution, batch, inference or training step) builds all contenders first, times their
-compilation apart, warms them up, then times them in interleaved rounds (the order rotates each round) so
-that a noisy, shared machine slows every contender alike; the table reports medians and the ratio of
-cvt_jax to the faster PyTorch configuration of the same case.
+Every case (model, resolution, batch, inference or training step) builds all contenders first, each in a
+process of its own, times their compilation apart, warms them up, then times them in interleaved rounds (the
+order rotates each round) so that a noisy, shared machine slows every contender alike; the table reports
+medians and the ratio of cvt_jax to the faster PyTorch configuration of the same case.
 
   ./run.sh bench                       # CPU: CvT-13 @224/384, inference b1/8/32, training step b32, fp32
   ./run.sh bench --quick               # CvT-13 @224, inference b8 + training b32, 3 rounds (~10 min, 2 cores)
@@ -147,11 +147,75 @@ def gemm_ceiling(dtype: str) -> float:
 
 
 class Contender:
-  """One framework's compiled case: `compile_s` seconds to build, `step()` runs once and blocks."""
+  """One framework's compiled case: `compile_s` seconds to build; `step()` runs once and returns seconds."""
 
-  def __init__(self, compile_s: float, step: Callable[[], None]):
+  def __init__(self, compile_s: float, run: Callable[[], None]):
     self.compile_s = compile_s
-    self.step = step
+    self._run = run
+
+  def step(self) -> float:
+    start = time.perf_counter()
+    self._run()
+    return time.perf_counter() - start
+
+  def close(self) -> None:
+    pass
+
+
+class ContenderProcess:
+  """A `Contender` built and stepped in a process of its own.
+
+  Sharing one process (threads, heap), cvt_jax measured 12-15 % slower and torch.compile's training step
+  12 % slower than in processes of their own (bench/README.md, fourth round); here each framework has its
+  own and sits idle while another steps.
+  """
+
+  def __init__(self, framework: str, case: Case, dtype: str, depthwise_impl: str):
+    context = multiprocessing.get_context("spawn")
+    self._name = framework
+    self._conn, child = context.Pipe()
+    self._process = context.Process(target=_serve_contender, args=(child, framework, case, dtype, depthwise_impl),
+                                    daemon=True)
+    self._process.start()
+    child.close()
+    self.compile_s = self._receive()
+
+  def _receive(self) -> float:
+    try:
+      status, value = self._conn.recv()
+    except EOFError:
+      self._process.join()
+      raise RuntimeError(f"the {self._name} bench process died (exit code {self._process.exitcode})") from None
+    if status == "error":
+      self.close()
+      raise RuntimeError(f"{self._name} failed in its bench process:\n{value}")
+    return value
+
+  def step(self) -> float:
+    self._conn.send("step")
+    return self._receive()
+
+  def close(self) -> None:
+    if self._process.is_alive():
+      self._conn.send("stop")
+      self._process.join(timeout=60)
+    if self._process.is_alive():
+      self._process.kill()
+    self._conn.close()
+
+
+def _serve_contender(conn: Any, framework: str, case: Case, dtype: str, depthwise_impl: str) -> None:
+  """Worker loop of `ContenderProcess`: build, report the compile time, then one step per request."""
+  import traceback
+  try:
+    import torch
+    torch.set_num_threads(os.cpu_count() or 1)
+    contender = build(framework, case, dtype, depthwise_impl)
+    conn.send(("ok", contender.compile_s))
+    while conn.recv() == "step":
+      conn.send(("ok", contender.step()))
+  except Exception:  # noqa: BLE001 -- reported to the parent, which raises it with the framework's name
+    conn.send(("error", traceback.format_exc()))
 
 
 def jax_contender(case: Case, dtype: str, depthwise_impl: str) -> Contender:
@@ -243,7 +307,8 @@ def build(framework: str, case: Case, dtype: str, depthwise_impl: str) -> Conten
   return torch_contender(case, dtype, compiled=framework == "torch-compile")
 
 
-def time_interleaved(contenders: dict[str, Contender], warmup: int, rounds: int) -> dict[str, list[float]]:
+def time_interleaved(contenders: dict[str, Contender | ContenderProcess], warmup: int,
+                     rounds: int) -> dict[str, list[float]]:
   """Seconds per step of each contender over `rounds` rounds, the running order rotated every round."""
   names = list(contenders)
   for name in names:
@@ -252,27 +317,20 @@ def time_interleaved(contenders: dict[str, Contender], warmup: int, rounds: int)
   times = {name: [] for name in names}
   for r in range(rounds):
     for name in names[r % len(names):] + names[:r % len(names)]:
-      start = time.perf_counter()
-      contenders[name].step()
-      times[name].append(time.perf_counter() - start)
+      times[name].append(contenders[name].step())
   return times
 
 
 def fits(framework: str, case: Case, dtype: str, depthwise_impl: str) -> bool:
-  """Whether one step of `case` runs without running out of accelerator memory."""
+  """Whether one step of `case` runs without running out of accelerator memory (in a process alone)."""
   try:
-    build(framework, case, dtype, depthwise_impl).step()
-    return True
-  except Exception as e:  # noqa: BLE001 -- XLA and torch report OOM with different exception types.
+    contender = ContenderProcess(framework, case, dtype, depthwise_impl)
+  except RuntimeError as e:  # XLA and torch word their out-of-memory errors differently
     if "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower():
       return False
     raise
-  finally:
-    import gc
-
-    import torch
-    gc.collect()
-    torch.cuda.empty_cache()
+  contender.close()
+  return True
 
 
 def largest_batch(case: Case, frameworks: list[str], dtype: str, depthwise_impl: str, limit: int) -> int:
@@ -291,10 +349,14 @@ def run_case(case: Case, args: argparse.Namespace, macs: int, peak: float | None
              ceiling: float) -> dict[str, Any]:
   print(f"\n== {case.model} @{case.res} {case.mode} batch {case.batch}", flush=True)
   contenders = {}
-  for framework in args.frameworks:
-    contenders[framework] = build(framework, case, args.dtype, args.depthwise_impl)
-    print(f"  {framework}: compiled in {contenders[framework].compile_s:.1f} s", flush=True)
-  times = time_interleaved(contenders, args.warmup, args.rounds)
+  try:
+    for framework in args.frameworks:
+      contenders[framework] = ContenderProcess(framework, case, args.dtype, args.depthwise_impl)
+      print(f"  {framework}: compiled in {contenders[framework].compile_s:.1f} s", flush=True)
+    times = time_interleaved(contenders, args.warmup, args.rounds)
+  finally:
+    for contender in contenders.values():
+      contender.close()
   flops_per_image = 2 * macs * (3 if case.mode == "train" else 1)  # backward = 2x forward
   rows = {}
   for name, secs in times.items():
@@ -553,6 +615,8 @@ def main(argv: list[str] | None = None) -> None:
   args = parse_args(argv)
   if args.xla_flags:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + args.xla_flags).strip()
+  # On a GPU this process and the contenders' processes share the device: none may grab 75 % of it up front.
+  os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   # jax and torch are imported only now, so that --xla-flags reaches XLA before it starts.
   import jax
   import torch

@@ -1,5 +1,7 @@
 """The speed formulations in model.py (custom VJPs, conv as matmul) and the benchmark's own plumbing."""
 
+import argparse
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -162,3 +164,21 @@ def test_input_pipeline_bench_times_the_loop_between_two_bare_blocks():
   bare = (np.median(result["step_s"]["bare_before"]) + np.median(result["step_s"]["bare_after"])) / 2
   assert result["img_per_s_bare_step"] == pytest.approx(4 / bare)
   assert result["img_per_s_all_cores"] > 0 and result["img_per_s_device_augment"] > 0
+
+
+def test_each_framework_is_timed_in_a_process_of_its_own():
+  # Hugging Face's CvT indexes its drop-path rates by stage: stage s needs at least s + 1 blocks.
+  tiny = model.make_variant("tiny", dims=(8, 16, 24), depths=(1, 2, 3), heads=(1, 1, 2), drop_path_rate=0.0)
+  args = argparse.Namespace(frameworks=["jax", "torch-eager"], dtype="float32", depthwise_impl="auto",
+                            warmup=1, rounds=2)
+  result = run.run_case(run.Case(tiny, 64, 2, "train"), args, macs=10**6, peak=None, ceiling=1e9)
+  assert set(result["results"]) == {"jax", "torch-eager"} and result["torch_best"] == "torch-eager"
+  for row in result["results"].values():
+    assert len(row["step_s"]) == 2 and min(row["step_s"]) > 0 and row["compile_s"] > 0
+  assert result["ratio_vs_torch-eager"] == pytest.approx(
+      result["results"]["jax"]["img_per_s"] / result["results"]["torch-eager"]["img_per_s"])
+
+
+def test_a_failing_contender_process_names_its_framework():
+  with pytest.raises(RuntimeError, match="(?s)torch-eager failed in its bench process.*cvt-99"):
+    run.ContenderProcess("torch-eager", run.Case("cvt-99", 224, 1, "infer"), "float32", "auto")
