@@ -174,8 +174,8 @@ class ContenderProcess:
     context = multiprocessing.get_context("spawn")
     self._name = framework
     self._conn, child = context.Pipe()
-    self._process = context.Process(target=_serve_contender, args=(child, framework, case, dtype, depthwise_impl),
-                                    daemon=True)
+    self._process = context.Process(target=_serve_contender, daemon=True,
+                                    args=(child, framework, case, dtype, depthwise_impl))
     self._process.start()
     child.close()
     self.compile_s = self._receive()
@@ -185,7 +185,7 @@ class ContenderProcess:
       status, value = self._conn.recv()
     except EOFError:
       self._process.join()
-      raise RuntimeError(f"the {self._name} bench process died (exit code {self._process.exitcode})") from None
+      raise RuntimeError(f"the {self._name} bench process died (exit {self._process.exitcode})") from None
     if status == "error":
       self.close()
       raise RuntimeError(f"{self._name} failed in its bench process:\n{value}")
@@ -196,9 +196,11 @@ class ContenderProcess:
     return self._receive()
 
   def close(self) -> None:
-    if self._process.is_alive():
+    try:
       self._conn.send("stop")
-      self._process.join(timeout=60)
+    except OSError:  # the worker has exited already (after an error)
+      pass
+    self._process.join(timeout=60)
     if self._process.is_alive():
       self._process.kill()
     self._conn.close()
