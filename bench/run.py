@@ -27,6 +27,7 @@ import multiprocessing
 import os
 import pathlib
 import platform
+import signal
 import statistics
 import sys
 import tempfile
@@ -180,19 +181,27 @@ class ContenderProcess:
     child.close()
     self.compile_s = self._receive()
 
+  def _died(self) -> RuntimeError:
+    self._process.join(timeout=60)
+    code = self._process.exitcode
+    why = " (killed: out of memory?)" if code == -signal.SIGKILL else ""
+    return RuntimeError(f"the {self._name} bench process died, exit code {code}{why}")
+
   def _receive(self) -> float:
     try:
       status, value = self._conn.recv()
-    except EOFError:
-      self._process.join()
-      raise RuntimeError(f"the {self._name} bench process died (exit {self._process.exitcode})") from None
+    except (EOFError, OSError):
+      raise self._died() from None
     if status == "error":
       self.close()
       raise RuntimeError(f"{self._name} failed in its bench process:\n{value}")
     return value
 
   def step(self) -> float:
-    self._conn.send("step")
+    try:
+      self._conn.send("step")
+    except OSError:
+      raise self._died() from None
     return self._receive()
 
   def close(self) -> None:
@@ -576,6 +585,10 @@ def markdown(report: dict[str, Any]) -> str:
                 f"{p['img_per_s_loop']:.2f} img/s vs {p['img_per_s_bare_step']:.2f} img/s for the same step "
                 f"fed one fixed batch (mean of a block before and one after the loop) = "
                 f"{p['img_per_s_loop'] / p['img_per_s_bare_step']:.2f}x (goal >= 0.90x)."]
+  for failed in report.get("failed_cases", []):
+    error = failed["error"].strip().splitlines()  # a worker's traceback: its first and last lines say it
+    lines += ["", f"**Failed:** {failed['model']} @{failed['res']} {failed['mode']} batch {failed['batch']}: "
+              + (error[0] if len(error) == 1 else f"{error[0]} {error[-1]}")]
   lines += ["", "jax ratio = cvt_jax img/s / that PyTorch configuration's img/s, same run, interleaved rounds."]
   return "\n".join(lines) + "\n"
 
@@ -668,7 +681,7 @@ def main(argv: list[str] | None = None) -> None:
             "machine": machine, "peak_flops": peak, "peak_source": peak_source,
             "gemm_ceiling": ceilings[0], "gemm_ceiling_runs": ceilings,
             "args": {k: str(v) if isinstance(v, pathlib.Path) else v for k, v in vars(args).items()},
-            "cases": []}
+            "cases": [], "failed_cases": []}
   args.out.mkdir(parents=True, exist_ok=True)
   stem = args.out / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
 
@@ -677,7 +690,11 @@ def main(argv: list[str] | None = None) -> None:
     stem.with_suffix(".md").write_text(markdown(report))
 
   for case in cases:
-    report["cases"].append(run_case(case, args, count_macs(case.model, case.res), peak))
+    try:
+      report["cases"].append(run_case(case, args, count_macs(case.model, case.res), peak))
+    except RuntimeError as e:  # a contender failed or died (e.g. out of memory): report it, go on
+      print(f"  case failed: {e}", flush=True)
+      report["failed_cases"].append({**dataclasses.asdict(case), "error": str(e)})
     save()  # partial results survive an interrupted run
   # Measured again, the best of both: one disturbed measurement would misplace every roofline.
   ceilings.append(gemm_ceiling(args.dtype))
@@ -688,6 +705,8 @@ def main(argv: list[str] | None = None) -> None:
   save()
   print("\n" + markdown(report))
   print(f"wrote {stem}.json and {stem}.md")
+  if report["failed_cases"]:
+    sys.exit(f"bench: {len(report['failed_cases'])} case(s) failed, see above and the report.")
 
 
 if __name__ == "__main__":

@@ -133,7 +133,10 @@ def test_markdown_names_the_machine_and_the_winner():
       "what": "decode", "images": 64, "cores": 2, "batch": 32, "model": "cvt-13", "res": 224,
       "img_per_s_one_process": 300.0, "img_per_s_all_cores": 550.0, "img_per_s_train_batches": 500.0,
       "img_per_s_device_augment": 90.0, "img_per_s_bare_step": 4.0, "img_per_s_loop": 3.0, "loop_steps": 2}
+  report["failed_cases"] = [{"model": "cvt-13", "res": 384, "batch": 32, "mode": "infer",
+                             "error": "torch-eager failed in its bench process:\nTraceback\nMemoryError: big"}]
   text = run.markdown(report)
+  assert "**Failed:** cvt-13 @384 infer batch 32: torch-eager failed in its bench process: MemoryError" in text
   assert "Test CPU" in text and "torch-compile (best torch)" in text and "| 1.20x |" in text
   assert "4.566" in text and "0.200 TFLOP/s" in text and "best of 0.150, 0.200" in text
   assert "| 50% |  |" in text and "| 42% | 1.20x |" in text  # 12 and 10 img/s of a 24 img/s roofline
@@ -182,3 +185,13 @@ def test_each_framework_is_timed_in_a_process_of_its_own():
 def test_a_failing_contender_process_names_its_framework():
   with pytest.raises(RuntimeError, match="(?s)torch-eager failed in its bench process.*cvt-99"):
     run.ContenderProcess("torch-eager", run.Case("cvt-99", 224, 1, "infer"), "float32", "auto")
+
+
+def test_a_killed_contender_process_is_reported_with_its_exit_code():
+  tiny = model.make_variant("tiny", dims=(8, 16, 24), depths=(1, 1, 1), heads=(1, 1, 2), drop_path_rate=0.0)
+  contender = run.ContenderProcess("jax", run.Case(tiny, 32, 1, "infer"), "float32", "auto")
+  assert contender.step() > 0
+  contender._process.kill()  # what the kernel's out-of-memory killer does
+  with pytest.raises(RuntimeError, match=r"jax bench process died, exit code -9 \(killed: out of memory\?\)"):
+    contender.step()
+  contender.close()
