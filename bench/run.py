@@ -219,8 +219,9 @@ def _serve_contender(conn: Any, framework: str, case: Case, dtype: str, depthwis
   """Worker loop of `ContenderProcess`: build, report the compile time, then one step per request."""
   import traceback
   try:
-    import torch
-    torch.set_num_threads(os.cpu_count() or 1)
+    if framework != "jax":  # the jax process never loads torch
+      import torch
+      torch.set_num_threads(os.cpu_count() or 1)
     contender = build(framework, case, dtype, depthwise_impl)
     conn.send(("ok", contender.compile_s))
     while conn.recv() == "step":
