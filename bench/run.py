@@ -159,9 +159,6 @@ class Contender:
     self._run()
     return time.perf_counter() - start
 
-  def close(self) -> None:
-    pass
-
 
 class ContenderProcess:
   """A `Contender` built and stepped in a process of its own.
@@ -625,6 +622,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   args = parser.parse_args(argv)
   if args.loop_steps is not None and args.loop_steps < 0:
     parser.error(f"--loop-steps must be >= 0 (0 skips the loop), got {args.loop_steps}")
+  if args.rounds < 1 or args.warmup < 0:
+    parser.error(f"--rounds must be >= 1 and --warmup >= 0, got {args.rounds} and {args.warmup}")
   return args
 
 
@@ -638,6 +637,7 @@ def main(argv: list[str] | None = None) -> None:
   import jax
   import torch
 
+  from cvt_jax.model import get_variant
   from cvt_jax.summary import count_macs
   torch.set_num_threads(os.cpu_count() or 1)
   gpu = jax.default_backend() == "gpu"
@@ -645,6 +645,11 @@ def main(argv: list[str] | None = None) -> None:
     sys.exit(f"bench: jax backend {jax.default_backend()!r} but torch.cuda.is_available() is "
              f"{torch.cuda.is_available()}: both frameworks must run on the same device.")
   args.models = args.models or (["cvt-13", "cvt-21", "cvt-w24"] if gpu else ["cvt-13"])
+  for name in args.models:
+    try:
+      get_variant(name)
+    except ValueError as e:
+      sys.exit(f"bench: --models: {e}")
   args.dtype = args.dtype or ("bfloat16" if gpu else "float32")
   if args.infer_batches is None:
     args.infer_batches = [256] if gpu else [1, 8, 32]

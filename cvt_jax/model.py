@@ -183,14 +183,18 @@ def depthwise_conv3x3(x: jax.Array, kernel: jax.Array, stride: int, impl: Depthw
   return _depthwise_shift(x, kernel, stride)
 
 
+def _window(padded: jax.Array, i: int, j: int, strides: tuple[int, int], out_hw: tuple[int, int]) -> jax.Array:
+  """padded[:, i::sh, j::sw] cropped to out_hw: the inputs of kernel tap (i, j) of a strided NHWC conv."""
+  (sh, sw), (out_h, out_w) = strides, out_hw
+  return padded[:, i:i + sh * (out_h - 1) + 1:sh, j:j + sw * (out_w - 1) + 1:sw]
+
+
 def _shifted_sum(padded: jax.Array, kernel: jax.Array, stride: int, out_hw: tuple[int, int]) -> jax.Array:
   """sum_ij kernel[i, j] * padded[:, i::stride, j::stride] cropped to out_hw: one fused elementwise loop."""
-  out_h, out_w = out_hw
   out = None
   for i in range(3):
     for j in range(3):
-      window = padded[:, i:i + stride * (out_h - 1) + 1:stride, j:j + stride * (out_w - 1) + 1:stride]
-      term = window * kernel[i, j, 0]
+      term = _window(padded, i, j, (stride, stride), out_hw) * kernel[i, j, 0]
       out = term if out is None else out + term
   return out
 
@@ -222,8 +226,7 @@ def _depthwise_shift_bwd(stride, residuals, g):
   dx = _shifted_sum(dilated, kernel[::-1, ::-1], 1, (h, w))
   padded = _pad1(x)
   dkernel = jnp.stack([
-      jnp.sum(padded[:, i:i + stride * (out_h - 1) + 1:stride, j:j + stride * (out_w - 1) + 1:stride] * g,
-              axis=(0, 1, 2), dtype=jnp.float32)
+      jnp.sum(_window(padded, i, j, (stride, stride), (out_h, out_w)) * g, axis=(0, 1, 2), dtype=jnp.float32)
       for i in range(3) for j in range(3)])
   return dx, dkernel.reshape(kernel.shape).astype(kernel.dtype)
 
@@ -397,10 +400,10 @@ def _patches(x: jax.Array, kernel_hw: tuple[int, int], strides: tuple[int, int],
   """(B, out_h, out_w, kh * kw * C) windows of x, in the HWI order of an HWIO kernel."""
   (kh, kw), (sh, sw), ((top, bottom), (left, right)) = kernel_hw, strides, padding
   _, h, w, _ = x.shape
-  out_h, out_w = (h + top + bottom - kh) // sh + 1, (w + left + right - kw) // sw + 1
+  out_hw = (h + top + bottom - kh) // sh + 1, (w + left + right - kw) // sw + 1
   padded = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
-  return jnp.concatenate([padded[:, i:i + sh * (out_h - 1) + 1:sh, j:j + sw * (out_w - 1) + 1:sw]
-                          for i in range(kh) for j in range(kw)], axis=-1)
+  return jnp.concatenate([_window(padded, i, j, strides, out_hw) for i in range(kh) for j in range(kw)],
+                         axis=-1)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))

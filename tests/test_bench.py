@@ -152,6 +152,12 @@ def test_help_describes_the_options(capsys):
     assert flag in out
 
 
+def test_zero_rounds_is_a_usage_error(capsys):
+  with pytest.raises(SystemExit):
+    run.parse_args(["--rounds", "0"])
+  assert "--rounds must be >= 1" in capsys.readouterr().err
+
+
 def test_negative_loop_steps_is_a_usage_error(capsys):
   with pytest.raises(SystemExit):
     run.parse_args(["--loop-steps", "-1"])
