@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# cvt_jax launcher: creates .venv on first use, installs the requirements, forwards to the entry points.
+# cvt_jax launcher: creates .venv on first use, installs the package (editable) with its extras, runs a command.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -11,63 +11,66 @@ usage() {
 Usage: ./run.sh COMMAND [ARGS...]
 
 Set-up is automatic: the first call creates .venv with $PYTHON (default python3, e.g. PYTHON=python3.12)
-and installs requirements.txt; later calls reinstall only when the requirements change.
+and installs cvt_jax into it (`pip install -e .[tfds,demo]`, plus `[test]` for test and bench); later calls
+reinstall only when pyproject.toml changes. Every command is also `.venv/bin/cvt-jax COMMAND`.
 
 Commands:
   demo        Train a small CvT on scikit-learn's digits (offline, a few minutes on a CPU), print val top-1.
-  test        Install the test requirements (PyTorch CPU, transformers) and run the whole pytest suite.
-  train       python train.py ...      Train/evaluate from a config (./run.sh train --help).
+  test        Install the test extras (PyTorch CPU, transformers, ...) and run the whole pytest suite.
+  train       Train/evaluate from a config; rerun to resume (./run.sh train --help).
   eval        Evaluate a checkpoint over every image of a split (./run.sh eval --help).
-  predict     Top-5 classes of image files (./run.sh predict --help).
-  convert     Convert a PyTorch CvT checkpoint (.pth/.bin/.safetensors) to Flax (./run.sh convert --help).
+  predict     Top classes of image files (./run.sh predict --help).
+  convert     Convert a PyTorch CvT checkpoint (.pth/.bin/.safetensors), a hub name or a workdir to .npz.
   summary     Parameter count and MACs of a variant (./run.sh summary cvt-13 --res 384).
+  compile     Compile the train/eval steps for a TPU slice or this host and report memory and fit.
   bench       Benchmark cvt_jax against PyTorch on this machine (./run.sh bench --help).
 USAGE
 }
 
-# Installs a requirements file into $VENV unless the same file was installed already.
+# Installs the package with `extras` into $VENV unless the same pyproject.toml was installed already.
 ensure_venv() {
-  local reqs="$1"
+  local extras="$1"
   if [[ ! -x "$VENV/bin/python" ]]; then
     echo "[run.sh] creating $VENV with $PYTHON ($("$PYTHON" --version 2>&1))" >&2
     "$PYTHON" -m venv "$VENV"
   fi
-  local stamp="$VENV/.installed-$(basename "$reqs")"
+  local stamp="$VENV/.installed-${extras//,/-}"
   local digest
-  digest="$(cat "$reqs" requirements.txt | sha256sum | cut -d' ' -f1)"
+  digest="$(sha256sum pyproject.toml | cut -d' ' -f1)"
   if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$digest" ]]; then
-    echo "[run.sh] installing $reqs into $VENV (first time: a few minutes)" >&2
+    echo "[run.sh] installing cvt_jax[$extras] into $VENV (first time: a few minutes)" >&2
     "$VENV/bin/python" -m pip install --quiet --upgrade pip
-    "$VENV/bin/python" -m pip install --quiet -r "$reqs"
+    "$VENV/bin/python" -m pip install --quiet -e ".[$extras]"
     echo "$digest" > "$stamp"
   fi
 }
 
-# XLA:CPU allocates a step's temporaries afresh on every call (7.5 GB for a CvT-13 training step at batch
-# 32) and glibc hands them back to the kernel on free, so every step faulted them in again, 4 KiB at a time:
-# ~1.9 M page faults, a third of the step on a 2-core CPU (bench/README.md). One arena that never returns
-# memory (arena_max, mmap_max, trim_threshold) reuses the pages. No glibc.malloc.hugetlb: with the input
-# pipeline allocating beside the step it made every other training step twice as slow (bench/README.md).
-# Your own GLIBC_TUNABLES wins; other C libraries ignore it. Not used by `test`: the suite was validated
-# without it, and a process that never returns memory would hold the suite's peak to the end.
+# torchvision's transforms, the reference of the pixel-parity tests (tests/conftest.py), unpacked beside the
+# venv rather than installed: PyPI's wheel is built against CUDA torch and breaks imports next to the CPU one.
+ensure_torchvision_transforms() {
+  local target="$VENV/torchvision-transforms"
+  if [[ ! -d "$target/torchvision" ]]; then
+    "$VENV/bin/python" -m pip install --quiet --no-deps --target "$target" torchvision==0.28.0
+  fi
+}
+
+# XLA:CPU allocates a step's temporaries afresh on every call and glibc hands them back to the kernel on
+# free, so every training step faulted them in again (bench/README.md, second round). One arena that never
+# returns memory reuses the pages. Your own GLIBC_TUNABLES wins; other C libraries ignore it. Not used by
+# `test`: a process that never returns memory would hold the suite's peak to the end.
 reuse_memory() {
   export GLIBC_TUNABLES="${GLIBC_TUNABLES:-glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736}"
 }
-
-py() { exec "$VENV/bin/python" "$@"; }
 
 cmd="${1:-}"
 [[ $# -gt 0 ]] && shift
 [[ "$cmd" == test ]] || reuse_memory
 case "$cmd" in
   ""|-h|--help|help) usage ;;
-  demo)    ensure_venv requirements.txt; py -m cvt_jax.demo "$@" ;;
-  test)    ensure_venv requirements-test.txt; py -m pytest tests "$@" ;;
-  train)   ensure_venv requirements.txt; py train.py "$@" ;;
-  eval)    ensure_venv requirements.txt; py -m cvt_jax.evaluate "$@" ;;
-  predict) ensure_venv requirements.txt; py -m cvt_jax.predict "$@" ;;
-  convert) ensure_venv requirements.txt; py -m cvt_jax.convert "$@" ;;
-  summary) ensure_venv requirements.txt; py -m cvt_jax.summary "$@" ;;
-  bench)   ensure_venv requirements-test.txt; py -m bench.run "$@" ;;
+  test)    ensure_venv tfds,demo,test; ensure_torchvision_transforms
+           exec "$VENV/bin/python" -m pytest tests "$@" ;;
+  bench)   ensure_venv tfds,demo,test; exec "$VENV/bin/cvt-jax" bench "$@" ;;
+  demo|train|eval|predict|convert|summary|compile)
+           ensure_venv tfds,demo; exec "$VENV/bin/cvt-jax" "$cmd" "$@" ;;
   *) echo "run.sh: unknown command '$cmd'" >&2; usage >&2; exit 2 ;;
 esac

@@ -69,8 +69,6 @@ def normalize(images: jax.Array) -> jax.Array:
   return (images.astype(jnp.float32) - mean) * inv_std
 
 
-eval_preprocess = normalize
-
 
 # -------------------------------------------------------------------------------------- RandAugment --
 
@@ -313,12 +311,12 @@ def cutmix_box(u_y: jax.Array, u_x: jax.Array, height: int, width: int,
   """timm's `rand_bbox`: a (sqrt(1-lam) H, sqrt(1-lam) W) box around a uniform centre, clipped.
 
   Args:
-    u_y, u_x: uniform [0, 1) draws for the centre row and column.
+    u_y, u_x: uniform [0, 1) draws for the centre row and column (any shape, e.g. one per shard).
     height, width: image size.
-    lam: the drawn mixing ratio.
+    lam: the drawn mixing ratio, shaped like u_y.
 
   Returns:
-    (top, bottom, left, right) int32 scalars, bottom/right exclusive.
+    (top, bottom, left, right) int32 arrays shaped like u_y, bottom/right exclusive.
   """
   ratio = jnp.sqrt(1.0 - lam)
   cut_h = (height * ratio).astype(jnp.int32)
@@ -331,11 +329,13 @@ def cutmix_box(u_y: jax.Array, u_x: jax.Array, height: int, width: int,
 
 def mixup_cutmix(rng: jax.Array, images: jax.Array, labels: jax.Array, num_classes: int,
                  mixup_alpha: float = 0.8, cutmix_alpha: float = 1.0, switch_prob: float = 0.5,
-                 label_smoothing: float = 0.1) -> tuple[jax.Array, jax.Array]:
-  """timm's Mixup in 'batch' mode (prob 1): one lambda per batch, mixed with the batch reversed.
+                 label_smoothing: float = 0.1, shards: int = 1) -> tuple[jax.Array, jax.Array]:
+  """timm's Mixup in 'batch' mode (prob 1) on each of `shards` equal, contiguous slices of the batch.
 
-  Cutmix (chosen with `switch_prob` when both alphas are > 0) pastes a box of the reversed batch and
-  sets lambda to the kept area fraction. Targets are smoothed one-hots mixed with the same lambda.
+  As in the official code, where each GPU mixes its own batch: per slice one lambda, and each image is mixed
+  with the slice reversed. With one slice per device no image crosses devices. Cutmix (chosen with
+  `switch_prob` when both alphas are > 0) pastes a box of the reversed slice and sets lambda to the kept
+  area fraction. Targets are smoothed one-hots mixed with the same lambda.
 
   Returns:
     (images, soft targets float32 (B, num_classes)).
@@ -344,26 +344,32 @@ def mixup_cutmix(rng: jax.Array, images: jax.Array, labels: jax.Array, num_class
   targets = smooth_one_hot(labels, num_classes, label_smoothing)
   if mixup_alpha <= 0 and cutmix_alpha <= 0:
     return images, targets
+  if batch % shards:
+    raise ValueError(f"mixup_cutmix: a batch of {batch} does not split into {shards} shards")
   k_uniform, k_beta = jax.random.split(rng)
-  u_switch, u_y, u_x = jax.random.uniform(k_uniform, (3,))
+  u_switch, u_y, u_x = jax.random.uniform(k_uniform, (3, shards))
   if mixup_alpha > 0 and cutmix_alpha > 0:
     use_cutmix = u_switch < switch_prob
   else:
-    use_cutmix = jnp.asarray(cutmix_alpha > 0)
+    use_cutmix = jnp.full((shards,), cutmix_alpha > 0)
   # Both lambdas in one draw (an alpha of 0 is replaced by 1; its lambda is then unused).
-  alphas = jnp.asarray([mixup_alpha or 1.0, cutmix_alpha or 1.0], jnp.float32)
-  lam_mix, lam_cut = jax.random.beta(k_beta, alphas, alphas)
-  top, bottom, left, right = cutmix_box(u_y, u_x, height, width, lam_cut)
-  rows = jnp.arange(height)[:, None]
-  cols = jnp.arange(width)[None, :]
-  in_box = (rows >= top) & (rows < bottom) & (cols >= left) & (cols < right)
-  lam_box = 1.0 - ((bottom - top) * (right - left)) / (height * width)
-  flipped = images[::-1]
-  cut = jnp.where(in_box[None, :, :, None], flipped, images)
-  mixed = lam_mix * images + (1.0 - lam_mix) * flipped
+  alphas = jnp.broadcast_to(jnp.asarray([mixup_alpha or 1.0, cutmix_alpha or 1.0], jnp.float32), (shards, 2))
+  lam_mix, lam_cut = jax.random.beta(k_beta, alphas, alphas).T
+  top, bottom, left, right = (x[:, None, None] for x in cutmix_box(u_y, u_x, height, width, lam_cut))
+  rows = jnp.arange(height)[None, :, None]
+  cols = jnp.arange(width)[None, None, :]
+  in_box = (rows >= top) & (rows < bottom) & (cols >= left) & (cols < right)  # (shards, H, W)
+  lam_box = 1.0 - ((bottom - top) * (right - left))[:, 0, 0] / (height * width)
   lam = jnp.where(use_cutmix, lam_box, lam_mix).astype(jnp.float32)
-  images = jnp.where(use_cutmix, cut, mixed.astype(images.dtype))
-  return images, lam * targets + (1.0 - lam) * targets[::-1]
+
+  by_shard = images.reshape(shards, batch // shards, *images.shape[1:])
+  flipped = by_shard[:, ::-1]
+  cut = jnp.where(in_box[:, None, :, :, None], flipped, by_shard)
+  mixed = lam_mix[:, None, None, None, None] * by_shard + (1.0 - lam_mix[:, None, None, None, None]) * flipped
+  images = jnp.where(use_cutmix[:, None, None, None, None], cut, mixed.astype(images.dtype))
+  targets = targets.reshape(shards, batch // shards, num_classes)
+  targets = lam[:, None, None] * targets + (1.0 - lam[:, None, None]) * targets[:, ::-1]
+  return images.reshape(batch, *images.shape[2:]), targets.reshape(batch, num_classes)
 
 
 # ------------------------------------------------------------------------------------- the chain --
@@ -382,7 +388,7 @@ def _settings(config: Any) -> types.SimpleNamespace:
 
 
 def train_augment(rng: jax.Array, images: jax.Array, labels: jax.Array, num_classes: int,
-                  config: Any) -> tuple[jax.Array, jax.Array]:
+                  config: Any, shards: int = 1) -> tuple[jax.Array, jax.Array]:
   """The device-side training chain: RandAugment -> normalise -> erasing -> mixup/cutmix + smoothing.
 
   Args:
@@ -391,6 +397,7 @@ def train_augment(rng: jax.Array, images: jax.Array, labels: jax.Array, num_clas
     labels: int (B,).
     num_classes: size of the soft targets.
     config: `config.augment` (keys of `default_config()`; missing keys take the recipe's values).
+    shards: mixup/cutmix pair images within this many equal slices of the batch (one per device).
 
   Returns:
     (float32 normalised images (B, H, W, 3), float32 soft targets (B, num_classes)).
@@ -404,4 +411,4 @@ def train_augment(rng: jax.Array, images: jax.Array, labels: jax.Array, num_clas
   if cfg.erasing_prob > 0:
     images = random_erasing(k_erase, images, cfg.erasing_prob)
   return mixup_cutmix(k_mix, images, labels, num_classes, cfg.mixup_alpha, cfg.cutmix_alpha,
-                      cfg.mixup_switch_prob, cfg.label_smoothing)
+                      cfg.mixup_switch_prob, cfg.label_smoothing, shards)

@@ -1,31 +1,47 @@
-"""Checkpoints in the workdir: periodic and preemption saves, automatic resume, `init_from` weights.
+"""Training checkpoints in `<workdir>/checkpoints`: periodic and preemption saves, resume, stop signals.
 
 orbax writes each step into a temporary directory and renames it when complete, so a run killed mid-save
-never resumes from a half-written checkpoint: `latest_step()` only sees committed steps.
+never resumes from a half-written checkpoint: only committed steps are listed. A committed step that no
+longer reads (a damaged disk, a file removed by hand) is moved aside with a one-line warning and the newest
+step that reads is used instead. Workdirs may be local or on an object store (`gs://`).
 """
 
 from __future__ import annotations
 
-import logging
-import os
+import contextlib
+import errno
+import shutil
 import signal
-import tempfile
 import threading
-from typing import Any
+import time
+from typing import Any, Iterator
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
 from jax.experimental import multihost_utils
-from flax import traverse_util
 
-from cvt_jax import model as model_lib
+from cvt_jax import trees
+
+CHECKPOINTS = "checkpoints"
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES)
+_TMP_MARKER = ".orbax-checkpoint-tmp"
+
+
+class CheckpointMismatchError(ValueError):
+  """A checkpoint written by another model or optimiser configuration."""
+
+
+class CheckpointWriteError(OSError):
+  """A checkpoint could not be written (disk full, permissions); the previous one is intact."""
 
 
 class Checkpointer:
   """An orbax `CheckpointManager` over `<workdir>/checkpoints` holding the whole train state."""
 
-  def __init__(self, workdir: str | os.PathLike, every_steps: int, keep: int):
+  def __init__(self, workdir: str | epath.PathLike, every_steps: int, keep: int):
     policies = ocp.checkpoint_managers
     options = ocp.CheckpointManagerOptions(
         save_decision_policy=policies.AnySavePolicy([
@@ -34,11 +50,11 @@ class Checkpointer:
         preservation_policy=policies.LatestN(keep),
         enable_async_checkpointing=True,
         create=True)
-    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self.directory = epath.Path(workdir) / CHECKPOINTS
     self._manager = ocp.CheckpointManager(self.directory, options=options)
 
   def latest_step(self) -> int | None:
-    """The newest fully committed step, or None."""
+    """The newest committed step, or None."""
     return self._manager.latest_step()
 
   def should_save(self, step: int) -> bool:
@@ -46,72 +62,161 @@ class Checkpointer:
     return self._manager.should_save(step)
 
   def reached_preemption(self, step: int) -> bool:
-    """True once the cluster (jax's coordination service) has announced a preemption at `step`."""
-    return self._manager.reached_preemption(step)
+    """True, on every process at the same step, once the cluster has announced a preemption (SIGTERM to
+    any process of a multi-process run, through JAX's coordination service)."""
+    return jax.process_count() > 1 and self._manager.reached_preemption(step)
 
   def save(self, step: int, state: Any) -> None:
-    """Starts an asynchronous save of `state` (arrays are copied off the devices before it returns)."""
-    self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
+    """Starts an asynchronous save of `state`; a failed earlier save is reported here (or in `close`)."""
+    with self._write_errors():
+      self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
 
-  def restore(self, step: int, target: Any) -> Any:
-    """Restores `step` with the structure, dtypes and shardings of `target` (arrays or abstract)."""
+  def restore_latest(self, target: Any) -> tuple[int, Any] | None:
+    """(step, state) of the newest step that reads, restored like `target`; None when there is none.
+
+    Raises:
+      CheckpointMismatchError: the newest readable step holds other arrays than `target` (another config).
+    """
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-    try:
-      return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
-    except ValueError as e:  # orbax names one key or two shapes, not the checkpoint, the arrays or the fix
-      path = os.path.join(self.directory, str(step))
-      raise ValueError(f"Checkpoint {path} does not fit the configured model and optimiser "
-                       f"({_mismatches(path, abstract) or e}). It was written with another config: "
-                       "resume with that config, or train in a new --workdir.") from e
+    for step in sorted(self._manager.all_steps(), reverse=True):
+      path = self.directory / str(step)
+      problems = _mismatches(path, abstract)
+      if problems:
+        raise CheckpointMismatchError(
+            f"checkpoint {path} does not fit the configured model and optimiser ({problems}); it was "
+            "written with another config: resume with that config, or train in a new --workdir")
+      try:
+        return step, self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
+      except Exception as e:  # pylint: disable=broad-except  # any failure to read means a damaged step
+        self._set_aside(step, e)
+    return None
+
+  def _set_aside(self, step: int, error: Exception) -> None:
+    """Moves an unreadable step out of orbax's sight (`<step>.unreadable`), keeping it for inspection."""
+    path = self.directory / str(step)
+    reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+    logging.warning("Checkpoint %s is unreadable (%s); using the step before it. It is kept as %s.unreadable.",
+                    path, reason, path.name)
+    if jax.process_index() == 0:
+      path.rename(self.directory / f"{step}.unreadable.{int(time.time())}")
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"set aside checkpoint {step}")
+    self._manager.reload()
 
   def close(self) -> None:
     """Waits for pending asynchronous saves, then releases the manager."""
-    self._manager.wait_until_finished()
-    self._manager.close()
+    with self._write_errors():
+      try:
+        self._manager.wait_until_finished()
+      finally:
+        self._manager.close()
+
+  def _write_errors(self):
+    return _reporting_write_errors(self.directory)
 
 
-def check_writable(workdir: str | os.PathLike) -> None:
-  """Fails at start-up, not at the first save, when `workdir` cannot be created or written."""
+@contextlib.contextmanager
+def _reporting_write_errors(directory: epath.Path) -> Iterator[None]:
+  """Turns a failed checkpoint write into one `CheckpointWriteError` and removes its half-written steps."""
   try:
-    os.makedirs(workdir, exist_ok=True)
-    with tempfile.TemporaryFile(dir=workdir):
-      pass
-  except OSError as e:
-    raise ValueError(f"workdir {os.fspath(workdir)!r} is not writable: {e.strerror or e} "
-                     f"({e.filename or workdir}).") from e
+    yield
+  except Exception as error:  # pylint: disable=broad-except  # orbax wraps OSErrors in several types
+    if not _is_write_error(error):
+      raise
+    for partial in directory.glob(f"*{_TMP_MARKER}*"):
+      partial.rmtree()
+    raise CheckpointWriteError(
+        f"cannot write a checkpoint to {directory}: {_root_cause(error)}{_disk_space(directory)}; the "
+        "previous checkpoint is intact and the half-written one was removed. Free some space and rerun "
+        "to resume.") from error
 
 
-def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
-  return {jax.tree_util.keystr(path, simple=True, separator="/"): tuple(leaf.shape)
-          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+def _is_write_error(error: BaseException) -> bool:
+  for e in _chain(error):
+    if isinstance(e, OSError) and e.errno in _WRITE_ERRNOS:
+      return True
+    text = str(e)
+    if any(s in text for s in ("No space left", "Disk quota", "File too large", "Read-only file system",
+                               "Permission denied")):
+      return True
+  return False
 
 
-def _mismatches(path: str, target: Any, limit: int = 5) -> str:
-  """The arrays missing from, unused in and mis-shaped in the checkpoint at `path`, for `target`."""
-  try:
-    with ocp.StandardCheckpointer() as reader:
-      stored = _shapes(reader.metadata(os.path.join(path, "default")).item_metadata)
-  except Exception:  # pylint: disable=broad-except  # unreadable metadata: orbax's own message is used
+def _chain(error: BaseException):
+  while error is not None:
+    yield error
+    error = error.__cause__ or error.__context__
+
+
+def _root_cause(error: BaseException) -> str:
+  for e in _chain(error):
+    if isinstance(e, OSError) and e.strerror:
+      return e.strerror
+  text = str(error).strip()
+  return text.splitlines()[0][:200] if text else type(error).__name__
+
+
+def _disk_space(directory: epath.Path) -> str:
+  if "://" in str(directory):
     return ""
-  wanted = _shapes(target)
-  cap = lambda keys: keys[:limit] + ([f"... {len(keys) - limit} more"] if len(keys) > limit else [])
-  problems = {
-      "missing in checkpoint": [k for k in wanted if k not in stored],
-      "not used by the model": [k for k in stored if k not in wanted],
-      "shape mismatch": [f"{k}: checkpoint {stored[k]} vs model {wanted[k]}"
-                         for k in wanted if k in stored and stored[k] != wanted[k]]}
-  return "; ".join(f"{what}: {cap(keys)}" for what, keys in problems.items() if keys)
+  try:
+    free = shutil.disk_usage(directory).free
+  except OSError:
+    return ""
+  return f" ({free / 2**20:.1f} MiB free there)"
+
+
+def _mismatches(step_dir: epath.Path, abstract: Any) -> str:
+  """The arrays missing from, unused in and mis-shaped in a step, for `abstract`; '' if they agree or
+  the step's metadata is unreadable (then restoring it fails and it is set aside)."""
+  try:
+    stored = trees.shapes(trees.flatten(ocp.StandardCheckpointHandler().metadata(step_dir / "default")))
+  except Exception:  # pylint: disable=broad-except
+    return ""
+  if not stored:
+    return ""
+  return trees.mismatches(trees.shapes(trees.flatten(abstract)), stored)
+
+
+def read_variables(workdir: str | epath.PathLike) -> tuple[int, dict[str, Any]]:
+  """(step, {'params', 'batch_stats'} as numpy) of a workdir's newest readable step, for inference.
+
+  Raises:
+    FileNotFoundError: no checkpoints folder, or no committed step in it.
+  """
+  directory = epath.Path(workdir) / CHECKPOINTS
+  if not directory.is_dir():
+    raise FileNotFoundError(f"{workdir} holds no {CHECKPOINTS}/ folder: not a training workdir")
+  with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False)) as manager:
+    failures = []
+    for step in sorted(manager.all_steps(), reverse=True):
+      try:
+        # Untargeted: the saved tree (TrainState fields as dict keys) onto the default device.
+        restored = manager.restore(step, args=ocp.args.StandardRestore())
+      except Exception as e:  # pylint: disable=broad-except
+        failures.append(f"step {step}: {type(e).__name__}")
+        logging.warning("Checkpoint %s/%d is unreadable (%s); trying the step before it.", directory, step,
+                        str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__)
+        continue
+      variables = {"params": restored["params"], "batch_stats": restored["batch_stats"]}
+      return step, jax.tree.map(np.asarray, jax.device_get(variables))
+  unreadable = f" ({', '.join(failures)} unreadable)" if failures else ""
+  raise FileNotFoundError(f"workdir {workdir} holds no committed checkpoint in {directory}{unreadable}")
 
 
 class StopFlag:
-  """Set by SIGTERM (preemption) or SIGINT; the train loop checks it every step and saves before exiting."""
+  """Set by SIGTERM (preemption) or SIGINT in a single-process run; the loop saves and stops when set.
+
+  Multi-process runs install no handler: JAX's preemption notifier owns SIGTERM there and
+  `Checkpointer.reached_preemption` makes every process stop at the same step.
+  """
 
   def __init__(self):
     self._event = threading.Event()
     self._previous: dict[int, Any] = {}
 
-  def __enter__(self) -> "StopFlag":
-    if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+  def __enter__(self) -> StopFlag:
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
       for sig in (signal.SIGTERM, signal.SIGINT):
         self._previous[sig] = signal.signal(sig, self._handle)
     return self
@@ -129,69 +234,3 @@ class StopFlag:
 
   def is_set(self) -> bool:
     return self._event.is_set()
-
-  def should_stop(self, sync: bool) -> bool:
-    """Whether any process got a signal. With several processes they only agree when `sync` is True,
-    because agreeing is a collective that waits for the queued steps; the caller syncs every few steps.
-    """
-    if jax.process_count() == 1:
-      return self.is_set()
-    if not sync:
-      return False
-    return bool(np.any(multihost_utils.process_allgather(np.asarray(self.is_set()))))
-
-
-def _flat(tree: Any) -> dict[str, Any]:
-  return {"/".join(k): v for k, v in traverse_util.flatten_dict(tree).items()}
-
-
-def merge_pretrained(target: dict[str, Any], loaded: dict[str, Any], source: str,
-                     replace_head: bool) -> dict[str, Any]:
-  """Takes every array of `target` (fresh variables) from `loaded`, strictly.
-
-  Args:
-    target: freshly initialised {'params', 'batch_stats'} of the model to train.
-    loaded: converted variables with the same structure.
-    source: the checkpoint path, for error messages.
-    replace_head: keep the fresh `params/head/*` (a new class count) instead of the loaded one.
-
-  Returns:
-    `target` with the loaded values (cast to the target dtypes).
-
-  Raises:
-    ValueError: naming every missing key, unused key and shape mismatch outside the head.
-  """
-  want, have = _flat(target), _flat(loaded)
-  is_head = lambda key: key.startswith("params/head/")
-  missing = sorted(k for k in want if k not in have and not (replace_head and is_head(k)))
-  unused = sorted(k for k in have if k not in want and not (replace_head and is_head(k)))
-  mismatched = sorted(f"{k}: checkpoint {tuple(np.shape(have[k]))} vs model {tuple(want[k].shape)}"
-                      for k in want if k in have and not (replace_head and is_head(k))
-                      and tuple(np.shape(have[k])) != tuple(want[k].shape))
-  if missing or unused or mismatched:
-    problems = [f"missing in checkpoint: {missing}" if missing else "",
-                f"not used by the model: {unused}" if unused else "",
-                f"shape mismatch: {mismatched}" if mismatched else ""]
-    raise ValueError(f"init_from {source!r} does not fit the model; "
-                     + "; ".join(p for p in problems if p))
-  merged = {k: (v if replace_head and is_head(k) else np.asarray(have[k], dtype=v.dtype))
-            for k, v in want.items()}
-  return traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in merged.items()})
-
-
-def load_init_from(path: str, target: dict[str, Any], variant: str | model_lib.Variant,
-                   num_classes: int) -> dict[str, Any]:
-  """Loads converted CvT weights for fine-tuning; a different class count gets a fresh head."""
-  from cvt_jax import weights  # the converter pulls in file-format readers only when needed
-
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"init_from: no such file {path!r}.")
-  loaded = weights.load_weights(path)
-  if model_lib.get_variant(loaded.variant).stages != model_lib.get_variant(variant).stages:
-    raise ValueError(f"init_from {path!r} holds a {model_lib.get_variant(loaded.variant).name} but the "
-                     f"config trains a {model_lib.get_variant(variant).name} (model.variant).")
-  replace_head = loaded.num_classes != num_classes
-  if replace_head:
-    logging.info("init_from: %d-class head of %s replaced by a fresh %d-class head.",
-                 loaded.num_classes, path, num_classes)
-  return merge_pretrained(target, loaded.variables, path, replace_head)

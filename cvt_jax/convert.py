@@ -1,311 +1,73 @@
-"""Converts PyTorch CvT checkpoints (official microsoft/CvT or Hugging Face layout) to Flax variables.
+r"""Convert a checkpoint to the cvt_jax weights format: `cvt-jax convert SRC DST.npz`.
 
-  python -m cvt_jax.convert CvT-13-224x224-IN-1k.pth cvt13_224.npz --verify
-  python -m cvt_jax.convert hf/cvt-21/model.safetensors cvt21.npz
+SRC is a released PyTorch file (.pth/.pt/.bin/.ckpt/.safetensors, official or Hugging Face layout), a
+Hugging Face hub name (microsoft/cvt-13, from the local cache when there), a training workdir (its newest
+step, with its class names) or a converted .npz. DST is a .npz, local or gs://, written atomically: nothing
+is left behind on an error. PyTorch is not needed. The variant and the class count are read off the tensors.
 
-Reading needs neither PyTorch nor transformers (`.pth`/`.bin` via `cvt_jax.pth`, safetensors via its numpy
-API). Conversion is a renaming to the official key names, then a strict mapping onto the Flax tree of
-`model.py`: every source tensor is used exactly once, every model variable is filled, every shape checked.
+  cvt-jax convert CvT-13-224x224-IN-1k.pth cvt13_224.npz --verify
+  cvt-jax convert out/finetune finetuned.npz            # class names go to finetuned.classes.txt
+  cvt-jax convert out/cvt13 backbone.npz --nohead        # fine-tuning from it always starts a fresh head
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import re
-import sys
-from typing import Callable, Mapping, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import safetensors
-import safetensors.numpy
+from absl import flags
 
-from cvt_jax import pth
-from cvt_jax.model import VARIANTS
-from cvt_jax.weights import (TORCH_SUFFIXES, LoadedWeights, WeightsError, architecture, describe,
-                             flatten, load_weights, model_for, save_variables, unflatten, variable_shapes,
-                             variant_from)
+from cvt_jax import cli
+from cvt_jax import trees
+from cvt_jax import weights
 
-
-class ConversionError(ValueError):
-  """A checkpoint that does not map one-to-one onto a CvT."""
-
-
-_QKV = {"query": "q", "key": "k", "value": "v"}
-_HF_CONV_PROJ = "attention.attention.convolution_projection_{}.convolution_projection"
-# Hugging Face module paths (inside `encoder.stages.{s}.layers.{b}.`) -> official ones.
-_HF_BLOCK_MODULES = {
-    "layernorm_before": "norm1",
-    "layernorm_after": "norm2",
-    **{_HF_CONV_PROJ.format(hf) + ".convolution": f"attn.conv_proj_{x}.conv" for hf, x in _QKV.items()},
-    **{_HF_CONV_PROJ.format(hf) + ".normalization": f"attn.conv_proj_{x}.bn" for hf, x in _QKV.items()},
-    **{f"attention.attention.projection_{hf}": f"attn.proj_{x}" for hf, x in _QKV.items()},
-    "attention.output.dense": "attn.proj",
-    "intermediate.dense": "mlp.fc1",
-    "output.dense": "mlp.fc2",
-}
-# ... inside `encoder.stages.{s}.`, and at the top level.
-_HF_STAGE_MODULES = {
-    "embedding.convolution_embeddings.projection": "patch_embed.proj",
-    "embedding.convolution_embeddings.normalization": "patch_embed.norm",
-}
-_HF_TOP_MODULES = {"layernorm": "norm", "classifier": "head"}
-
-_NORMS = ("norm", "norm1", "norm2", "bn")
-_DROPPED = "num_batches_tracked"  # BatchNorm's step counter: no Flax counterpart, used by nobody in eval
+FLAGS = flags.FlagValues()
+_HEADS = cli.define_heads_flag(FLAGS)
+_HEAD = flags.DEFINE_bool("head", True, "Keep the classification head (--nohead: the backbone only).",
+                          flag_values=FLAGS)
+_VERIFY = flags.DEFINE_bool("verify", False, "Reload DST, compare it with the conversion and run one "
+                            "forward pass.", flag_values=FLAGS)
 
 
-def is_hf_layout(state_dict: Mapping[str, np.ndarray]) -> bool:
-  """Whether the keys follow transformers' `CvtForImageClassification` / `CvtModel` naming."""
-  return any(k.startswith(("cvt.encoder.", "encoder.stages.")) for k in state_dict)
+def main(argv: Sequence[str]) -> None:
+  if len(argv) != 3:
+    raise cli.UsageError(f"expected SRC and DST, got {len(argv) - 1} arguments (see --help)")
+  src, dst = argv[1:]
+  cli.check_output(dst, ".npz")
+  print(f"reading {src}", flush=True)
+  checkpoint = weights.load(src, heads=_HEADS.value)
+  if not _HEAD.value:
+    checkpoint = checkpoint.without_head()
+  named = checkpoint.variant.name != "custom"
+  print(f"variant: {checkpoint.variant.describe()}"
+        + ("" if named else " -- matches no named variant, converted as a custom architecture"))
+  print(f"classes: {checkpoint.num_classes or '0 (no head: features only)'}")
+  print(f"params:  {checkpoint.num_params:,}")
+  weights.save(checkpoint, dst)
+  print(f"wrote {dst}", flush=True)
+  if _VERIFY.value:
+    _verify(dst, checkpoint)
 
 
-def _hf_to_official(key: str) -> str:
-  """One Hugging Face key -> its official name; an unknown key comes back unchanged (reported unused)."""
-  name = key[len("cvt."):] if key.startswith("cvt.") else key
-  module, _, leaf = name.rpartition(".")
-  if m := re.fullmatch(r"encoder\.stages\.(\d+)\.layers\.(\d+)\.(.+)", module):
-    if m[3] in _HF_BLOCK_MODULES:
-      return f"stage{m[1]}.blocks.{m[2]}.{_HF_BLOCK_MODULES[m[3]]}.{leaf}"
-  elif m := re.fullmatch(r"encoder\.stages\.(\d+)(?:\.(.+))?", module):
-    if m[2] is None and leaf == "cls_token":
-      return f"stage{m[1]}.cls_token"
-    if m[2] in _HF_STAGE_MODULES:
-      return f"stage{m[1]}.{_HF_STAGE_MODULES[m[2]]}.{leaf}"
-  elif module in _HF_TOP_MODULES:
-    return f"{_HF_TOP_MODULES[module]}.{leaf}"
-  return key
-
-
-def to_official_keys(state_dict: Mapping[str, np.ndarray]) -> dict[str, tuple[str, np.ndarray]]:
-  """official key -> (source key, tensor). Official-layout dicts map onto themselves.
-
-  Raises:
-    ConversionError: if two source keys land on the same name (e.g. with and without the `cvt.` prefix).
-  """
-  rename = _hf_to_official if is_hf_layout(state_dict) else (lambda k: k)
-  out: dict[str, tuple[str, np.ndarray]] = {}
-  clashes = []
-  for key, value in state_dict.items():
-    name = rename(key)
-    if name in out:
-      clashes.append(f"  {out[name][0]} and {key} both give {name}")
-    out[name] = (key, value)
-  if clashes:
-    raise ConversionError("source tensors used more than once:\n" + "\n".join(clashes))
-  return out
-
-
-def _flax_key(official: str) -> tuple[str, Callable[[np.ndarray], np.ndarray]] | None:
-  """Official key -> ('collection/path/leaf', layout transform); None for keys with no model variable."""
-  path = re.sub(r"^stage(\d+)\.(?:blocks\.(\d+)\.)?",
-                lambda m: f"stages_{m[1]}." + (f"blocks_{m[2]}." if m[2] else ""), official)
-  module, _, leaf = path.rpartition(".")
-  prefix = module.replace(".", "/") + "/" if module else ""
-  if leaf == "running_mean":
-    return f"batch_stats/{prefix}mean", np.asarray
-  if leaf == "running_var":
-    return f"batch_stats/{prefix}var", np.asarray
-  if leaf == "bias" or (leaf == "cls_token" and not module.count(".")):
-    return f"params/{prefix}{leaf}", np.asarray
-  if leaf == "weight" and module.rpartition(".")[2] in _NORMS:
-    return f"params/{prefix}scale", np.asarray
-  if leaf == "weight":
-    return f"params/{prefix}kernel", _to_flax_kernel
-  return None
-
-
-def _to_flax_kernel(w: np.ndarray) -> np.ndarray:
-  """Conv OIHW -> HWIO (depthwise (C,1,3,3) -> (3,3,1,C) alike); Linear (out, in) -> (in, out)."""
-  if w.ndim == 4:
-    return w.transpose(2, 3, 1, 0)
-  if w.ndim == 2:
-    return w.T
-  return w  # a wrong rank is reported by the shape check
-
-
-def detect_architecture(shapes: Mapping[str, tuple[int, ...]], heads: Sequence[int] | None = None,
-                        ) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], int]:
-  """(dims, depths, heads, num_classes) from the shapes of official-named tensors.
-
-  Widths come from the patch embeddings, depths from the block indices, the class count from the head
-  (0 without one). Heads are not visible in any tensor: they come from `heads`, else from the table of
-  named variants, else from the official head width 64.
-  """
-  stage_keys = [f"stage{s}.patch_embed.proj.weight" for s in range(3)]
-  missing = [k for k in stage_keys if k not in shapes]
-  if missing:
-    raise ConversionError(f"cannot detect the architecture: no {', '.join(missing)}; "
-                          f"this does not look like a CvT checkpoint (keys: {sorted(shapes)[:6]} ...)")
-  bad = {k: shapes[k] for k in stage_keys + ["head.weight"] if k in shapes and len(shapes[k]) < 2}
-  if bad:
-    raise ConversionError(f"cannot detect the architecture from tensors of shapes {bad}")
-  dims = tuple(shapes[k][0] for k in stage_keys)
-  depths = tuple(len({m[1] for k in shapes if (m := re.match(rf"stage{s}\.blocks\.(\d+)\.", k))})
-                 for s in range(3))
-  if heads is None:
-    named = [v for v in VARIANTS.values() if architecture(v)[:2] == (dims, depths)]
-    if named:
-      heads = architecture(named[0])[2]
-    elif any(d % 64 for d in dims):
-      raise ConversionError(f"widths {dims} match no named variant and are not multiples of the official "
-                            "head width 64: pass the heads per stage (--heads 1,2,3 / heads=(1, 2, 3))")
-    else:
-      heads = tuple(d // 64 for d in dims)
-  num_classes = shapes["head.weight"][0] if "head.weight" in shapes else 0
-  return dims, depths, tuple(heads), num_classes
-
-
-def convert_state_dict(state_dict: Mapping[str, np.ndarray], heads: Sequence[int] | None = None,
-                       source: str = "state dict") -> LoadedWeights:
-  """Official- or Hugging-Face-layout tensors -> Flax variables of the detected architecture.
-
-  Args:
-    state_dict: name -> array, e.g. from `read_checkpoint`.
-    heads: attention heads per stage, for custom widths that are not multiples of 64.
-    source: where the tensors came from, for messages and metadata.
-
-  Raises:
-    ConversionError: one message listing every unused, missing and mis-shaped tensor.
-  """
-  try:
-    official = to_official_keys(state_dict)
-    dims, depths, heads, num_classes = detect_architecture(
-        {k: np.shape(v) for k, (_, v) in official.items()}, heads)
-  except ConversionError as e:
-    raise ConversionError(f"{source}: {e}") from None
-  if len(heads) != 3 or any(h <= 0 or d % h for d, h in zip(dims, heads)):
-    raise ConversionError(f"{source}: heads {heads} must be 3 positive numbers dividing the widths {dims}")
-  variant = variant_from("custom", dims, depths, heads)
-  expected = variable_shapes(variant, num_classes)
-  flat, filled, problems = {}, set(), []
-  for name, (key, value) in official.items():
-    # BatchNorm's step counter has no Flax counterpart; it is consumed with its BatchNorm.
-    target = _flax_key(name[:-len(_DROPPED)] + "running_mean" if name.endswith(_DROPPED) else name)
-    if target is None or target[0] not in expected:
-      problems.append(f"  unused     {key} {tuple(np.shape(value))}")
-      continue
-    if name.endswith(_DROPPED):
-      continue
-    flax_key, transform = target
-    array = transform(np.asarray(value, np.float32))
-    filled.add(flax_key)
-    if array.shape != expected[flax_key]:
-      problems.append(f"  mis-shaped {key} {tuple(np.shape(value))} -> {flax_key} {array.shape}, "
-                      f"model expects {expected[flax_key]}")
-    else:
-      flat[flax_key] = np.ascontiguousarray(array)
-  problems += [f"  missing    {k} {expected[k]} (no source tensor)" for k in sorted(expected.keys() - filled)]
-  if problems:
-    raise ConversionError(f"{source}: does not map one-to-one onto {describe(variant)} with {num_classes} "
-                          f"classes ({len(problems)} problems):\n" + "\n".join(problems))
-  return LoadedWeights(unflatten(flat), variant, num_classes, source)
-
-
-def read_checkpoint(path: str | os.PathLike) -> dict[str, np.ndarray]:
-  """name -> array of a `.safetensors` or torch.save (`.pth`/`.pt`/`.bin`/`.ckpt`) file, without PyTorch."""
-  path = os.fspath(path)
-  if path.endswith(".safetensors"):
-    try:
-      return safetensors.numpy.load_file(path)
-    except (safetensors.SafetensorError, OSError, ValueError) as e:
-      raise ConversionError(f"{path}: unreadable safetensors file ({type(e).__name__}: {e})") from None
-  if path.endswith(TORCH_SUFFIXES):
-    return pth.load_state_dict(path)
-  raise ConversionError(f"{path}: unknown checkpoint format; expected .safetensors or one of "
-                        f"{', '.join(TORCH_SUFFIXES)}")
-
-
-def _heads_for(path: str, state_dict: Mapping[str, np.ndarray], heads: Sequence[int] | None,
-               ) -> Sequence[int] | None:
-  """`heads`, else the `num_heads` of a Hugging Face `config.json` beside an HF-layout checkpoint."""
-  config = os.path.join(os.path.dirname(os.path.abspath(path)), "config.json")
-  if heads is not None or not is_hf_layout(state_dict) or not os.path.isfile(config):
-    return heads
-  try:
-    with open(config) as f:
-      heads = json.load(f).get("num_heads")
-  except (OSError, ValueError, AttributeError) as e:
-    raise ConversionError(f"{config}: unreadable Hugging Face config ({e})") from None
-  return tuple(heads) if heads else None
-
-
-def convert_file(path: str | os.PathLike, heads: Sequence[int] | None = None) -> LoadedWeights:
-  """Reads and converts one checkpoint; a Hugging Face file takes its heads from a `config.json` beside it."""
-  path = os.fspath(path)
-  state_dict = read_checkpoint(path)
-  return convert_state_dict(state_dict, _heads_for(path, state_dict, heads), source=path)
-
-
-def _parse_heads(text: str) -> tuple[int, int, int]:
-  try:
-    heads = tuple(int(h) for h in text.split(","))
-  except ValueError:
-    heads = ()
-  if len(heads) != 3:
-    raise argparse.ArgumentTypeError(f"expected three comma-separated integers, got {text!r}")
-  return heads
-
-
-def _verify(dst: str, converted: LoadedWeights) -> None:
+def _verify(dst: str, converted: weights.Checkpoint) -> None:
   """Reloads `dst`, compares it with the converted arrays and runs one forward pass."""
-  loaded = load_weights(dst)
-  want, got = flatten(converted.variables), flatten(loaded.variables)
+  loaded = weights.load(dst)
+  want, got = trees.flatten(converted.variables), trees.flatten(loaded.variables)
   differ = [k for k in want if not np.array_equal(want[k], got.get(k))]
   if differ or loaded.variant != converted.variant or loaded.num_classes != converted.num_classes:
-    raise ConversionError(f"{dst}: reloaded file differs from the conversion (arrays: {differ[:5]})")
-  out = jax.jit(model_for(loaded).apply)(loaded.variables, jnp.zeros((1, 224, 224, 3), jnp.float32))
+    raise ValueError(f"{dst}: the reloaded file differs from the conversion (arrays: {differ[:5]})")
+  out = jax.jit(loaded.model().apply)(loaded.variables, jnp.zeros((1, 224, 224, 3), jnp.float32))
   if not np.isfinite(np.asarray(out)).all():
-    raise ConversionError(f"{dst}: forward pass gives non-finite outputs")
+    raise ValueError(f"{dst}: a forward pass gives non-finite outputs")
   print(f"verified: {len(got)} arrays reload bit-exact; a 224x224 forward pass gives finite outputs "
         f"{tuple(out.shape)}")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(
-      prog="python -m cvt_jax.convert",
-      description="Convert a PyTorch CvT checkpoint to the cvt_jax weights format (.npz).\n"
-                  "Reads official microsoft/CvT state dicts (CvT-13-224x224-IN-1k.pth, ...) and Hugging\n"
-                  "Face checkpoints (pytorch_model.bin, model.safetensors; with or without the 'cvt.'\n"
-                  "prefix) without PyTorch. The variant and class count are read off the tensors.",
-      formatter_class=argparse.RawDescriptionHelpFormatter,
-      epilog="examples:\n"
-             "  python -m cvt_jax.convert CvT-13-224x224-IN-1k.pth cvt13_224.npz --verify\n"
-             "  python -m cvt_jax.convert cvt-21-384/model.safetensors cvt21_384.npz\n"
-             "Load the result with cvt_jax.weights.load_weights(DST).")
-  parser.add_argument("src", metavar="SRC",
-                      help="checkpoint: .pth/.pt/.bin/.ckpt (torch.save) or .safetensors")
-  parser.add_argument("dst", metavar="DST", help="output .npz, written atomically (no partial file on error)")
-  parser.add_argument("--heads", type=_parse_heads, default=None, metavar="H0,H1,H2",
-                      help="attention heads per stage; only for custom widths that are not multiples of 64 "
-                           "(heads cannot be read off the tensors)")
-  parser.add_argument("--verify", action="store_true",
-                      help="reload DST, compare it with the conversion and run one forward pass")
-  args = parser.parse_args(argv)
-
-  try:
-    print(f"reading {args.src}", flush=True)
-    state_dict = read_checkpoint(args.src)
-    layout = "Hugging Face" if is_hf_layout(state_dict) else "official"
-    print(f"  {len(state_dict)} tensors, {layout} layout", flush=True)
-    converted = convert_state_dict(state_dict, _heads_for(args.src, state_dict, args.heads), source=args.src)
-    named = converted.variant.name != "custom"
-    print(f"variant: {describe(converted.variant)}"
-          + ("" if named else " -- matches no named variant, converted as a custom architecture"))
-    print(f"classes: {converted.num_classes or '0 (no head: features only)'}")
-    print(f"params:  {converted.num_params:,}")
-    save_variables(args.dst, converted.variables, converted.variant, converted.num_classes, source=args.src)
-    print(f"wrote {args.dst} ({os.path.getsize(args.dst) / 2**20:.1f} MiB)", flush=True)
-    if args.verify:
-      _verify(args.dst, converted)
-  except (ConversionError, pth.TorchFileError, WeightsError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
-  return 0
+def run(argv: Sequence[str] | None = None) -> None:
+  cli.run(main, argv, __doc__, FLAGS)
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  run()

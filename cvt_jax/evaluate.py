@@ -1,16 +1,17 @@
-r"""Evaluates a checkpoint over every image of a split: top-1, top-5, loss and the image count.
+r"""Evaluate a checkpoint over every image of a split: `cvt-jax eval --config cvt13 --checkpoint X`.
 
-  python -m cvt_jax.evaluate --config configs/cvt13.py --checkpoint CvT-13-224x224-IN-1k.pth \
+  cvt-jax eval --config cvt13 --checkpoint CvT-13-224x224-IN-1k.pth \
       --config.data.data_dir=~/tensorflow_datasets
-  python -m cvt_jax.evaluate --config configs/cvt13.py:res=384 --checkpoint cvt13_384.npz \
-      --data ~/imagenet          # a folder tree <root>/{train,val}/<wnid>/*.JPEG
-  python -m cvt_jax.evaluate --config configs/finetune.py:... --checkpoint out/finetune   # a workdir
+  cvt-jax eval --config cvt13:res=384 --checkpoint cvt13_384.npz --data ~/imagenet   # a folder tree
+  cvt-jax eval --config finetune:... --checkpoint out/finetune                       # a training workdir
 
-The checkpoint is an orbax training workdir (its latest step), a converted `.npz` or a PyTorch file
-(converted on the fly); its own architecture and head are used, the config supplies the data, the
-resolution (224: resize 256 + centre crop, 384: squash), the eval batch size and the compute dtype.
-The dataset's classes are checked against the head before any image is read. The result is printed and
-written as JSON (`--output`, default next to the checkpoint).
+The checkpoint is anything `cvt-jax convert` reads (a workdir, a converted .npz, a PyTorch file, a hub
+name); its own architecture and head are used, and the config supplies the data, the resolution (224:
+resize 256 + centre crop, 384: squash), the eval batch size and the compute dtype (model.eval_dtype,
+float32 as the official evaluation; bfloat16 is faster on GPU/TPU). The dataset's classes are checked
+against the head and the output is checked writable before any image is read. Unreadable images are
+skipped, listed in the output and reported (--strict: fail instead). The result is printed and written as
+JSON (--output, default next to the checkpoint).
 """
 
 from __future__ import annotations
@@ -18,22 +19,22 @@ from __future__ import annotations
 import json
 import os
 import re
-import sys
 import time
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import Any, Sequence
 
 import jax
-import jax.numpy as jnp
-from absl import app
 from absl import flags
 from absl import logging
+from etils import epath
 from ml_collections import config_flags
 
+from cvt_jax import cli
 from cvt_jax import input_pipeline
+from cvt_jax import model as model_lib
 from cvt_jax import parallel
-from cvt_jax import pretrained
 from cvt_jax import train_lib
+from cvt_jax import weights
 
 _PROGRESS_SECONDS = 10.0
 _WNID = re.compile(r"n\d{8}")
@@ -43,7 +44,7 @@ class ClassMismatchError(ValueError):
   """The dataset's classes do not match the checkpoint's head."""
 
 
-def check_classes(checkpoint: pretrained.Checkpoint, info: input_pipeline.DatasetInfo, source: str,
+def check_classes(checkpoint: weights.Checkpoint, info: input_pipeline.DatasetInfo, source: str,
                   where: str) -> None:
   """Fails unless the dataset's label order is the one the head was trained with.
 
@@ -63,7 +64,7 @@ def check_classes(checkpoint: pretrained.Checkpoint, info: input_pipeline.Datase
     if source != "folder" and not all(_WNID.fullmatch(name) for name in info.class_names):
       logging.info("%s does not name its classes by WNID; only the class count was checked.", where)
       return
-    expected = tuple(wnid for wnid, _ in pretrained.imagenet_classes())
+    expected = tuple(wnid for wnid, _ in weights.imagenet_classes())
     kind = "the sorted ImageNet WNIDs of imagenet_classes.tsv"
   if expected is None or tuple(info.class_names) == tuple(expected):
     return
@@ -96,94 +97,107 @@ def _with_progress(batches: Iterable[input_pipeline.Batch], total: int) -> Itera
       last = now
 
 
-def default_output(checkpoint: pretrained.Checkpoint, split: str, image_size: int) -> str:
-  """`<workdir>/eval_<split>_<res>_step<N>.json`, or `<file stem>.eval_<split>_<res>.json` beside a file."""
+def default_output(checkpoint: weights.Checkpoint, split: str, image_size: int) -> str:
+  """`<workdir>/eval_<split>_<res>_step<N>.json`, `<file stem>.eval_<split>_<res>.json` beside a file, or
+  `eval_<hub name>_<split>_<res>.json` in the current folder for a hub checkpoint."""
   name = f"eval_{split.replace('/', '_').replace(':', '_')}_{image_size}"
+  source = checkpoint.source
   if checkpoint.step is not None:
-    return os.path.join(checkpoint.source, f"{name}_step{checkpoint.step}.json")
-  return f"{os.path.splitext(checkpoint.source)[0]}.{name}.json"
+    return os.path.join(source, f"{name}_step{checkpoint.step}.json")
+  if weights.is_hub_name(source.split(" ")[0]):
+    return f"eval_{source.split(' ')[0].replace('/', '_')}_{name[len('eval_'):]}.json"
+  return f"{source.rsplit('.', 1)[0]}.{name}.json"
 
 
 def evaluate_checkpoint(config: Any, checkpoint_path: str, output: str | None = None,
-                        heads: tuple[int, int, int] | None = None) -> dict[str, Any]:
+                        heads: tuple[int, int, int] | None = None, strict: bool = False) -> dict[str, Any]:
   """Evaluates `checkpoint_path` on `config.data`'s eval split; writes and returns the JSON summary.
 
   Raises:
     FileNotFoundError: a missing checkpoint or data path.
     ClassMismatchError: the dataset's classes do not fit the head.
-    RuntimeError: the pass did not count every image of the split (e.g. undecodable files).
+    ValueError: an output that cannot be written; with `strict`, unreadable images.
   """
   parallel.check_global_batch_size(config.eval_batch_size, "eval_batch_size")
-  variant = train_lib.model_variant(config.model)  # used only by a workdir without model_info.json
-  checkpoint = pretrained.load(checkpoint_path, variant=variant, heads=heads)
-  spec = input_pipeline.DataSpec.from_config(config.data, config.data.image_size)
-  where = (f"folder tree {os.path.join(spec.data_dir, spec.eval_split)!r}" if spec.source == "folder"
-           else f"TFDS {spec.name}:{spec.eval_split}")
+  variant = model_lib.variant_from_config(config.model)  # used only by a workdir without model_info.json
+  checkpoint = weights.load(checkpoint_path, variant=variant, heads=heads)
+  spec = input_pipeline.DataSpec.from_config(config.data)
+  where = spec.where(spec.eval_split)
+  output = output or default_output(checkpoint, spec.eval_split, spec.image_size)
+  cli.check_output(output, ".json")
   info = input_pipeline.dataset_info(spec)
   check_classes(checkpoint, info, spec.source, where)
   if checkpoint.image_size and checkpoint.image_size != spec.image_size:
     logging.info("Trained at %d px, evaluating at %d px.", checkpoint.image_size, spec.image_size)
 
   mesh = parallel.make_mesh()
-  replicated = parallel.replicated(mesh)
-  model = checkpoint.model(dtype=train_lib.compute_dtype(config.model.dtype),
-                           depthwise_impl=config.model.depthwise_impl)
-  state = jax.device_put(train_lib.TrainState(
-      step=jnp.asarray(checkpoint.step or 0, jnp.int32), params=checkpoint.variables["params"],
-      batch_stats=checkpoint.variables["batch_stats"], opt_state=None), replicated)
-  eval_step = jax.jit(train_lib.make_eval_step(model),
-                      in_shardings=(replicated, parallel.batch_sharding(mesh)), out_shardings=replicated)
-  logging.info("Evaluating %s (%s, %d classes) on %s: %d images at %d px, batch %d on %d devices.",
+  model = checkpoint.model(dtype=model_lib.compute_dtype(config.model.eval_dtype, parallel.platform(mesh)),
+                           kernels=config.model.kernels)
+  variables = jax.device_put(checkpoint.variables, parallel.replicated(mesh))
+  eval_step = train_lib.shard_eval_step(train_lib.make_eval_step(model), mesh)
+  logging.info("Evaluating %s (%s, %d classes) on %s: %d images at %d px, batch %d on %d devices, %s.",
                checkpoint.source, checkpoint.variant.name, checkpoint.num_classes, where,
-               info.num_eval_examples, spec.image_size, config.eval_batch_size, jax.device_count())
+               info.num_eval_examples, spec.image_size, config.eval_batch_size, jax.device_count(),
+               config.model.eval_dtype)
   started = time.time()
+  skipped_before = len(input_pipeline.SKIPPED_FILES)
   batches = _with_progress(input_pipeline.eval_batches(spec, config.eval_batch_size), info.num_eval_examples)
-  result = train_lib.evaluate(eval_step, state, batches, mesh)
+  result = train_lib.evaluate_batches(eval_step, variables, batches, mesh)
   seconds = time.time() - started
-  if result["count"] != info.num_eval_examples:
-    raise RuntimeError(f"counted {result['count']} of the {info.num_eval_examples} images of {where}; "
-                       "the missing ones were undecodable (see the warnings above).")
-  summary = {"checkpoint": os.path.abspath(checkpoint.source), "step": checkpoint.step,
-             "variant": checkpoint.variant.name, "dataset": where, "image_size": spec.image_size,
+  skipped = input_pipeline.SKIPPED_FILES.paths()[skipped_before:]
+  missing = info.num_eval_examples - result["count"]
+  if missing and strict:
+    raise ValueError(f"{missing} of the {info.num_eval_examples} images of {where} are unreadable (--strict)"
+                     + (f", e.g. {skipped[0]}" if skipped else ""))
+  if missing:
+    logging.warning("%d of the %d images of %s are unreadable: top-1/top-5 are over the %d others.",
+                    missing, info.num_eval_examples, where, result["count"])
+  summary = {"checkpoint": checkpoint.source, "step": checkpoint.step, "variant": checkpoint.variant.name,
+             "dataset": where, "image_size": spec.image_size, "dtype": config.model.eval_dtype,
              "top1": result["top1"], "top5": result["top5"], "loss": result["loss"],
-             "count": result["count"], "seconds": round(seconds, 2),
-             "images_per_second": round(result["count"] / max(seconds, 1e-9), 1)}
-  output = output or default_output(checkpoint, spec.eval_split, spec.image_size)
+             "count": result["count"], "images": info.num_eval_examples, "skipped": skipped,
+             "seconds": round(seconds, 2), "images_per_second": round(result["count"] / max(seconds, 1e-9), 1)}
   if jax.process_index() == 0:
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    with open(output, "w") as f:
-      json.dump(summary, f, indent=1)
+    path = epath.Path(output)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(summary, indent=1))
   summary["output"] = output
   return summary
 
 
+FLAGS = flags.FlagValues()
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config file (data, resolution, eval batch), e.g. configs/cvt13.py:res=384.",
-    lock_config=True)
+    "config", None, "Config name or file (data, resolution, eval batch), e.g. cvt13:res=384.",
+    lock_config=True, flag_values=FLAGS)
 _CHECKPOINT = flags.DEFINE_string(
-    "checkpoint", None, "Training workdir (latest step), converted .npz, or PyTorch .pth/.bin/.safetensors.")
+    "checkpoint", None, "Training workdir, converted .npz, PyTorch .pth/.bin/.safetensors or hub name.",
+    flag_values=FLAGS)
 _DATA = flags.DEFINE_string("data", None, "Shortcut for a folder tree: sets data.source=folder and "
-                            "data.data_dir (the root holding train/ and val/).")
-_OUTPUT = flags.DEFINE_string("output", None, "JSON summary path (default: next to the checkpoint).")
-_HEADS = flags.DEFINE_list("heads", None, "Attention heads per stage of a custom-width PyTorch checkpoint.")
+                            "data.data_dir (the root holding train/ and val/).", flag_values=FLAGS)
+_OUTPUT = flags.DEFINE_string("output", None, "JSON summary path (default: next to the checkpoint).",
+                              flag_values=FLAGS)
+_STRICT = flags.DEFINE_bool("strict", False, "Fail if any image of the split is unreadable (default: "
+                            "skip, list and report them).", flag_values=FLAGS)
+_HEADS = cli.define_heads_flag(FLAGS)
+flags.mark_flags_as_required(["config", "checkpoint"], flag_values=FLAGS)
 
 
-def main(argv: list[str]) -> None:
+def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    raise cli.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   config = _CONFIG.value
   if _DATA.value:
     config.data.source, config.data.data_dir = "folder", os.path.expanduser(_DATA.value)
-  heads = tuple(int(h) for h in _HEADS.value) if _HEADS.value else None
-  try:
-    summary = evaluate_checkpoint(config, _CHECKPOINT.value, _OUTPUT.value, heads)
-  except (FileNotFoundError, ValueError, RuntimeError) as e:
-    logging.debug("Details:", exc_info=True)
-    sys.exit(f"evaluate: {type(e).__name__}: {e}")
+  summary = evaluate_checkpoint(config, _CHECKPOINT.value, _OUTPUT.value, _HEADS.value, _STRICT.value)
+  skipped = f", {len(summary['skipped'])} unreadable skipped" if summary["skipped"] else ""
   print(f"top-1 {summary['top1']:.2f}%  top-5 {summary['top5']:.2f}%  loss {summary['loss']:.4f}  "
-        f"images {summary['count']}  ({summary['images_per_second']:.1f} img/s)  -> {summary['output']}")
+        f"images {summary['count']}{skipped}  ({summary['images_per_second']:.1f} img/s)  -> "
+        f"{summary['output']}")
+
+
+def run(argv: Sequence[str] | None = None) -> None:
+  cli.run(main, argv, __doc__, FLAGS, cli.config_fields_help)
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config", "checkpoint"])
-  app.run(main)
+  run()

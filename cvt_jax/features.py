@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from cvt_jax import augment
 from cvt_jax import model as model_lib
-from cvt_jax import pretrained
+from cvt_jax import weights
 
 STAGE_STRIDES = (4, 8, 16)
 
@@ -43,11 +43,9 @@ class Backbone:
 
   @classmethod
   def load(cls, checkpoint: str | os.PathLike, dtype: Any = jnp.float32, **load_kwargs: Any) -> "Backbone":
-    """Any checkpoint `pretrained.load` reads; the head, if any, is dropped."""
-    ckpt = pretrained.load(checkpoint, **load_kwargs)
-    params = {k: v for k, v in ckpt.variables["params"].items() if k != "head"}
-    variables = jax.device_put({"params": params, "batch_stats": ckpt.variables["batch_stats"]})
-    return cls(model_lib.CvT.from_variant(ckpt.variant, num_classes=0, dtype=dtype), variables)
+    """Any checkpoint `weights.load` reads; the head, if any, is dropped."""
+    ckpt = weights.load(checkpoint, **load_kwargs).without_head()
+    return cls(ckpt.model(dtype=dtype), jax.device_put(ckpt.variables))
 
   @property
   def dims(self) -> tuple[int, int, int]:
@@ -64,4 +62,4 @@ class Backbone:
 @functools.partial(jax.jit, static_argnums=0)
 def _features_of_uint8(model: model_lib.CvT, variables: dict[str, Any], images: jax.Array
                        ) -> dict[str, jax.Array]:
-  return extract(model, variables, augment.eval_preprocess(images))
+  return extract(model, variables, augment.normalize(images))

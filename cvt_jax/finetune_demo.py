@@ -19,22 +19,38 @@ import time
 from collections.abc import Sequence
 
 import jax
-from absl import app
 from absl import flags
 from absl import logging
 
-_OUT = flags.DEFINE_string("out", "demo_out/finetune", "Data trees, workdirs and results.json go here.")
-_DIGITS = flags.DEFINE_string("digits", "demo_data/digits", "The digits JPEG tree (built if missing).")
-_SHOTS = flags.DEFINE_integer("shots", 10, "Train images per class of the few-shot fine-tuning runs.")
-_PRETRAIN_EPOCHS = flags.DEFINE_integer("pretrain_epochs", 30, "Epochs on digits 0-4.")
-_STEPS = flags.DEFINE_integer("steps", 120, "Training steps of every fine-tuning / scratch run.")
+from cvt_jax import cli
+from cvt_jax import demo_data
+from cvt_jax import train_lib
+from cvt_jax import weights
+from cvt_jax.configs import demo as demo_config
+from cvt_jax.configs import finetune
+
+FLAGS = flags.FlagValues()
+
+_OUT = flags.DEFINE_string("out", "demo_out/finetune", "Data trees, workdirs and results.json go here.",
+                           flag_values=FLAGS)
+_DIGITS = flags.DEFINE_string("digits", "demo_data/digits", "The digits JPEG tree (built if missing).",
+                              flag_values=FLAGS)
+_SHOTS = flags.DEFINE_integer("shots", 10, "Train images per class of the few-shot fine-tuning runs.",
+                              lower_bound=1, flag_values=FLAGS)
+_PRETRAIN_EPOCHS = flags.DEFINE_integer("pretrain_epochs", 30, "Epochs on digits 0-4.", lower_bound=1,
+                                        flag_values=FLAGS)
+_STEPS = flags.DEFINE_integer("steps", 120, "Training steps of every fine-tuning / scratch run.",
+                              lower_bound=1, flag_values=FLAGS)
 _FINETUNE_LRS = flags.DEFINE_list("finetune_lrs", ["0.003", "0.01", "0.03"],
-                                  "SGD learning rates of the fine-tuning runs (at the batch used).")
+                                  "SGD learning rates of the fine-tuning runs (at the batch used).",
+                                  flag_values=FLAGS)
 _SCRATCH_LRS = flags.DEFINE_list("scratch_lrs", ["0.01", "0.03", "0.1"],
-                                 "SGD learning rates of the from-scratch runs (at the batch used).")
-_ADAMW_LR = flags.DEFINE_float("adamw_lr", 2e-3, "AdamW learning rate of the from-scratch AdamW run.")
-_SETTINGS = flags.DEFINE_list("settings", ["few", "full"],
-                              "few: --shots images per class (batch 16); full: every train image (batch 64).")
+                                 "SGD learning rates of the from-scratch runs (at the batch used).",
+                                 flag_values=FLAGS)
+_ADAMW_LR = flags.DEFINE_float("adamw_lr", 2e-3, "AdamW learning rate of the from-scratch AdamW run.",
+                               flag_values=FLAGS)
+_SETTINGS = flags.DEFINE_list("settings", ["few", "full"], "few: --shots images per class (batch 16); "
+                              "full: every train image (batch 64).", flag_values=FLAGS)
 
 
 def subset_tree(source: str, root: str, classes: Sequence[str], shots: int | None = None) -> str:
@@ -55,9 +71,6 @@ def subset_tree(source: str, root: str, classes: Sequence[str], shots: int | Non
 
 def _config(data_dir: str, init: str, batch: int, steps: int, train_images: int, opt: str, lr: float):
   """configs/finetune.py for the demo's narrow CvT at 32 px, `steps` steps of `batch` images."""
-  from configs import demo as demo_config
-  from configs import finetune
-
   steps_per_epoch = train_images // batch
   epochs = -(-steps // steps_per_epoch)
   config = finetune.get_config(f"init={init},data={data_dir},classes=5,res=32,batch={batch},epochs={epochs},"
@@ -68,14 +81,11 @@ def _config(data_dir: str, init: str, batch: int, steps: int, train_images: int,
       architecture.dims, architecture.depths, architecture.heads)
   config.model.drop_path_rate, config.model.dtype = 0.0, "float32"
   config.optim.lr_batch_size = batch  # `lr` is the rate at this batch
-  config.data.num_workers = 2
   config.eval_batch_size = 64
   return config
 
 
 def _run(name: str, config, workdir: str, results: dict) -> dict:
-  from cvt_jax import train_lib
-
   started = time.time()
   _, result = train_lib.train_and_evaluate(config, workdir)
   results[name] = {**result, "seconds": round(time.time() - started, 1), "init_from": config.init_from,
@@ -87,9 +97,7 @@ def _run(name: str, config, workdir: str, results: dict) -> dict:
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-  from cvt_jax import demo_data
-  from cvt_jax import pretrained
+    raise cli.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
 
   out = os.path.abspath(_OUT.value)
   # Runs that differ only in their initial weights compile the same train step: compile it once.
@@ -115,7 +123,7 @@ def main(argv: list[str]) -> None:
   _run("pretrain on 0-4", config, os.path.join(out, "pretrain"), results)
   # Headless: digits 5-9 also have 5 classes, and init_from would otherwise keep the 0-4 head.
   init = os.path.join(out, "pretrain_digits_0-4_backbone.npz")
-  pretrained.export(pretrained.load(os.path.join(out, "pretrain")), init, include_head=False)
+  weights.save(weights.load(os.path.join(out, "pretrain")).without_head(), init)
 
   settings = {"few": (few_tree, f"{_SHOTS.value}-shot", 16), "full": (full_tree, "full", 64)}
   for tree, label, batch in (settings[s] for s in _SETTINGS.value):
@@ -135,5 +143,9 @@ def main(argv: list[str]) -> None:
     print(f"{name:44s} {r['top1']:6.2f}% {r['count']:6d} {r['epochs']:6d} {r['batch']:5d}")
 
 
+def run(argv: Sequence[str] | None = None) -> None:
+  cli.run(main, argv, __doc__, FLAGS)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  run()

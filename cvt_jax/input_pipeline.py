@@ -1,7 +1,8 @@
-"""Host input pipeline: per-process uint8 batches from TFDS (tf.data) or from a folder tree (PIL, no TF).
+"""Host input pipeline: per-process uint8 batches from TFDS (tf.data) or a folder tree (PIL, no TF).
 
 The host only decodes, crops and flips (`cvt_jax.preprocess`); RandAugment, erasing, normalisation and
-mixup/cutmix run on the device inside the jitted step (`cvt_jax.augment`).
+mixup/cutmix run on the device inside the jitted step (`cvt_jax.augment`). `Prefetcher` moves the next
+batches onto the devices while the current step runs.
 
 Label order. A folder tree `<root>/train/<class>/*`, `<root>/val/<class>/*` (the official CvT README layout)
 gets labels = index of the class folder name in the sorted list of train class folders. For ImageNet the
@@ -15,6 +16,8 @@ cut into `steps_per_epoch = examples // global_batch` global batches (drop_last)
 flip come from its position in the epoch. `train_batches(..., start_step=k)` therefore yields exactly the
 batches an uninterrupted run saw from step k on. Process p of n takes a disjoint part of every global batch
 (folder) or a disjoint 1/n of the split (TFDS), so per-process batches are global_batch / n examples.
+With `repeats` r > 1 (the repeated-augmentation sampler of DeiT that the CvT-21 @224 yaml uses) an epoch shows
+n / r images r times each, with independent crops, the copies on different devices.
 
 Bad input. Undecodable files are skipped with one warning per path: in training the slot is filled by the
 next example of the epoch; in evaluation the slot is masked out and the number skipped is logged at the end
@@ -23,68 +26,82 @@ of the pass. A missing data dir, split or class folder, or an empty class folder
 
 from __future__ import annotations
 
-import collections
-import concurrent.futures
 import dataclasses
 import functools
-import logging
 import os
+import queue
 import threading
-import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import jax
 import numpy as np
-from PIL import Image
+from absl import logging
+from etils import epath
 
+from cvt_jax import host_decode
+from cvt_jax import parallel
 from cvt_jax import preprocess
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-_DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 _PREFETCH_BATCHES = 2
 _TFDS_SHUFFLE_BUFFER = 16_384
+# Folder-path training: how many later examples of the epoch may stand in for an undecodable one.
+_STAND_INS = 8
 
 Batch = dict[str, np.ndarray]
 
 
 @dataclasses.dataclass(frozen=True)
 class DataSpec:
-  """Where the data comes from and how big the images are (from the config's `data` block)."""
+  """Where the data comes from and how it is cut (the config's `data` block; validated with the config).
 
-  source: str  # 'tfds' or 'folder'
-  name: str  # TFDS name, e.g. 'imagenet2012' (ignored for folder)
-  data_dir: str | None  # TFDS data_dir, or the folder root holding train/ and val/
+  Attributes:
+    source: 'tfds' or 'folder'.
+    name: TFDS dataset name (e.g. 'imagenet2012'); for a folder tree only a label in messages.
+    data_dir: TFDS data_dir, or the folder root holding the splits; local or `gs://`.
+    train_split, eval_split: split names (TFDS) or sub-folders (folder).
+    image_size: output side in pixels.
+    num_workers: host decode processes (folder) / tf.data parallel calls (TFDS); 0 = as many as useful.
+    crop: random-resized crop options `scale`, `ratio`, `interpolation` (`preprocess.train_image`).
+    repeats: repeated augmentation: each image of an epoch shown this many times (1 = off).
+    reduced_jpeg_decode: folder path, training: decode large JPEGs at a reduced DCT scale (faster, pixels
+      differ slightly from the official pipeline's; `preprocess.train_image(draft=True)`).
+  """
+
+  source: str
+  name: str
+  data_dir: str | None
   train_split: str
   eval_split: str
   image_size: int
-  num_workers: int  # host decode threads (folder) / tf.data parallel calls (TFDS; 0 = autotune)
-
-  def __post_init__(self):
-    if self.source not in ("tfds", "folder"):
-      raise ValueError(f"config.data.source must be 'tfds' or 'folder', got {self.source!r}")
-    if self.source == "folder" and not self.data_dir:
-      raise ValueError("config.data.data_dir must name the folder root (holding train/ and val/) "
-                       "when config.data.source='folder'")
-    if self.source == "tfds" and not self.name:
-      raise ValueError("config.data.name must name a TFDS dataset when config.data.source='tfds'")
-    if self.image_size <= 0:
-      raise ValueError(f"image_size must be positive, got {self.image_size}")
-    if self.num_workers < 0:
-      raise ValueError(f"config.data.num_workers must be >= 0, got {self.num_workers}")
+  num_workers: int = 0
+  crop: dict[str, Any] = dataclasses.field(default_factory=dict, hash=False)
+  repeats: int = 1
+  reduced_jpeg_decode: bool = False
 
   @classmethod
-  def from_config(cls, data_config: Any, image_size: int) -> DataSpec:
-    """Builds a spec from an ml_collections `config.data` block (split defaults depend on the source)."""
-    source = data_config.source
-    default_eval = "val" if source == "folder" else "validation"
+  def from_config(cls, data_config: Any) -> DataSpec:
+    """A spec from a config's `data` block (split defaults depend on the source)."""
     get = data_config.get
     data_dir = get("data_dir", None)
-    return cls(source=source, name=get("name", "") or "",
+    return cls(source=data_config.source, name=get("name", "") or "",
                data_dir=os.path.expanduser(data_dir) if data_dir else None,
                train_split=get("train_split", None) or "train",
-               eval_split=get("eval_split", None) or default_eval, image_size=int(image_size),
-               num_workers=int(get("num_workers", 0) or 0))
+               eval_split=(get("eval_split", None)
+                           or ("val" if data_config.source == "folder" else "validation")),
+               image_size=int(data_config.image_size), num_workers=int(get("num_workers", 0) or 0),
+               crop={"scale": tuple(get("crop_scale", preprocess.TRAIN_SCALE)),
+                     "ratio": tuple(get("crop_ratio", preprocess.TRAIN_RATIO)),
+                     "interpolation": get("interpolation", "bicubic")},
+               repeats=int(get("repeated_augmentation", 1) or 1),
+               reduced_jpeg_decode=bool(get("reduced_jpeg_decode", False)))
+
+  def where(self, split: str) -> str:
+    """'folder tree /data/imagenet/val' or 'TFDS imagenet2012:validation', for messages."""
+    if self.source == "folder":
+      return f"folder tree {os.path.join(self.data_dir, split)}"
+    return f"TFDS {self.name}:{split}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,9 +136,12 @@ def train_batches(spec: DataSpec, global_batch_size: int, seed: int,
   local = _local_batch_size(global_batch_size)
   if start_step < 0:
     raise ValueError(f"start_step must be >= 0, got {start_step}")
-  if spec.source == "folder":
-    return _folder_train(spec, global_batch_size, local, seed, start_step)
-  return _tfds_train(spec, local, seed, start_step)
+  batches = (_folder_train(spec, global_batch_size, local, seed, start_step) if spec.source == "folder"
+             else _tfds_train(spec, local, seed, start_step))
+  if spec.repeats == 1:
+    return batches
+  spread = _spread_over_devices(local, jax.local_device_count())
+  return ({k: v[spread] for k, v in batch.items()} for batch in batches)
 
 
 def eval_batches(spec: DataSpec, global_batch_size: int) -> Iterator[Batch]:
@@ -144,25 +164,35 @@ def _local_batch_size(global_batch_size: int) -> int:
   return global_batch_size // n
 
 
+def _spread_over_devices(local: int, devices: int) -> np.ndarray:
+  """Row order that sends consecutive examples to different devices (row r takes example order[r])."""
+  if local % devices:
+    return np.arange(local)
+  return np.arange(local).reshape(local // devices, devices).T.reshape(-1)
+
+
 def _epoch_seed(seed: int, epoch: int) -> int:
   return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
 
 
 class _SkippedFiles:
-  """Thread-safe record of undecodable files; warns once per path."""
+  """Thread-safe record of undecodable files, in the order met; warns once per path."""
 
   def __init__(self):
     self._lock = threading.Lock()
-    self._paths: set[str] = set()
+    self._paths: dict[str, None] = {}
 
-  def add(self, path: str, error: Exception) -> None:
+  def add(self, path: str, error: str) -> None:
     with self._lock:
       if path in self._paths:
         return
-      self._paths.add(path)
+      self._paths[path] = None
       count = len(self._paths)
-    logging.warning("Skipping undecodable image %s (%s: %s); %d skipped so far", path,
-                    type(error).__name__, error, count)
+    logging.warning("Skipping undecodable image %s (%s); %d skipped so far", path, error, count)
+
+  def paths(self) -> list[str]:
+    with self._lock:
+      return list(self._paths)
 
   def __len__(self) -> int:
     with self._lock:
@@ -170,6 +200,56 @@ class _SkippedFiles:
 
 
 SKIPPED_FILES = _SkippedFiles()
+
+
+class Prefetcher:
+  """Loads and shards the next batches on a background thread while the devices compute."""
+
+  _DONE = object()
+
+  def __init__(self, batches: Iterable[Batch], mesh: jax.sharding.Mesh, size: int = 2):
+    self._queue: queue.Queue = queue.Queue(maxsize=size)
+    self._closed = threading.Event()
+    self._thread = threading.Thread(target=self._fill, args=(iter(batches), mesh), daemon=True)
+    self._thread.start()
+
+  def _fill(self, batches: Iterator[Batch], mesh: jax.sharding.Mesh) -> None:
+    try:
+      for batch in batches:
+        if not self._put(parallel.global_batch(batch, mesh)):
+          return
+      self._put(self._DONE)
+    except BaseException as e:  # re-raised in the consumer, which owns error reporting
+      self._put(e)
+    finally:
+      close = getattr(batches, "close", None)
+      if close:
+        close()  # a generator's `finally` (worker processes, shared memory) runs on this thread
+
+  def _put(self, item: Any) -> bool:
+    """Blocks until `item` is queued (True) or the prefetcher is closed (False)."""
+    while not self._closed.is_set():
+      try:
+        self._queue.put(item, timeout=0.5)
+        return True
+      except queue.Full:
+        pass
+    return False
+
+  def __iter__(self) -> Prefetcher:
+    return self
+
+  def __next__(self) -> dict[str, jax.Array]:
+    item = self._queue.get()
+    if item is self._DONE:
+      raise StopIteration
+    if isinstance(item, BaseException):
+      raise item
+    return item
+
+  def close(self) -> None:
+    self._closed.set()
+    self._thread.join(timeout=30)
 
 
 # ---------------------------------------------------------------------------------------------- folder --
@@ -182,6 +262,17 @@ class _FolderSplit:
   class_names: tuple[str, ...]
 
 
+def _listdir(path: str) -> list[tuple[str, bool]]:
+  """(name, is_dir) of `path`'s entries, hidden ones excluded; os.scandir locally (fast), else epath."""
+  if "://" not in path:
+    return [(e.name, e.is_dir()) for e in os.scandir(path) if not e.name.startswith(".")]
+  return [(p.name, p.is_dir()) for p in epath.Path(path).iterdir() if not p.name.startswith(".")]
+
+
+def _is_dir(path: str) -> bool:
+  return os.path.isdir(path) if "://" not in path else epath.Path(path).is_dir()
+
+
 @functools.lru_cache(maxsize=8)
 def _list_folder(root: str, split: str, class_names: tuple[str, ...] | None = None) -> _FolderSplit:
   """Lists `<root>/<split>/<class>/<image>`; labels index `class_names` (default: this split's, sorted).
@@ -189,66 +280,53 @@ def _list_folder(root: str, split: str, class_names: tuple[str, ...] | None = No
   Cached per process (an ImageNet listing takes seconds and info, train and eval all need it), so files
   added under `root` after the first call are not seen until the process restarts.
   """
-  if not os.path.isdir(root):
-    raise FileNotFoundError(f"data dir {root!r} does not exist or is not a directory")
+  if not _is_dir(root):
+    raise FileNotFoundError(f"data dir {root} does not exist or is not a directory")
   split_dir = os.path.join(root, split)
-  if not os.path.isdir(split_dir):
-    raise FileNotFoundError(f"split folder {split_dir!r} does not exist (expected "
-                            f"<data_dir>/<split>/<class>/<image>)")
-  found = sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
+  if not _is_dir(split_dir):
+    raise FileNotFoundError(f"split folder {split_dir} does not exist (expected "
+                            "<data_dir>/<split>/<class>/<image>)")
+  found = sorted(name for name, is_dir in _listdir(split_dir) if is_dir)
   if not found:
-    raise FileNotFoundError(f"split folder {split_dir!r} has no class sub-folders")
+    raise FileNotFoundError(f"split folder {split_dir} has no class sub-folders")
   if class_names is None:
     class_names = tuple(found)
   unknown = sorted(set(found) - set(class_names))
   if unknown:
-    raise ValueError(f"{split_dir!r} has class folders absent from the train split: {unknown[:5]}")
+    raise ValueError(f"{split_dir} has class folders absent from the train split: {unknown[:5]}")
   index = {name: i for i, name in enumerate(class_names)}
   paths, labels = [], []
   for name in found:
     class_dir = os.path.join(split_dir, name)
-    files = sorted(e.name for e in os.scandir(class_dir)
-                   if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS))
+    files = sorted(f for f, is_dir in _listdir(class_dir)
+                   if not is_dir and f.lower().endswith(IMAGE_EXTENSIONS))
     if not files:
-      raise FileNotFoundError(f"class folder {class_dir!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+      raise FileNotFoundError(f"class folder {class_dir} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
     paths.extend(os.path.join(class_dir, f) for f in files)
     labels.extend([index[name]] * len(files))
   logging.info("Found %d images in %d classes under %s", len(paths), len(found), split_dir)
   return _FolderSplit(tuple(paths), np.asarray(labels, np.int32), class_names)
 
 
-class _BatchPrefetcher:
-  """Decodes batches on a thread pool, `_PREFETCH_BATCHES` ahead of the consumer.
-
-  PIL releases the GIL while decoding and resizing, so threads scale across cores without the
-  copies a process pool would need.
-  """
-
-  def __init__(self, num_workers: int):
-    self._pool = concurrent.futures.ThreadPoolExecutor(num_workers or os.cpu_count() or 1,
-                                                       thread_name_prefix="cvt_decode")
-    self._pending: collections.deque = collections.deque()
-    # Runs at the latest at interpreter exit, before the modules the pool needs are torn down.
-    self.close = weakref.finalize(self, self._pool.shutdown, wait=False, cancel_futures=True)
-
-  def submit(self, shape: tuple[int, ...], jobs: list[Callable[[], np.ndarray | None]], extra: Any) -> None:
-    images = np.zeros(shape, np.uint8)
-
-    def run(j):
-      image = jobs[j]()
-      if image is not None:
-        images[j] = image
-      return image is not None
-
-    self._pending.append((images, [self._pool.submit(run, j) for j in range(len(jobs))], extra))
-
-  def __len__(self) -> int:
-    return len(self._pending)
-
-  def pop(self) -> tuple[np.ndarray, np.ndarray, Any]:
-    images, futures, extra = self._pending.popleft()
-    ok = np.array([f.result() for f in futures], dtype=bool)
-    return images, ok, extra
+def _decoded(pool: host_decode.DecodePool, submit: Any, first: int, count: int | None
+             ) -> Iterator[tuple[np.ndarray, np.ndarray, Any]]:
+  """Runs `submit(k) -> (jobs, extra)` for k = first, first + 1, ... (`count` of them, None: forever) a few
+  batches ahead of the consumer; yields (images, path index used per row or -1, extra) in order."""
+  extras = []
+  k = first
+  try:
+    while count is None or k < first + count or len(pool):
+      while pool.can_submit() and (count is None or k < first + count):
+        jobs, extra = submit(k)
+        pool.submit(jobs)
+        extras.append(extra)
+        k += 1
+      images, used, failures = pool.result()
+      for path, error in failures:
+        SKIPPED_FILES.add(path, error)
+      yield images, used, extras.pop(0)
+  finally:
+    pool.close()
 
 
 def _folder_train(spec: DataSpec, global_batch: int, local: int, seed: int,
@@ -258,51 +336,34 @@ def _folder_train(spec: DataSpec, global_batch: int, local: int, seed: int,
   steps_per_epoch = n // global_batch
   if steps_per_epoch == 0:
     raise ValueError(f"global batch size {global_batch} exceeds the {n} training images under "
-                     f"{os.path.join(spec.data_dir, spec.train_split)!r}")
+                     f"{os.path.join(spec.data_dir, spec.train_split)}")
   offset = jax.process_index() * local
-  size = spec.image_size
 
   @functools.lru_cache(maxsize=2)
-  def permutation(epoch: int) -> np.ndarray:
-    return np.random.default_rng(_epoch_seed(seed, epoch)).permutation(n)
+  def order(epoch: int) -> np.ndarray:
+    """The epoch's examples by position (with repeats, each image `spec.repeats` times in a row)."""
+    perm = np.random.default_rng(_epoch_seed(seed, epoch)).permutation(n)
+    return np.repeat(perm, spec.repeats)[:n] if spec.repeats > 1 else perm
 
-  def load(epoch: int, position: int) -> np.ndarray:
-    perm = permutation(epoch)
-    rng = np.random.default_rng([seed, epoch, position])
-    # A bad file is replaced by the next example of the epoch, so batches keep their size.
-    for k in range(n):
-      index = perm[(position + k) % n]
-      try:
-        return preprocess.train_image(split.paths[index], size, rng), split.labels[index]
-      except _DECODE_ERRORS as e:
-        SKIPPED_FILES.add(split.paths[index], e)
-    raise RuntimeError(f"no decodable image under {os.path.join(spec.data_dir, spec.train_split)!r}")
-
-  def submit(step: int) -> None:
+  def submit(step: int) -> tuple[list[host_decode.Job], np.ndarray]:
     epoch, i = divmod(step, steps_per_epoch)
-    positions = range(i * global_batch + offset, i * global_batch + offset + local)
-    labels = np.zeros((local,), np.int32)
-
-    def job(j, position):
-      image, labels[j] = load(epoch, position)
-      return image
-
-    prefetcher.submit((local, size, size, 3), [functools.partial(job, j, p)
-                                               for j, p in enumerate(positions)], labels)
+    examples = order(epoch)
+    positions = np.arange(i * global_batch + offset, i * global_batch + offset + local)
+    # A bad file is replaced by the next example of the epoch, so batches keep their size.
+    candidates = examples[(positions[:, None] + np.arange(_STAND_INS)) % n]
+    jobs = [host_decode.Job(tuple(split.paths[c] for c in row), (seed, epoch, int(p)))
+            for row, p in zip(candidates, positions)]
+    return jobs, candidates
 
   def batches() -> Iterator[Batch]:
-    try:
-      next_step = start_step
-      while True:
-        while len(prefetcher) < _PREFETCH_BATCHES + 1:
-          submit(next_step)
-          next_step += 1
-        images, _, labels = prefetcher.pop()
-        yield {"image": images, "label": labels}
-    finally:
-      prefetcher.close()
+    pool = host_decode.DecodePool(spec.num_workers, local, spec.image_size,
+                                  {**spec.crop, "draft": spec.reduced_jpeg_decode})
+    for images, used, candidates in _decoded(pool, submit, start_step, None):
+      if (used < 0).any():
+        raise RuntimeError(f"{_STAND_INS} consecutive training images under "
+                           f"{os.path.join(spec.data_dir, spec.train_split)} failed to decode")
+      yield {"image": images, "label": split.labels[candidates[np.arange(local), used]]}
 
-  prefetcher = _BatchPrefetcher(spec.num_workers)
   return batches()
 
 
@@ -312,40 +373,24 @@ def _folder_eval(spec: DataSpec, global_batch: int, local: int) -> Iterator[Batc
   n = len(split.paths)
   num_batches = -(-n // global_batch)
   offset = jax.process_index() * local
-  size = spec.image_size
 
-  def load(index: int) -> np.ndarray | None:
-    if index >= n:
-      return None  # padding
-    try:
-      return preprocess.eval_image(split.paths[index], size)
-    except _DECODE_ERRORS as e:
-      SKIPPED_FILES.add(split.paths[index], e)
-      return None
-
-  def submit(b: int) -> None:
+  def submit(b: int) -> tuple[list[host_decode.Job], np.ndarray]:
     indices = np.arange(b * global_batch + offset, b * global_batch + offset + local)
-    prefetcher.submit((local, size, size, 3), [functools.partial(load, int(i)) for i in indices], indices)
+    return [host_decode.Job((split.paths[i],) if i < n else ()) for i in indices], indices
 
   def batches() -> Iterator[Batch]:
     skipped = 0
-    try:
-      next_batch = 0
-      for _ in range(num_batches):
-        while len(prefetcher) < _PREFETCH_BATCHES + 1 and next_batch < num_batches:
-          submit(next_batch)
-          next_batch += 1
-        images, ok, indices = prefetcher.pop()
-        skipped += int(np.sum(~ok & (indices < n)))
-        labels = np.where(indices < n, split.labels[np.minimum(indices, n - 1)], 0).astype(np.int32)
-        yield {"image": images, "label": labels, "mask": ok}
-    finally:
-      prefetcher.close()
+    pool = host_decode.DecodePool(spec.num_workers, local, spec.image_size, {})
+    for images, used, indices in _decoded(pool, submit, 0, num_batches):
+      ok = used == 0
+      real = indices < n
+      skipped += int(np.sum(~ok & real))
+      labels = np.where(real, split.labels[np.minimum(indices, n - 1)], 0).astype(np.int32)
+      yield {"image": images, "label": labels, "mask": ok & real}
     if skipped:
       logging.warning("Eval on %s: %d of this process's images were undecodable and not counted",
                       os.path.join(spec.data_dir, spec.eval_split), skipped)
 
-  prefetcher = _BatchPrefetcher(spec.num_workers)
   return batches()
 
 
@@ -354,7 +399,11 @@ def _folder_eval(spec: DataSpec, global_batch: int, local: int) -> Iterator[Batc
 
 def _import_tf():
   """Imports TensorFlow for tf.data only, hiding every GPU from it (JAX owns the accelerators)."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  try:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise ImportError("data.source='tfds' needs TensorFlow and TFDS: pip install 'cvt-jax[tfds]' "
+                      "(or train from a folder tree, data.source='folder')") from None
   tf.config.set_visible_devices([], "GPU")
   return tf
 
@@ -365,7 +414,8 @@ def _tfds_builder(spec: DataSpec):
   try:
     builder = tfds.builder(spec.name, data_dir=spec.data_dir)
   except Exception as e:  # TFDS raises several types for unknown names; re-raise with the name.
-    raise ValueError(f"cannot load TFDS dataset {spec.name!r} (data_dir={spec.data_dir!r}): {e}") from e
+    raise ValueError(f"cannot load TFDS dataset {spec.name!r} (data_dir={spec.data_dir!r}): "
+                     f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from e
   features = builder.info.features
   for key in ("image", "label"):
     if key not in features:
@@ -383,19 +433,15 @@ def _tfds_num_examples(builder, split: str) -> int:
 
 def _tfds_read(builder, split: str, shuffle_seed: int | None):
   """The raw (undecoded image) dataset of `split`, files shuffled with `shuffle_seed` if given."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   read_config = tfds.ReadConfig(shuffle_seed=shuffle_seed, interleave_cycle_length=16,
                                 add_tfds_id=False)
   ds = builder.as_dataset(split=split, shuffle_files=shuffle_seed is not None, read_config=read_config,
                           decoders={"image": tfds.decode.SkipDecoding()})
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   options = tf.data.Options()
   options.deterministic = True
   return ds.with_options(options)
-
-
-def _is_jpeg(builder) -> bool:
-  return getattr(builder.info.features["image"], "encoding_format", None) == "jpeg"
 
 
 def _tfds_train(spec: DataSpec, local: int, seed: int, start_step: int) -> Iterator[Batch]:
@@ -407,18 +453,20 @@ def _tfds_train(spec: DataSpec, local: int, seed: int, start_step: int) -> Itera
   if steps_per_epoch == 0:
     raise ValueError(f"per-process batch {local} exceeds this process's part of "
                      f"{spec.name}:{spec.train_split} ({_tfds_num_examples(builder, split)} examples)")
-  crop = functools.partial(preprocess.tf_train_image, size=spec.image_size, is_jpeg=_is_jpeg(builder))
-  parallel = spec.num_workers or tf.data.AUTOTUNE
+  crop = functools.partial(preprocess.tf_train_image, size=spec.image_size, **spec.crop)
+  parallel_calls = spec.num_workers or tf.data.AUTOTUNE
 
   def epoch_batches(epoch: int, skip: int):
     epoch_seed = _epoch_seed(seed, epoch) % (2**31)
     ds = _tfds_read(builder, split, shuffle_seed=epoch_seed)
     ds = ds.shuffle(_TFDS_SHUFFLE_BUFFER, seed=epoch_seed, reshuffle_each_iteration=False)
+    if spec.repeats > 1:
+      ds = ds.flat_map(lambda ex: tf.data.Dataset.from_tensors(ex).repeat(spec.repeats))
     # Positions count from the epoch start, so a resumed run draws the same crops.
     ds = ds.take(steps_per_epoch * local).enumerate().skip(skip * local)
     ds = ds.map(lambda i, ex: {
         "image": crop(ex["image"], tf.stack([tf.constant(epoch_seed, tf.int64), i])),
-        "label": tf.cast(ex["label"], tf.int32)}, num_parallel_calls=parallel, deterministic=True)
+        "label": tf.cast(ex["label"], tf.int32)}, num_parallel_calls=parallel_calls, deterministic=True)
     return tfds.as_numpy(ds.batch(local, drop_remainder=True).prefetch(_PREFETCH_BATCHES))
 
   def batches() -> Iterator[Batch]:

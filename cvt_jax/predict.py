@@ -1,19 +1,18 @@
-r"""Top-5 classes of image files: `python -m cvt_jax.predict --checkpoint X image.jpg [more.png | a_folder]`.
+r"""Top classes of image files: `cvt-jax predict --checkpoint X image.jpg [more.png | a_folder ...]`.
 
-  python -m cvt_jax.predict --checkpoint CvT-13-224x224-IN-1k.pth cat.jpg dog.png photos/
-  python -m cvt_jax.predict --checkpoint out/finetune --json photos/     # a workdir: its class names
+  cvt-jax predict --checkpoint CvT-13-224x224-IN-1k.pth cat.jpg dog.png photos/
+  cvt-jax predict --checkpoint out/finetune --output predictions.json photos/   # a workdir: its classes
 
-The checkpoint is a training workdir, a converted `.npz` or a PyTorch file. Class names come from
-`--labels` (one per line, label order), else those stored with the checkpoint (fine-tuned workdirs and
-their exports), else the ImageNet names for a 1000-class head, else the label index. Images go through the
-evaluation transform (224: resize 256 + centre crop; 384: squash); greyscale, CMYK, palette and alpha
-images are converted to RGB. A file that is not a readable image is reported and skipped; the exit
-status is then 1.
+The checkpoint is anything `cvt-jax convert` reads. Class names come from --labels (one per line, label
+order), else those stored with the checkpoint (fine-tuned workdirs and their exports), else the ImageNet
+names for a 1000-class head, else the label index. Images go through the evaluation transform (224:
+resize 256 + centre crop; 384: squash), in float32 unless --dtype says otherwise; greyscale, CMYK, palette
+and alpha images are converted to RGB. A file that is not a readable image is reported and skipped; the
+exit status is then 1.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -22,14 +21,16 @@ from collections.abc import Sequence
 
 import jax
 import numpy as np
-from PIL import Image
+from absl import flags
+from etils import epath
 
 from cvt_jax import augment
+from cvt_jax import cli
+from cvt_jax import host_decode
 from cvt_jax import input_pipeline
+from cvt_jax import model as model_lib
 from cvt_jax import preprocess
-from cvt_jax import pretrained
-
-_DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+from cvt_jax import weights
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,14 +43,14 @@ class Prediction:
   probabilities: tuple[float, ...]
 
 
-def class_names(checkpoint: pretrained.Checkpoint, labels_file: str | None = None) -> tuple[str, ...]:
+def class_names(checkpoint: weights.Checkpoint, labels_file: str | None = None) -> tuple[str, ...]:
   """Display names for the head's labels (see the module docstring for the order of preference)."""
   if labels_file:
-    names = pretrained.read_labels(labels_file)
+    names = weights.read_labels(labels_file)
   elif checkpoint.class_names:
     names = checkpoint.class_names
   elif checkpoint.num_classes == 1000:
-    names = tuple(name for _, name in pretrained.imagenet_classes())
+    names = tuple(name for _, name in weights.imagenet_classes())
   else:
     names = tuple(f"class {i}" for i in range(checkpoint.num_classes))
   if len(names) != checkpoint.num_classes:
@@ -75,14 +76,15 @@ def expand_paths(paths: Sequence[str]) -> list[str]:
 class Predictor:
   """A checkpoint's model, jitted for fixed-size batches of uint8 images."""
 
-  def __init__(self, checkpoint: pretrained.Checkpoint, image_size: int, batch_size: int = 16):
+  def __init__(self, checkpoint: weights.Checkpoint, image_size: int, batch_size: int = 16,
+               dtype: str = "float32"):
     if checkpoint.num_classes == 0:
       raise ValueError(f"{checkpoint.source} has no classification head; use cvt_jax.features instead")
     self.image_size, self.batch_size = image_size, batch_size
-    model = checkpoint.model()
+    model = checkpoint.model(dtype=model_lib.compute_dtype(dtype))
     self._variables = jax.device_put(checkpoint.variables)
     self._probabilities = jax.jit(
-        lambda variables, images: jax.nn.softmax(model.apply(variables, augment.eval_preprocess(images))))
+        lambda variables, images: jax.nn.softmax(model.apply(variables, augment.normalize(images))))
 
   def probabilities(self, images: np.ndarray) -> np.ndarray:
     """uint8 (N, S, S, 3) -> class probabilities (N, classes), in padded batches of `batch_size`."""
@@ -101,11 +103,11 @@ def predict(predictor: Predictor, paths: Sequence[str], names: Sequence[str], to
   images, good, failed = [], [], []
   for path in paths:
     try:
-      images.append(preprocess.eval_image(path, predictor.image_size))
+      images.append(preprocess.eval_image(host_decode.image_file(path), predictor.image_size))
       good.append(path)
     except FileNotFoundError:
       failed.append((path, "no such file"))
-    except _DECODE_ERRORS as e:
+    except host_decode.DECODE_ERRORS as e:
       failed.append((path, f"not a readable image ({type(e).__name__}: {e})"))
   if not images:
     return [], failed
@@ -119,45 +121,59 @@ def predict(predictor: Predictor, paths: Sequence[str], names: Sequence[str], to
   return predictions, failed
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m cvt_jax.predict", description=__doc__.split("\n")[0],
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("images", nargs="+", help="image files and/or folders (searched recursively)")
-  parser.add_argument("--checkpoint", required=True,
-                      help="training workdir, converted .npz, or PyTorch .pth/.bin/.safetensors")
-  parser.add_argument("--labels", help="class names, one per line in label order")
-  parser.add_argument("--image_size", type=int,
-                      help="input resolution (default: the workdir's training resolution, else 224)")
-  parser.add_argument("--top_k", type=int, default=5)
-  parser.add_argument("--batch_size", type=int, default=16)
-  parser.add_argument("--heads", help="heads per stage of a custom-width PyTorch checkpoint, e.g. 1,2,3")
-  parser.add_argument("--json", action="store_true", help="print one JSON object per image instead")
-  args = parser.parse_args(argv)
-  try:
-    heads = tuple(int(h) for h in args.heads.split(",")) if args.heads else None
-    checkpoint = pretrained.load(args.checkpoint, heads=heads)
-    names = class_names(checkpoint, args.labels)
-    predictor = Predictor(checkpoint, args.image_size or checkpoint.image_size or 224, args.batch_size)
-  except (OSError, ValueError) as e:
-    print(f"predict: {e}", file=sys.stderr)
-    return 2
-  paths = expand_paths(args.images)
+FLAGS = flags.FlagValues()
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir, converted .npz, PyTorch "
+                                  ".pth/.bin/.safetensors or hub name.", flag_values=FLAGS)
+_LABELS = flags.DEFINE_string("labels", None, "Class names, one per line in label order.", flag_values=FLAGS)
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", None, "Input resolution (default: the workdir's training "
+                                   "resolution, else 224).", lower_bound=32, flag_values=FLAGS)
+_TOP_K = flags.DEFINE_integer("top_k", 5, "Classes per image.", lower_bound=1, flag_values=FLAGS)
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 16, "Images per forward pass.", lower_bound=1,
+                                   flag_values=FLAGS)
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.", flag_values=FLAGS)
+_JSON = flags.DEFINE_bool("json", False, "Print one JSON object per image instead of a table.",
+                          flag_values=FLAGS)
+_OUTPUT = flags.DEFINE_string("output", None, "Also write the predictions to this .json file.",
+                              flag_values=FLAGS)
+_HEADS = cli.define_heads_flag(FLAGS)
+flags.mark_flag_as_required("checkpoint", flag_values=FLAGS)
+
+
+def _as_json(p: Prediction) -> dict:
+  return {"path": p.path, "top": [{"label": i, "name": n, "probability": round(q, 6)}
+                                  for i, n, q in zip(p.labels, p.names, p.probabilities)]}
+
+
+def main(argv: Sequence[str]) -> int:
+  if len(argv) < 2:
+    raise cli.UsageError("name at least one image file or folder")
+  if _OUTPUT.value:
+    cli.check_output(_OUTPUT.value, ".json")
+  paths = expand_paths(argv[1:])
   if not paths:
-    print(f"predict: no image files in {' '.join(args.images)}", file=sys.stderr)
-    return 2
-  predictions, failed = predict(predictor, paths, names, args.top_k)
+    raise cli.UsageError(f"no image files in {' '.join(argv[1:])}")
+  checkpoint = weights.load(_CHECKPOINT.value, heads=_HEADS.value)
+  names = class_names(checkpoint, _LABELS.value)
+  predictor = Predictor(checkpoint, _IMAGE_SIZE.value or checkpoint.image_size or 224, _BATCH_SIZE.value,
+                        _DTYPE.value)
+  predictions, failed = predict(predictor, paths, names, _TOP_K.value)
   for p in predictions:
-    if args.json:
-      print(json.dumps({"path": p.path, "top": [{"label": i, "name": n, "probability": round(q, 6)}
-                                                for i, n, q in zip(p.labels, p.names, p.probabilities)]}))
+    if _JSON.value:
+      print(json.dumps(_as_json(p)))
     else:
       print(p.path)
       for i, n, q in zip(p.labels, p.names, p.probabilities):
         print(f"  {100 * q:6.2f}%  {i:4d}  {n}")
+  if _OUTPUT.value:
+    epath.Path(_OUTPUT.value).write_text(json.dumps([_as_json(p) for p in predictions], indent=1))
   for path, message in failed:
-    print(f"predict: skipped {path}: {message}", file=sys.stderr)
+    print(f"cvt-jax predict: skipped {path}: {message}", file=sys.stderr)
   return 1 if failed else 0
 
 
+def run(argv: Sequence[str] | None = None) -> None:
+  cli.run(main, argv, __doc__, FLAGS)
+
+
 if __name__ == "__main__":
-  sys.exit(main())
+  run()

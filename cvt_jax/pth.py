@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import collections
 import io
-import os
 import pickle
 import zipfile
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
+from etils import epath
 
 # `torch.<Name>Storage` -> numpy dtype of its elements (byte order from the archive's `byteorder` entry).
 _STORAGE_DTYPES: dict[str, np.dtype] = {
@@ -128,30 +128,36 @@ class _RestrictedUnpickler(pickle.Unpickler):
     return self._storages[key]
 
 
-def _is_legacy_format(path: str) -> bool:
+def _is_legacy_format(f: BinaryIO) -> bool:
   """Whether the file opens with the pickled magic number of torch's pre-1.6 format."""
-  with open(path, "rb") as f:
-    return f.read(len(_LEGACY_HEADER)) == _LEGACY_HEADER
+  f.seek(0)
+  return f.read(len(_LEGACY_HEADER)) == _LEGACY_HEADER
 
 
-def read_pickle(path: str | os.PathLike) -> Any:
+def read_pickle(path: str | epath.PathLike) -> Any:
   """Loads the object tree of a zip-format torch.save file; tensors become numpy arrays.
 
   Raises:
     TorchFileError: naming `path`, if the file is not a readable torch.save archive, is truncated, or
       references anything but tensors, storages and dicts.
   """
-  path = os.fspath(path)
-  if not os.path.isfile(path):
+  path = epath.Path(path)
+  if not path.is_file():
     raise TorchFileError(f"{path}: no such file")
-  if not zipfile.is_zipfile(path):
-    if _is_legacy_format(path):
+  with path.open("rb") as f:
+    return _read_archive(f, path)
+
+
+def _read_archive(f: BinaryIO, path: epath.Path) -> Any:
+  if not zipfile.is_zipfile(f):
+    if _is_legacy_format(f):
       raise TorchFileError(
           f"{path}: legacy (pre-PyTorch-1.6, non-zip) torch.save format is not supported; re-save it with "
           "`torch.save(torch.load(src), dst)` on a recent PyTorch, or convert it to safetensors")
     raise TorchFileError(f"{path}: not a torch.save zip archive (truncated or corrupt?)")
   try:
-    with zipfile.ZipFile(path) as archive:
+    f.seek(0)
+    with zipfile.ZipFile(f) as archive:
       pickles = [n for n in archive.namelist() if n.endswith("data.pkl") and n.count("/") <= 1]
       if len(pickles) != 1:
         raise TorchFileError(f"expected one '<prefix>/data.pkl' entry, found {pickles or 'none'}")
@@ -186,6 +192,6 @@ def unwrap_state_dict(obj: Any, where: str) -> dict[str, np.ndarray]:
   return {str(k): v for k, v in obj.items()}
 
 
-def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+def load_state_dict(path: str | epath.PathLike) -> dict[str, np.ndarray]:
   """name -> numpy array of a torch.save'd state dict (or a checkpoint dict that wraps one)."""
-  return unwrap_state_dict(read_pickle(path), os.fspath(path))
+  return unwrap_state_dict(read_pickle(path), str(path))

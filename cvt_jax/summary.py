@@ -1,17 +1,22 @@
-"""Model facts as code: parameter counts and multiply-accumulates (MACs) of CvT variants.
+"""Parameters and multiply-accumulates (MACs) of a CvT variant: `cvt-jax summary cvt-13 --res 384`.
+
+  cvt-jax summary --all                               # every variant at 224 and 384
+  cvt-jax summary cvt-21 --res 384 --num_classes 21841
 
 The paper's "GFLOPs" are MACs with the attention einsums included (ptflops misses those and reports
-4.06G for CvT-13). Usage: `python -m cvt_jax.summary cvt-13 --res 384` or `python -m cvt_jax.summary --all`.
+4.06G for CvT-13).
 """
 
 from __future__ import annotations
 
-import argparse
 import math
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+from absl import flags
 
+from cvt_jax import cli
 from cvt_jax.model import VARIANTS, CvT, Variant, get_variant
 
 
@@ -56,24 +61,30 @@ def format_table(rows: list[tuple[str, int, int, int]]) -> str:
   return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(
-      prog="python -m cvt_jax.summary",
-      description="Parameter count and MACs (multiply-accumulates, attention included) of a CvT variant.")
-  parser.add_argument("variant", nargs="?", default="cvt-13", help=f"one of {sorted(VARIANTS)}")
-  parser.add_argument("--res", type=int, default=224, help="input resolution (224 or 384; any works)")
-  parser.add_argument("--num-classes", type=int, default=1000, help="classifier size; 0 for no head")
-  parser.add_argument("--all", action="store_true", help="print the table for every variant at 224 and 384")
-  args = parser.parse_args(argv)
+FLAGS = flags.FlagValues()
+_RES = flags.DEFINE_integer("res", 224, "Input resolution (224 or 384; any works).", lower_bound=32,
+                            flag_values=FLAGS)
+_NUM_CLASSES = flags.DEFINE_integer("num_classes", 1000, "Classifier size; 0 for no head.", lower_bound=0,
+                                    flag_values=FLAGS)
+_ALL = flags.DEFINE_bool("all", False, "The table for every variant at 224 and 384.", flag_values=FLAGS)
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 2:
+    raise cli.UsageError(f"expected at most one variant, got {' '.join(argv[1:])}")
   try:
-    names = sorted(VARIANTS) if args.all else [get_variant(args.variant).name]
+    names = sorted(VARIANTS) if _ALL.value else [get_variant(argv[1] if len(argv) > 1 else "cvt-13").name]
   except ValueError as e:
-    parser.error(str(e))
-  resolutions = (224, 384) if args.all else (args.res,)
-  rows = [(name, res, count_params(name, args.num_classes), count_macs(name, res, args.num_classes))
+    raise cli.UsageError(str(e)) from e
+  resolutions = (224, 384) if _ALL.value else (_RES.value,)
+  rows = [(name, res, count_params(name, _NUM_CLASSES.value), count_macs(name, res, _NUM_CLASSES.value))
           for name in names for res in resolutions]
   print(format_table(rows))
 
 
+def run(argv: Sequence[str] | None = None) -> None:
+  cli.run(main, argv, __doc__, FLAGS)
+
+
 if __name__ == "__main__":
-  main()
+  run()

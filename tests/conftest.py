@@ -11,8 +11,16 @@ jax.config.update("jax_platforms", "cpu")
 jax.config.update("jax_num_cpu_devices", 4)
 
 
+import sys  # noqa: E402
+import types  # noqa: E402
+
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+# torchvision's Python transforms, unpacked from its wheel by ./run.sh test (PyPI's wheel is built against
+# CUDA torch: its C extension does not load next to the CPU torch of the tests, and its package __init__
+# fails on that, so the package is assembled without running it: the transforms need no C extension).
+TORCHVISION_DIR = os.path.join(sys.prefix, "torchvision-transforms", "torchvision")
 
 
 @pytest.fixture(scope="session")
@@ -41,3 +49,21 @@ def tiny_tfds_dir(tmp_path_factory):
   root = str(tmp_path_factory.mktemp("tiny_tfds"))
   CvtTinyShapes(data_dir=root).download_and_prepare()
   return root
+
+
+@pytest.fixture(scope="module")
+def torchvision_transforms():
+  """`torchvision.transforms` (the reference of the pixel-parity tests), without torchvision's C ops.
+
+  Removed from sys.modules afterwards: transformers probes for torchvision and must not find this one.
+  """
+  if not os.path.isdir(TORCHVISION_DIR):
+    pytest.fail(f"torchvision's transforms are missing at {TORCHVISION_DIR}: run ./run.sh test, which "
+                "unpacks them (pip install --no-deps --target ... torchvision==0.28.0)")
+  package = types.ModuleType("torchvision")
+  package.__path__ = [TORCHVISION_DIR]
+  sys.modules["torchvision"] = package
+  from torchvision import transforms  # pylint: disable=g-import-not-at-top
+  yield transforms
+  for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+    del sys.modules[name]

@@ -14,10 +14,10 @@ import os
 
 import numpy as np
 
-from configs import finetune
+from cvt_jax.configs import finetune
 from cvt_jax import demo_data
 from cvt_jax import finetune_demo
-from cvt_jax import pretrained
+from cvt_jax import weights
 from cvt_jax import train_lib
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -57,7 +57,7 @@ def build(root: str) -> Finetuned:
   workdir = os.path.join(root, "finetuned")
   _, result = train_lib.train_and_evaluate(config(tree, PTH_FIXTURE), workdir)
   npz = os.path.join(root, "exported", "finetuned.npz")
-  pretrained.export(pretrained.load(workdir), npz)
+  weights.save(weights.load(workdir), npz)
   return Finetuned(workdir, npz, digits, tree, result)
 
 

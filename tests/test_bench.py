@@ -1,86 +1,14 @@
-"""The speed formulations in model.py (custom VJPs, conv as matmul) and the benchmark's own plumbing."""
+"""The benchmark's own plumbing (timing, peaks, report, flags, contender processes, input side)."""
 
-import argparse
+import types
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 
-from bench import run, torch_reference
+from cvt_jax import bench as run
 from cvt_jax import model
-
-
-def _plain_depthwise(x, kernel, stride):
-  """The slice formulation left to autodiff: the reference for the custom VJP."""
-  _, h, w, _ = x.shape
-  out_h, out_w = (h - 1) // stride + 1, (w - 1) // stride + 1
-  padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-  return sum(padded[:, i:i + stride * (out_h - 1) + 1:stride, j:j + stride * (out_w - 1) + 1:stride]
-             * kernel[i, j, 0] for i in range(3) for j in range(3))
-
-
-def _plain_attention(q, k, v, scale):
-  scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) * scale
-  return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), v)
-
-
-def _assert_grads_close(f_ref, f_new, args, atol):
-  loss = lambda f: lambda *a: jnp.sum(jnp.sin(f(*a)))  # non-linear, so every output element matters
-  np.testing.assert_allclose(f_new(*args), f_ref(*args), atol=atol, rtol=0)
-  argnums = tuple(range(len(args)))
-  for ref, new in zip(jax.grad(loss(f_ref), argnums)(*args), jax.grad(loss(f_new), argnums)(*args)):
-    np.testing.assert_allclose(new, ref, atol=atol, rtol=0)
-
-
-@pytest.mark.parametrize("stride", [1, 2])
-@pytest.mark.parametrize("hw", [(8, 8), (7, 9)])
-def test_depthwise_custom_vjp_matches_autodiff(stride, hw):
-  x = jax.random.normal(jax.random.key(0), (2, *hw, 5))
-  kernel = jax.random.normal(jax.random.key(1), (3, 3, 1, 5))
-  _assert_grads_close(lambda a, b: _plain_depthwise(a, b, stride),
-                      lambda a, b: model.depthwise_conv3x3(a, b, stride, "shift"), (x, kernel), 1e-5)
-
-
-def test_attention_custom_vjp_matches_autodiff():
-  keys = jax.random.split(jax.random.key(2), 3)
-  q = jax.random.normal(keys[0], (2, 11, 3, 4))
-  k, v = (jax.random.normal(key, (2, 6, 3, 4)) for key in keys[1:])
-  _assert_grads_close(lambda *a: _plain_attention(*a, 0.3), lambda *a: model.attention(*a, 0.3), (q, k, v),
-                      1e-5)
-
-
-@pytest.mark.parametrize("in_features,out_features", [(4, 6), (6, 4)])  # both kernel-gradient forms
-def test_matmul_custom_vjp_matches_autodiff(in_features, out_features):
-  x = jax.random.normal(jax.random.key(5), (2, 7, in_features))
-  kernel = jax.random.normal(jax.random.key(6), (in_features, out_features))
-  _assert_grads_close(jnp.dot, model.matmul, (x, kernel), 1e-5)
-
-
-def test_dense_rejects_contractions_matmul_does_not_implement():
-  with pytest.raises(ValueError, match="nn.Dense's contraction"):
-    model.Dense(3, precision=jax.lax.Precision.HIGHEST).init(jax.random.key(0), jnp.ones((2, 4)))
-
-
-@pytest.mark.parametrize("kernel_size,stride,padding", [(7, 4, 2), (3, 2, 1)])
-def test_conv_as_matmul_matches_lax_conv(kernel_size, stride, padding):
-  x = jax.random.normal(jax.random.key(3), (2, 17, 15, 3))
-  kernel = jax.random.normal(jax.random.key(4), (kernel_size, kernel_size, 3, 8))
-  pads = ((padding, padding),) * 2
-
-  def lax_conv(a, b):
-    return jax.lax.conv_general_dilated(a, b, (stride, stride), pads,
-                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-  _assert_grads_close(lax_conv, lambda a, b: model.conv_as_matmul(a, b, (stride, stride), pads), (x, kernel),
-                      1e-4)
-
-
-def test_conv_as_matmul_rejects_grouped_convs():
-  with pytest.raises(ValueError, match="grouped"):
-    model.conv_as_matmul(jnp.zeros((1, 4, 4, 2)), jnp.zeros((3, 3, 1, 2)), (1, 1), ((1, 1), (1, 1)),
-                         feature_group_count=2)
+from cvt_jax import torch_reference
 
 
 def test_torch_reference_is_cvt13_with_quickgelu():
@@ -122,7 +50,7 @@ def test_markdown_names_the_machine_and_the_winner():
       "machine": {"cpu": {"model": "Test CPU", "cores": 2, "simd": "avx2+fma"}, "device_kind": "cpu",
                   "device_count": 1, "torch_device": "cpu", "torch_threads": 2, "versions": {"jax": "x"},
                   "xla_flags": "", "glibc_tunables": ""},
-      "args": {"dtype": "float32", "depthwise_impl": "auto", "rounds": 3},
+      "args": {"dtype": "float32", "kernels": "auto", "rounds": 3},
       "cases": [{"model": "cvt-13", "res": 224, "batch": 8, "mode": "infer", "macs_per_image": 4_566_089_216,
                  "flops_per_image": 2e11 / 24,
                  "torch_best": "torch-compile", "ratio_vs_torch-eager": 1.5, "ratio_vs_torch-compile": 1.2,
@@ -144,24 +72,31 @@ def test_markdown_names_the_machine_and_the_winner():
 
 
 def test_help_describes_the_options(capsys):
-  with pytest.raises(SystemExit):
-    run.parse_args(["--help"])
+  with pytest.raises(SystemExit) as exit_:
+    run.run(["cvt-jax bench", "--help"])
+  assert exit_.value.code == 0
   out = capsys.readouterr().out
-  for flag in ("--quick", "--models", "--res", "--infer-batches", "--train-batches", "--max-batch",
-               "--xla-flags", "--frameworks", "--loop-steps", "--pipeline-images"):
+  for flag in ("--quick", "--models", "--res", "--infer_batches", "--train_batches", "--max_batch",
+               "--xla_flags", "--frameworks", "--loop_steps", "--pipeline_images", "--kernels"):
     assert flag in out
 
 
-def test_zero_rounds_is_a_usage_error(capsys):
-  with pytest.raises(SystemExit):
-    run.parse_args(["--rounds", "0"])
-  assert "--rounds must be >= 1" in capsys.readouterr().err
+@pytest.mark.parametrize("argv,message", [
+    (["--rounds", "0"], "flag --rounds=0: 0 is not a positive integer"),
+    (["--loop_steps", "-1"], "flag --loop_steps=-1: -1 is not a non-negative integer"),
+    (["--train_batches", "8,x"], "--train_batches=8,x: expected integers"),
+    (["--frameworks", "tf"], "--frameworks"),
+])
+def test_bad_flags_are_one_line_usage_errors(capsys, argv, message):
+  with pytest.raises(SystemExit) as exit_:
+    run.run(["cvt-jax bench", *argv])
+  err = capsys.readouterr().err
+  assert exit_.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
 
 
-def test_negative_loop_steps_is_a_usage_error(capsys):
-  with pytest.raises(SystemExit):
-    run.parse_args(["--loop-steps", "-1"])
-  assert "--loop-steps must be >= 0" in capsys.readouterr().err
+def test_batches_parse_to_int_lists():
+  args = run.parse_args(["cvt-jax bench", "--train_batches", "8,16", "--infer_batches", "", "--res", "64"])
+  assert args.train_batches == [8, 16] and args.infer_batches == [] and args.res == [64]
 
 
 def test_input_pipeline_bench_times_the_loop_between_two_bare_blocks():
@@ -178,8 +113,8 @@ def test_input_pipeline_bench_times_the_loop_between_two_bare_blocks():
 def test_each_framework_is_timed_in_a_process_of_its_own():
   # Hugging Face's CvT indexes its drop-path rates by stage: stage s needs at least s + 1 blocks.
   tiny = model.make_variant("tiny", dims=(8, 16, 24), depths=(1, 2, 3), heads=(1, 1, 2), drop_path_rate=0.0)
-  args = argparse.Namespace(frameworks=["jax", "torch-eager"], dtype="float32", depthwise_impl="auto",
-                            warmup=1, rounds=2)
+  args = types.SimpleNamespace(frameworks=["jax", "torch-eager"], dtype="float32", kernels="auto",
+                              warmup=1, rounds=2)
   result = run.run_case(run.Case(tiny, 64, 2, "train"), args, macs=10**6, peak=None)
   assert set(result["results"]) == {"jax", "torch-eager"} and result["torch_best"] == "torch-eager"
   for row in result["results"].values():

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from configs import common, cvt13, cvt21, cvtw24, demo
+from cvt_jax.configs import common, cvt13, cvt21, cvtw24, demo
 from cvt_jax import train_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -19,7 +19,8 @@ def test_presets_follow_the_official_recipe(module, variant, wd, res):
   assert (config.model.variant, config.optim.weight_decay, config.data.image_size) == (variant, wd, res)
   assert (config.optim.lr, config.global_batch_size, config.num_epochs) == (2e-3, 2048, 300)
   assert config.augment.mixup_alpha == 0.8 and config.augment.cutmix_alpha == 1.0
-  assert module.__doc__ and "--config configs/" in module.__doc__ and "top-1" in module.__doc__
+  assert module.__doc__ and f"--config {module.__name__.rsplit('.', 1)[1]}" in module.__doc__
+  assert "top-1" in module.__doc__
   train_lib.validate_config(config)  # 2048 divides over the 4 test devices
 
 
@@ -67,7 +68,8 @@ def test_demo_config_validates_with_a_data_dir(tmp_path):
 def test_train_py_rejects_unknown_override_before_any_work(tmp_path):
   result = subprocess.run(
       [sys.executable, "train.py", "--config", "configs/cvt13.py", f"--workdir={tmp_path}",
-       "--config.optim.learning_rate=1.0"], cwd=ROOT, capture_output=True, text=True, timeout=300)
-  assert result.returncode != 0
-  assert "learning_rate" in result.stderr
+       "--config.optim.lrr=1.0"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 2
+  assert result.stderr.strip() == ("train.py: error: --config.optim.lrr: no such config field "
+                                   "(Did you mean \"lr\" instead of \"lrr\"?)")
   assert not os.listdir(tmp_path)

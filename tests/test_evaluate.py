@@ -11,7 +11,7 @@ import pytest
 import finetuned_tiny
 from cvt_jax import evaluate
 from cvt_jax import input_pipeline
-from cvt_jax import pretrained
+from cvt_jax import weights
 from cvt_jax.model import get_variant
 
 ROOT = os.path.dirname(finetuned_tiny.HERE)
@@ -62,12 +62,12 @@ def test_missing_checkpoints_fail_with_the_path(finetuned, tmp_path):
   config = finetuned_tiny.config(finetuned.tree)
   with pytest.raises(FileNotFoundError, match="no_such.npz"):
     evaluate.evaluate_checkpoint(config, str(tmp_path / "no_such.npz"))
-  with pytest.raises(FileNotFoundError, match="without checkpoints/"):
+  with pytest.raises(FileNotFoundError, match="holds no checkpoints/ folder: not a training workdir"):
     evaluate.evaluate_checkpoint(config, str(tmp_path))
 
 
-def _imagenet_checkpoint(class_names=None) -> pretrained.Checkpoint:
-  return pretrained.Checkpoint({}, get_variant("cvt-13"), 1000, class_names, None, "in1k.pth")
+def _imagenet_checkpoint(class_names=None) -> weights.Checkpoint:
+  return weights.Checkpoint({}, get_variant("cvt-13"), 1000, class_names, None, "in1k.pth")
 
 
 def _info(names) -> input_pipeline.DatasetInfo:
@@ -75,13 +75,13 @@ def _info(names) -> input_pipeline.DatasetInfo:
 
 
 def test_imagenet_heads_need_sorted_wnid_folders():
-  wnids = [w for w, _ in pretrained.imagenet_classes()]
+  wnids = [w for w, _ in weights.imagenet_classes()]
   assert len(wnids) == 1000 and wnids == sorted(wnids)
   evaluate.check_classes(_imagenet_checkpoint(), _info(wnids), "folder", "folder tree 'val'")
   shuffled = wnids[:10][::-1] + wnids[10:]
   with pytest.raises(evaluate.ClassMismatchError, match=r"from label 0 on: dataset 'n01518878'"):
     evaluate.check_classes(_imagenet_checkpoint(), _info(shuffled), "folder", "folder tree 'val'")
-  by_name = sorted(name for _, name in pretrained.imagenet_classes())
+  by_name = sorted(name for _, name in weights.imagenet_classes())
   with pytest.raises(evaluate.ClassMismatchError, match="sorted ImageNet WNIDs"):
     evaluate.check_classes(_imagenet_checkpoint(), _info(by_name), "folder", "folder tree 'val'")
   # A TFDS dataset with numbered classes can only be checked by count.
@@ -92,7 +92,7 @@ def test_imagenet_heads_need_sorted_wnid_folders():
 
 def test_stored_class_names_catch_a_reordered_tree():
   names = ("cat", "dog", "fox")
-  ckpt = pretrained.Checkpoint({}, get_variant("cvt-13"), 3, names, None, "ft")
+  ckpt = weights.Checkpoint({}, get_variant("cvt-13"), 3, names, None, "ft")
   evaluate.check_classes(ckpt, _info(names), "folder", "tree")
   with pytest.raises(evaluate.ClassMismatchError, match="from label 0 on: dataset 'dog' vs checkpoint 'cat'"):
     evaluate.check_classes(ckpt, _info(("dog", "cat", "fox")), "folder", "tree")
@@ -100,13 +100,13 @@ def test_stored_class_names_catch_a_reordered_tree():
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
   env = dict(os.environ, JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2")
-  return subprocess.run([sys.executable, "-m", "cvt_jax.evaluate", *args], cwd=ROOT, env=env,
+  return subprocess.run([sys.executable, "-m", "cvt_jax.cli", "eval", *args], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=600)
 
 
 def test_command_line(finetuned, tmp_path):
   out = tmp_path / "cli.json"
-  run = _cli("--config", f"{ROOT}/configs/finetune.py:classes=5,res=32", "--checkpoint", finetuned.npz,
+  run = _cli("--config", "finetune:classes=5,res=32", "--checkpoint", finetuned.npz,
              "--data", finetuned.tree, "--config.eval_batch_size=20", "--output", str(out))
   assert run.returncode == 0, run.stderr[-3000:]
   assert "top-1" in run.stdout and "img/s" in run.stderr  # the progress line
@@ -114,8 +114,10 @@ def test_command_line(finetuned, tmp_path):
   assert summary["count"] == finetuned.train_eval["count"]
   assert np.isclose(summary["top1"], finetuned.train_eval["top1"])
 
-  missing = _cli("--config", f"{ROOT}/configs/finetune.py:classes=5,res=32", "--checkpoint",
+  missing = _cli("--config", "finetune:classes=5,res=32", "--checkpoint",
                  str(tmp_path / "gone.npz"), "--data", finetuned.tree)
-  assert missing.returncode != 0
-  assert "evaluate: FileNotFoundError" in missing.stderr and "gone.npz" in missing.stderr
+  assert missing.returncode == 1
+  assert missing.stderr.strip().splitlines()[-1] == (
+      f"cvt-jax eval: error: checkpoint {tmp_path / 'gone.npz'} does not exist (expected a training workdir, "
+      "a converted .npz, a PyTorch .pth/.pt/.bin/.ckpt/.safetensors file or a Hugging Face hub name)")
   assert "Traceback" not in missing.stderr

@@ -10,12 +10,11 @@ import optax
 import pytest
 
 import finetuned_tiny
-from configs import finetune
-from cvt_jax import checkpointing
+from cvt_jax.configs import finetune
 from cvt_jax import evaluate
 from cvt_jax import optim
-from cvt_jax import pretrained
 from cvt_jax import train_lib
+from cvt_jax import trees
 from cvt_jax import weights
 
 
@@ -42,7 +41,7 @@ def test_defaults_are_the_papers_recipe(tmp_path):
 def test_missing_init_and_data_fail_clearly(tmp_path):
   with pytest.raises(ValueError, match="data.source='folder' needs data.data_dir"):
     train_lib.validate_config(finetune.get_config("classes=5"))
-  with pytest.raises(ValueError, match="init_from='/no/such.npz' is not a file"):
+  with pytest.raises(ValueError, match="init_from='/no/such.npz' does not exist"):
     train_lib.validate_config(finetune.get_config(f"init=/no/such.npz,data={tmp_path},classes=5"))
 
 
@@ -77,14 +76,14 @@ def test_unknown_optimizer_is_named():
 
 
 def test_finetune_from_a_converted_pytorch_checkpoint(finetuned):
-  fixture = weights.load_weights(finetuned_tiny.PTH_FIXTURE)
+  fixture = weights.load(finetuned_tiny.PTH_FIXTURE)
   assert fixture.num_classes == 10
-  tuned = pretrained.load(finetuned.workdir)
+  tuned = weights.load(finetuned.workdir)
   assert tuned.class_names == finetuned_tiny.CLASSES and tuned.image_size == finetuned_tiny.IMAGE_SIZE
   assert tuned.variables["params"]["head"]["kernel"].shape == (24, 5)  # the 10-class head was replaced
   # Training started from the fixture's weights: the body moved a little from them (0.07 measured),
   # while a fresh initialisation of the same model lies at 0.87 from them.
-  moved = finetuned_tiny.relative_distance(weights.flatten(tuned.variables), weights.flatten(fixture.variables))
+  moved = finetuned_tiny.relative_distance(trees.flatten(tuned.variables), trees.flatten(fixture.variables))
   assert moved < 0.3, moved
   # Every val image counted, and the 5-way classifier learnt something in two epochs (chance: 20 %).
   val_size = sum(len(os.listdir(os.path.join(finetuned.tree, "val", c))) for c in finetuned_tiny.CLASSES)
@@ -104,12 +103,12 @@ def test_finetune_at_a_new_resolution_needs_no_surgery(finetuned, tmp_path):
 
 def test_headless_export_fine_tunes_with_a_fresh_head_even_for_the_same_class_count(finetuned, tmp_path):
   path = str(tmp_path / "backbone.npz")
-  pretrained.export(pretrained.load(finetuned.workdir), path, include_head=False)
-  backbone = weights.load_weights(path)
+  weights.save(weights.load(finetuned.workdir).without_head(), path)
+  backbone = weights.load(path)
   assert backbone.num_classes == 0 and "head" not in backbone.variables["params"]
   assert not os.path.exists(tmp_path / "backbone.classes.txt")
-  tuned = pretrained.load(finetuned.workdir)
+  tuned = weights.load(finetuned.workdir)
   target = jax.tree.map(np.zeros_like, tuned.variables)  # stands for a fresh initialisation
-  merged = checkpointing.load_init_from(path, target, tuned.variant, 5)
+  merged = weights.init_from(backbone, target, tuned.variant, 5, log=lambda _: None)
   np.testing.assert_array_equal(merged["params"]["head"]["kernel"], target["params"]["head"]["kernel"])
   np.testing.assert_array_equal(merged["params"]["norm"]["scale"], tuned.variables["params"]["norm"]["scale"])

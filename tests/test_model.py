@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from cvt_jax import summary
-from cvt_jax.model import CvT, _layer_norm, depthwise_conv3x3, get_variant, make_variant
+from cvt_jax.model import CvT, _layer_norm, get_variant, make_variant
 
 TINY = make_variant("tiny", dims=(16, 32, 48), depths=(1, 1, 2), heads=(1, 2, 3), drop_path_rate=0.5)
 
@@ -52,17 +52,6 @@ def test_stage_grids_and_features(res, grids):
   for i, (grid, dim) in enumerate(zip(grids, (64, 192, 384))):
     assert feats[f"stage{i}"].shape == (2, grid, grid, dim)
   assert feats["cls"].shape == (2, 384)
-
-
-@pytest.mark.parametrize("stride", [1, 2])
-@pytest.mark.parametrize("size", [7, 8])
-def test_depthwise_formulations_agree(stride, size):
-  x = jax.random.normal(jax.random.key(1), (2, size, size + 1, 5))
-  kernel = jax.random.normal(jax.random.key(2), (3, 3, 1, 5))
-  conv = depthwise_conv3x3(x, kernel, stride, "conv")
-  shift = depthwise_conv3x3(x, kernel, stride, "shift")
-  assert conv.shape == shift.shape == (2, (size - 1) // stride + 1, size // stride + 1, 5)
-  np.testing.assert_allclose(conv, shift, atol=1e-5)
 
 
 def test_init_follows_official_distributions(tiny_variables):

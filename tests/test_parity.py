@@ -1,7 +1,7 @@
 """Full-size parity with PyTorch: CvT-13, CvT-21 and CvT-W24 at 224 and 384, through the real converter.
 
 Reference: transformers' CvtForImageClassification with QuickGELU (identical to microsoft/CvT), random
-unit-gain weights and perturbed norms (tests/fixtures/torch_reference.py), eval mode, fp32. Its state dict
+unit-gain weights and perturbed norms (cvt_jax.torch_reference), eval mode, fp32. Its state dict
 is saved to disk in one format per variant, converted by `cvt_jax.convert`, written to and reloaded from
 the project's `.npz` format (`cvt_jax.weights`) and run by `cvt_jax.model`.
 Needs torch + transformers (installed by `./run.sh test`); in CI (CI=true) their absence is a failure.
@@ -27,9 +27,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from cvt_jax import convert, weights  # noqa: E402
+from cvt_jax import torch_weights, weights  # noqa: E402
 from cvt_jax.model import VARIANTS  # noqa: E402
-from fixtures import torch_reference  # noqa: E402
+from cvt_jax import torch_reference  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -48,9 +48,8 @@ class Pair:
   """The PyTorch reference and the converted cvt_jax model of one variant."""
 
   def __init__(self, name: str, tmp_dir: str):
-    dims, depths, heads = torch_reference.ARCHITECTURES[name]
     start = time.perf_counter()
-    self.torch_model = torch_reference.build_reference(dims, depths, heads, NUM_CLASSES, seed=13)
+    self.torch_model = torch_reference.build_reference(name, NUM_CLASSES, seed=13)
     fmt = FORMATS[name]
     if fmt == "official .pth":
       state_dict = torch_reference.official_state_dict(self.torch_model)
@@ -63,11 +62,11 @@ class Pair:
     else:
       path = os.path.join(tmp_dir, "model.safetensors")
       safetensors.torch.save_file(self.torch_model.state_dict(), path)
-    converted = convert.convert_file(path)
+    converted = torch_weights.convert_file(path)
     # Through the project's own format, as training/eval/predict will load it.
     npz = os.path.join(tmp_dir, f"{name}.npz")
-    weights.save_variables(npz, converted.variables, converted.variant, converted.num_classes, source=path)
-    self.loaded = weights.load_weights(npz)
+    weights.save(weights.Checkpoint(*converted, source=path), npz)
+    self.loaded = weights.load(npz)
     assert (self.loaded.variant, self.loaded.num_classes) == (converted.variant, converted.num_classes)
     os.remove(path)
     os.remove(npz)
@@ -77,7 +76,7 @@ class Pair:
 
   def jax_outputs(self, images: np.ndarray, dtype=jnp.float32) -> dict[str, np.ndarray]:
     if dtype not in self.forwards:
-      model = weights.model_for(self.loaded, dtype=dtype)
+      model = self.loaded.model(dtype=dtype)
       self.forwards[dtype] = jax.jit(
           lambda v, x: {"logits": model.apply(v, x), **model.apply(v, x, method="features")})
     out = self.forwards[dtype](self.loaded.variables, images)

@@ -15,7 +15,7 @@ import finetuned_tiny
 from cvt_jax import augment
 from cvt_jax import predict
 from cvt_jax import preprocess
-from cvt_jax import pretrained
+from cvt_jax import weights
 from cvt_jax.model import get_variant
 
 ROOT = os.path.dirname(finetuned_tiny.HERE)
@@ -46,9 +46,10 @@ def images(finetuned, tmp_path):
 
 def test_every_format_is_read_and_bad_files_are_reported(finetuned, images, capsys):
   folder, broken = images
-  code = predict.main(["--checkpoint", finetuned.workdir, "--json", str(folder), str(broken)])
+  with pytest.raises(SystemExit) as exit_:
+    predict.run(["cvt-jax predict", "--checkpoint", finetuned.workdir, "--json", str(folder), str(broken)])
   captured = capsys.readouterr()
-  assert code == 1  # one file failed, the others were still classified
+  assert exit_.value.code == 1  # one file failed, the others were still classified
   assert f"skipped {broken}: not a readable image" in captured.err
   rows = [json.loads(line) for line in captured.out.splitlines()]
   assert sorted(os.path.basename(r["path"]) for r in rows) == [
@@ -62,12 +63,12 @@ def test_every_format_is_read_and_bad_files_are_reported(finetuned, images, caps
 
 def test_top1_agrees_with_the_model_and_the_labels(finetuned):
   paths = finetuned_tiny.val_images(finetuned.tree, 3)
-  ckpt = pretrained.load(finetuned.npz)
+  ckpt = weights.load(finetuned.npz)
   predictor = predict.Predictor(ckpt, finetuned_tiny.IMAGE_SIZE, batch_size=4)  # 15 images: padded batches
   predictions, failed = predict.predict(predictor, paths, predict.class_names(ckpt))
   assert not failed and [p.path for p in predictions] == paths
   batch = np.stack([preprocess.eval_image(p, finetuned_tiny.IMAGE_SIZE) for p in paths])
-  logits = jax.jit(ckpt.model().apply)(ckpt.variables, augment.eval_preprocess(batch))
+  logits = jax.jit(ckpt.model().apply)(ckpt.variables, augment.normalize(batch))
   np.testing.assert_array_equal([p.labels[0] for p in predictions], np.argmax(logits, -1))
   np.testing.assert_allclose([p.probabilities[0] for p in predictions],
                              np.max(jax.nn.softmax(logits), -1), rtol=1e-5)
@@ -75,10 +76,10 @@ def test_top1_agrees_with_the_model_and_the_labels(finetuned):
 
 
 def test_class_names_sources(finetuned, tmp_path):
-  imagenet = pretrained.Checkpoint({}, get_variant("cvt-13"), 1000, None, None, "in1k.pth")
+  imagenet = weights.Checkpoint({}, get_variant("cvt-13"), 1000, None, None, "in1k.pth")
   names = predict.class_names(imagenet)
   assert names[0] == "tench, Tinca tinca" and len(names) == 1000
-  ckpt = pretrained.load(finetuned.npz)  # the export keeps the class names beside the .npz
+  ckpt = weights.load(finetuned.npz)  # the export keeps the class names beside the .npz
   assert predict.class_names(ckpt) == finetuned_tiny.CLASSES
   labels = tmp_path / "labels.txt"
   labels.write_text("five\nsix\nseven\neight\nnine\n")
@@ -93,7 +94,7 @@ def test_pytorch_file_and_errors_on_the_command_line(finetuned, tmp_path):
   shutil.copy(finetuned_tiny.val_images(finetuned.tree, 1)[0], tmp_path / "digit.jpg")
   Image.open(tmp_path / "digit.jpg").save(image)
   env = dict(os.environ, JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2")
-  run = lambda *args: subprocess.run([sys.executable, "-m", "cvt_jax.predict", *args], cwd=ROOT, env=env,
+  run = lambda *args: subprocess.run([sys.executable, "-m", "cvt_jax.cli", "predict", *args], cwd=ROOT, env=env,
                                      capture_output=True, text=True, timeout=600)
   ok = run("--checkpoint", finetuned_tiny.PTH_FIXTURE, "--image_size", "40", str(image))
   assert ok.returncode == 0, ok.stderr[-3000:]
@@ -102,7 +103,7 @@ def test_pytorch_file_and_errors_on_the_command_line(finetuned, tmp_path):
   assert "class " in lines[1]  # a 10-class head without stored names: label indices
 
   missing = run("--checkpoint", str(tmp_path / "nope.npz"), str(image))
-  assert missing.returncode == 2 and "nope.npz" in missing.stderr and "Traceback" not in missing.stderr
+  assert missing.returncode == 1 and "nope.npz" in missing.stderr and "Traceback" not in missing.stderr
   empty = tmp_path / "empty"
   empty.mkdir()
   none = run("--checkpoint", finetuned.npz, str(empty))

@@ -10,11 +10,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from configs import common, demo
 from cvt_jax import checkpointing
+from cvt_jax import input_pipeline
+from cvt_jax import model as model_lib
 from cvt_jax import optim
 from cvt_jax import parallel
 from cvt_jax import train_lib
+from cvt_jax.configs import common, demo
 
 NUM_CLASSES = 3
 TRAIN_PER_CLASS, VAL_PER_CLASS = 16, 5  # 48 train, 15 val: no eval batch below divides 15
@@ -83,17 +85,13 @@ def assert_trees_equal(a, b):
 def test_loss_is_finite_and_decreases_on_a_learnable_set():
   config = tiny_config("unused", **{"augment.label_smoothing": 0.0})
   mesh = parallel.make_mesh()
-  model = train_lib.create_model(config.model, NUM_CLASSES)
+  model = model_lib.from_config(config.model, NUM_CLASSES)
   schedule = lambda step: 1e-3
   tx = optim.make_optimizer(config.optim, schedule)
-  variables = model.init_variables(jax.random.key(0), 32)
-  state = train_lib.TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
-                               batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"]))
-  replicated, batch_sharding = parallel.replicated(mesh), parallel.batch_sharding(mesh)
-  step_fn = jax.jit(train_lib.make_train_step(model, tx, schedule, NUM_CLASSES, config.augment,
-                                              jax.random.key(1)),
-                    in_shardings=(replicated, batch_sharding), out_shardings=(replicated, replicated),
-                    donate_argnums=0)
+  state = train_lib.create_train_state(model.init_variables(jax.random.key(0), 32), tx, mesh)
+  step_fn = train_lib.shard_train_step(
+      train_lib.make_train_step(model, tx, schedule, NUM_CLASSES, config.augment, jax.random.key(1), shards=4),
+      mesh)
   rng = np.random.default_rng(0)
   labels = np.arange(32) % NUM_CLASSES
   batch = parallel.global_batch(
@@ -116,7 +114,9 @@ def test_resume_after_a_stop_equals_an_uninterrupted_run(tree, tmp_path):
 
   stopped, _ = train_lib.train_and_evaluate(config, str(tmp_path / "resumed"), interrupt_at_step=4)
   assert int(stopped.step) == 4
-  assert checkpointing.Checkpointer(tmp_path / "resumed", 2, 3).latest_step() == 4
+  ckpt = checkpointing.Checkpointer(tmp_path / "resumed", 2, 3)
+  assert ckpt.latest_step() == 4
+  ckpt.close()
   resumed, resumed_eval = train_lib.train_and_evaluate(config, str(tmp_path / "resumed"))
 
   assert_trees_equal(resumed, straight)  # params, batch_stats, AdamW moments and step: bit for bit
@@ -130,27 +130,25 @@ def test_resume_after_a_stop_equals_an_uninterrupted_run(tree, tmp_path):
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tree, tmp_path):
   config = tiny_config(tree, **{"optim.lr": 1e30, "optim.lr_batch_size": 16, "schedule.warmup_epochs": 0,
                                 "checkpoint_every_steps": 1, "eval_every_epochs": 2})
-  with pytest.raises(FloatingPointError, match="Non-finite training loss at step") as error:
+  with pytest.raises(FloatingPointError, match="non-finite training loss at step") as error:
     train_lib.train_and_evaluate(config, str(tmp_path))
   bad_step = int(re.search(r"at step (\d+)", str(error.value)).group(1))
-  latest = checkpointing.Checkpointer(tmp_path, 1, 3).latest_step()
+  ckpt = checkpointing.Checkpointer(tmp_path, 1, 3)
+  latest = ckpt.latest_step()
+  ckpt.close()
   assert latest == bad_step - 1
   assert f"last good checkpoint is step {latest}" in str(error.value)
 
 
 def test_eval_counts_every_example_once(tree):
   """Batch 4 = one row per device over 15 examples (the other tests use batches of 8 and 12)."""
-  from cvt_jax import input_pipeline
-
   config = tiny_config(tree)
   mesh = parallel.make_mesh()
-  model = train_lib.create_model(config.model, NUM_CLASSES)
+  model = model_lib.from_config(config.model, NUM_CLASSES)
   variables = model.init_variables(jax.random.key(0), 32)
-  state = train_lib.TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
-                               batch_stats=variables["batch_stats"], opt_state=())
-  eval_step = jax.jit(train_lib.make_eval_step(model))
-  spec = input_pipeline.DataSpec.from_config(config.data, 32)
-  result = train_lib.evaluate(eval_step, state, input_pipeline.eval_batches(spec, 4), mesh)
+  eval_step = train_lib.shard_eval_step(train_lib.make_eval_step(model), mesh)
+  spec = input_pipeline.DataSpec.from_config(config.data)
+  result = train_lib.evaluate_batches(eval_step, variables, input_pipeline.eval_batches(spec, 4), mesh)
   assert result["count"] == NUM_CLASSES * VAL_PER_CLASS
   assert 0.0 <= result["top1"] <= result["top5"] <= 100.0
 
@@ -175,9 +173,9 @@ def test_train_steps_on_a_tfds_dataset(tmp_path, tiny_tfds_dir):
 def test_sigterm_sets_the_stop_flag_and_handlers_are_restored():
   previous = signal.getsignal(signal.SIGTERM)
   with checkpointing.StopFlag() as stop:
-    assert not stop.should_stop(sync=True)
+    assert not stop.is_set()
     os.kill(os.getpid(), signal.SIGTERM)
-    assert stop.should_stop(sync=False)
+    assert stop.is_set()
   assert signal.getsignal(signal.SIGTERM) is previous
 
 
@@ -187,11 +185,12 @@ def test_sharded_train_step_never_recompiles_or_transfers_to_the_host(tree):
   config.augment.erasing_prob, config.augment.mixup_alpha, config.augment.cutmix_alpha = 0.25, 0.8, 1.0
   mesh = parallel.make_mesh()
   assert mesh.devices.size == 4
-  model = train_lib.create_model(config.model, NUM_CLASSES)
+  model = model_lib.from_config(config.model, NUM_CLASSES)
   schedule = optim.make_schedule(config.schedule, 1e-3, config.num_epochs, steps_per_epoch=3)
   tx = optim.make_optimizer(config.optim, schedule)
   state = train_lib.create_train_state(model.init_variables(jax.random.key(0), 32), tx, mesh)
-  step_fn = train_lib.make_train_step(model, tx, schedule, NUM_CLASSES, config.augment, jax.random.key(1))
+  step_fn = train_lib.make_train_step(model, tx, schedule, NUM_CLASSES, config.augment, jax.random.key(1),
+                                      shards=4)
   traces = []
 
   def counted_step(state, batch):

@@ -2,7 +2,7 @@ r"""The offline demo: a narrow CvT trained on scikit-learn's digits (10 classes,
 
 Command (builds the JPEG folder tree under demo_data/digits, trains into demo_out/, prints val top-1):
   ./run.sh demo
-  ./run.sh train --config configs/demo.py --workdir demo_out --config.data.data_dir=demo_data/digits
+  cvt-jax train --config demo --workdir demo_out --config.data.data_dir=demo_data/digits
 
 The architecture is CvT's (conv embeddings, conv projections, cls token in stage 3) at widths (32, 64, 128)
 and depths (1, 1, 2), at 32x32 pixels: CvT-13 trains at ~28 img/s at this size on 2 shared CPU cores,
@@ -10,7 +10,7 @@ too slow for the 10-minute budget, the narrow one at ~200 img/s. Expected val to
 Augmentation is the recipe's chain minus the parts that hurt 8x8 digit scans (mixup/cutmix, erasing).
 """
 
-from configs import common
+from cvt_jax.configs import common
 
 
 def get_config(arg: str | None = None):
@@ -26,10 +26,7 @@ def get_config(arg: str | None = None):
   config.data.eval_split = "val"
   config.data.num_workers = 2
 
-  config.augment.randaugment = False
-  config.augment.erasing_prob = 0.0
-  config.augment.mixup_alpha = 0.0
-  config.augment.cutmix_alpha = 0.0
+  common.crop_and_flip_only(config)
 
   config.optim.lr = 2e-3
   config.optim.lr_batch_size = 64

@@ -4,14 +4,14 @@ The official code ships no 22k recipe; this config trains W24 on ImageNet-1k wit
 (wd 0.1, drop path 0.3), or fine-tunes converted weights with `--config.init_from`.
 
 Command:
-  ./run.sh train --config configs/cvtw24.py --workdir out/cvtw24 --config.data.data_dir=~/tensorflow_datasets
-  ./run.sh train --config configs/cvtw24.py:res=224 ...
+  cvt-jax train --config cvtw24 --workdir out/cvtw24 --config.data.data_dir=~/tensorflow_datasets
+  cvt-jax train --config cvtw24:res=224 ...
 
 Expected ImageNet-1k val top-1 of the released 22k-pretrained weights at 384: 87.6.
 Batch/LR scaling: `:batch=N` keeps lr = 2e-3 * N / 2048 (linear rule); warm-up and schedule are in epochs.
 """
 
-from configs import common
+from cvt_jax.configs import common
 
 
 def get_config(arg: str | None = None):

@@ -5,21 +5,21 @@ process of its own, times their compilation apart, warms them up, then times the
 order rotates each round) so that a noisy, shared machine slows every contender alike; the table reports
 medians and the ratio of cvt_jax to the faster PyTorch configuration of the same case.
 
-  ./run.sh bench                       # CPU: CvT-13 @224/384, inference b1/8/32, training step b32, fp32
-  ./run.sh bench --quick               # CvT-13 @224, inference b8 + training b32, 3 rounds (~10 min, 2 cores)
-  ./run.sh bench --models cvt-13 --res 224 --infer-batches 8 --train-batches 32 --rounds 5
-  ./run.sh bench --xla-flags=--xla_cpu_use_onednn=true   # try XLA flags (set before jax starts)
+  cvt-jax bench                        # CPU: CvT-13 @224/384, inference b1/8/32, training step b32, fp32
+  cvt-jax bench --quick                # CvT-13 @224, inference b8 + training b32, 3 rounds (~10 min, 2 cores)
+  cvt-jax bench --models cvt-13 --res 224 --infer_batches 8 --train_batches 32 --rounds 5
+  cvt-jax bench --xla_flags=--xla_cpu_use_onednn=true   # try XLA flags (set before jax starts)
 
 On a GPU the defaults become bf16 (PyTorch: AMP bf16 + fused AdamW), CvT-13/21/W24, batch 256 and the
 largest batch that fits both frameworks. Every run also measures a large matmul (the GEMM ceiling: no
 model's FLOPs run faster, so each case gets a roofline img/s) and the input side of training on generated
-JPEGs: host decode + crop + flip, the on-device augmentation alone, and the trainer's whole loop on the JPEG
-folder tree against its bare step. Results go to bench/results/local/<time>.{json,md}.
+JPEGs: host decode + crop + flip on 1..all cores, the on-device augmentation alone, and the trainer's whole
+loop on the JPEG folder tree against its bare step. Results go to bench/results/local/<time>.{json,md}.
+PyTorch (and transformers) are needed: `pip install 'cvt-jax[test]'` or `./run.sh bench`.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime
 import json
@@ -29,15 +29,18 @@ import pathlib
 import platform
 import signal
 import statistics
-import sys
 import tempfile
 import time
-from typing import Any, Callable
+import types
+from typing import Any, Callable, Sequence
 
 import numpy as np
+from absl import flags
+
+from cvt_jax import cli
 
 FRAMEWORKS = ("jax", "torch-eager", "torch-compile")
-RESULTS_DIR = pathlib.Path(__file__).parent / "results" / "local"
+RESULTS_DIR = pathlib.Path("bench") / "results" / "local"
 
 # Dense peak FLOP/s by device-kind substring (first match wins) and compute dtype; MFU divides by these.
 GPU_PEAKS = (
@@ -168,12 +171,12 @@ class ContenderProcess:
   own and sits idle while another steps.
   """
 
-  def __init__(self, framework: str, case: Case, dtype: str, depthwise_impl: str):
+  def __init__(self, framework: str, case: Case, dtype: str, kernels: str):
     context = multiprocessing.get_context("spawn")
     self._name = framework
     self._conn, child = context.Pipe()
     self._process = context.Process(target=_serve_contender, daemon=True,
-                                    args=(child, framework, case, dtype, depthwise_impl))
+                                    args=(child, framework, case, dtype, kernels))
     self._process.start()
     child.close()
     self.compile_s = self._receive()
@@ -212,14 +215,14 @@ class ContenderProcess:
     self._conn.close()
 
 
-def _serve_contender(conn: Any, framework: str, case: Case, dtype: str, depthwise_impl: str) -> None:
+def _serve_contender(conn: Any, framework: str, case: Case, dtype: str, kernels: str) -> None:
   """Worker loop of `ContenderProcess`: build, report the compile time, then one step per request."""
   import traceback
   try:
     if framework != "jax":  # the jax process never loads torch
       import torch
       torch.set_num_threads(os.cpu_count() or 1)
-    contender = build(framework, case, dtype, depthwise_impl)
+    contender = build(framework, case, dtype, kernels)
     conn.send(("ok", contender.compile_s))
     while conn.recv() == "step":
       conn.send(("ok", contender.step()))
@@ -227,13 +230,13 @@ def _serve_contender(conn: Any, framework: str, case: Case, dtype: str, depthwis
     conn.send(("error", traceback.format_exc()))
 
 
-def jax_contender(case: Case, dtype: str, depthwise_impl: str) -> Contender:
+def jax_contender(case: Case, dtype: str, kernels: str) -> Contender:
   import jax
   import jax.numpy as jnp
   import optax
 
   from cvt_jax.model import CvT
-  model = CvT.from_variant(case.model, dtype=getattr(jnp, dtype), depthwise_impl=depthwise_impl)
+  model = CvT.from_variant(case.model, dtype=getattr(jnp, dtype), kernels=kernels)
   variables = model.init_variables(jax.random.key(0), case.res)
   images = jax.random.normal(jax.random.key(1), (case.batch, case.res, case.res, 3), jnp.float32)
   labels = jax.random.randint(jax.random.key(2), (case.batch,), 0, 1000)
@@ -276,7 +279,7 @@ def jax_contender(case: Case, dtype: str, depthwise_impl: str) -> Contender:
 def torch_contender(case: Case, dtype: str, compiled: bool) -> Contender:
   import torch
 
-  from bench.torch_reference import build_torch_cvt
+  from cvt_jax.torch_reference import build_torch_cvt
   device = "cuda" if torch.cuda.is_available() else "cpu"
   model = build_torch_cvt(case.model).to(device)
   images = torch.randn(case.batch, 3, case.res, case.res, device=device)
@@ -310,9 +313,9 @@ def torch_contender(case: Case, dtype: str, compiled: bool) -> Contender:
   return Contender(time.perf_counter() - start, step)
 
 
-def build(framework: str, case: Case, dtype: str, depthwise_impl: str) -> Contender:
+def build(framework: str, case: Case, dtype: str, kernels: str) -> Contender:
   if framework == "jax":
-    return jax_contender(case, dtype, depthwise_impl)
+    return jax_contender(case, dtype, kernels)
   return torch_contender(case, dtype, compiled=framework == "torch-compile")
 
 
@@ -330,10 +333,10 @@ def time_interleaved(contenders: dict[str, Contender | ContenderProcess], warmup
   return times
 
 
-def fits(framework: str, case: Case, dtype: str, depthwise_impl: str) -> bool:
+def fits(framework: str, case: Case, dtype: str, kernels: str) -> bool:
   """Whether one step of `case` runs without running out of accelerator memory (in a process alone)."""
   try:
-    contender = ContenderProcess(framework, case, dtype, depthwise_impl)
+    contender = ContenderProcess(framework, case, dtype, kernels)
   except RuntimeError as e:  # XLA and torch word their out-of-memory errors differently
     if "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower():
       return False
@@ -342,12 +345,12 @@ def fits(framework: str, case: Case, dtype: str, depthwise_impl: str) -> bool:
   return True
 
 
-def largest_batch(case: Case, frameworks: list[str], dtype: str, depthwise_impl: str, limit: int) -> int:
+def largest_batch(case: Case, frameworks: list[str], dtype: str, kernels: str, limit: int) -> int:
   """Largest power-of-two batch >= case.batch (at most `limit`) with which every framework fits."""
   batch = case.batch
   while batch * 2 <= limit:
     trial = dataclasses.replace(case, batch=batch * 2)
-    if not all(fits(f, trial, dtype, depthwise_impl) for f in frameworks):
+    if not all(fits(f, trial, dtype, kernels) for f in frameworks):
       break
     batch *= 2
     print(f"  batch {batch} fits", flush=True)
@@ -359,7 +362,7 @@ def run_case(case: Case, args: argparse.Namespace, macs: int, peak: float | None
   contenders = {}
   try:
     for framework in args.frameworks:
-      contenders[framework] = ContenderProcess(framework, case, args.dtype, args.depthwise_impl)
+      contenders[framework] = ContenderProcess(framework, case, args.dtype, args.kernels)
       print(f"  {framework}: compiled in {contenders[framework].compile_s:.1f} s", flush=True)
     times = time_interleaved(contenders, args.warmup, args.rounds)
   finally:
@@ -407,9 +410,9 @@ def _write_jpeg_tree(root: pathlib.Path, count: int, classes: int = 4) -> None:
 
 def _decode_task(item: tuple[str, int, int]) -> np.ndarray:
   """(path, seed, size) -> the training crop, as `input_pipeline` makes it."""
-  from cvt_jax import preprocess
+  from cvt_jax import host_decode
   path, seed, size = item
-  return preprocess.train_image(path, size, np.random.default_rng(seed))
+  return host_decode.decode(host_decode.Job((path,), (seed,)), size, {})[0]
 
 
 def _host_decode_rates(root: pathlib.Path, spec: Any, batch: int) -> dict[str, float]:
@@ -494,7 +497,7 @@ def _training_loop_rates(spec: Any, model_name: str, dtype: str, batch: int, ste
     return times
 
   bare_before = step_times(lambda: fixed, untimed=2)
-  batches = train_lib.Prefetcher(input_pipeline.train_batches(spec, batch, seed=0), mesh)
+  batches = input_pipeline.Prefetcher(input_pipeline.train_batches(spec, batch, seed=0), mesh)
   try:
     loop = step_times(lambda: next(batches), untimed=2)
   finally:
@@ -521,7 +524,8 @@ def bench_input_pipeline(num_images: int, batch: int, model: str, res: int, dtyp
     _write_jpeg_tree(root, num_images)
     spec = input_pipeline.DataSpec(source="folder", name="", data_dir=str(root), train_split="train",
                                    eval_split="train", image_size=res, num_workers=cores)
-    result = {"what": f"decode 500x375 JPEG + random-resized crop {res} + flip (cvt_jax.preprocess.train_image)",
+    result = {"what": f"decode 500x375 JPEG + random-resized crop {res} + flip "
+                      "(cvt_jax.preprocess.train_image)",
               "images": num_images, "cores": cores, "batch": batch, "model": model, "res": res,
               **_host_decode_rates(root, spec, batch)}
     print(f"\n== input pipeline: {result['img_per_s_one_process']:.0f} img/s one process, "
@@ -548,12 +552,13 @@ def markdown(report: dict[str, Any]) -> str:
       f"device kind {m['device_kind']} x{m['device_count']}, torch device {m['torch_device']}, "
       f"torch threads {m['torch_threads']}",
       f"- versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
-      f"- dtype {report['args']['dtype']}, depthwise_impl {report['args']['depthwise_impl']}, "
+      f"- dtype {report['args']['dtype']}, kernels {report['args']['kernels']}, "
       f"XLA_FLAGS '{m['xla_flags']}', GLIBC_TUNABLES '{m['glibc_tunables']}', "
       f"rounds {report['args']['rounds']} (medians), "
       f"peak {report['peak_source']}",
       f"- measured GEMM ceiling {report['gemm_ceiling'] / 1e12:.3f} TFLOP/s (large square matmul, jax, "
-      f"best of {', '.join(f'{c / 1e12:.3f}' for c in report['gemm_ceiling_runs'])} before and after the cases); "
+      f"best of {', '.join(f'{c / 1e12:.3f}' for c in report['gemm_ceiling_runs'])} before and after the "
+      "cases); "
       "roofline = the img/s of a model whose every FLOP ran at that rate", "",
       "| model | res | mode | batch | GMACs/img | framework | img/s | compile s | TFLOP/s | MFU | of roofline "
       "| jax ratio |",
@@ -591,44 +596,62 @@ def markdown(report: dict[str, Any]) -> str:
   return "\n".join(lines) + "\n"
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(
-      prog="./run.sh bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--models", nargs="+", help="variants (default: cvt-13 on CPU; cvt-13 cvt-21 cvt-w24 "
-                      "on GPU)")
-  parser.add_argument("--res", nargs="+", type=int, default=[224, 384], help="image sizes (default 224 384)")
-  parser.add_argument("--infer-batches", nargs="*", type=int,
-                      help="inference batches (default: 1 8 32 on CPU, 256 on GPU)")
-  parser.add_argument("--train-batches", nargs="*", type=int,
-                      help="training-step batches: forward, backward, AdamW (default: 32 on CPU, 256 on GPU)")
-  parser.add_argument("--max-batch", type=int, default=0, help="GPU: also run the largest power-of-two batch "
-                      "up to this that fits both frameworks (default 4096 on GPU, off on CPU; 0 = off)")
-  parser.add_argument("--frameworks", nargs="+", default=list(FRAMEWORKS), choices=FRAMEWORKS)
-  parser.add_argument("--dtype", choices=("float32", "bfloat16"),
-                      help="compute dtype: cvt_jax dtype / torch AMP (default float32 on CPU, bfloat16 on GPU)")
-  parser.add_argument("--depthwise-impl", default="auto", choices=("auto", "conv", "shift"),
-                      help="cvt_jax depthwise-conv formulation (default auto: the backend's faster one)")
-  parser.add_argument("--rounds", type=int, default=5, help="timed interleaved rounds per case (default 5)")
-  parser.add_argument("--warmup", type=int, default=2, help="untimed steps per contender after compiling")
-  parser.add_argument("--pipeline-images", type=int, default=256,
-                      help="JPEGs for the input-pipeline measurement (0 skips it; default 256)")
-  parser.add_argument("--loop-steps", type=int, help="timed steps of the training loop on JPEG files and of "
-                      "each of the two bare-step blocks around it (default 3 on CPU, 20 on GPU; 0 skips them)")
-  parser.add_argument("--xla-flags", default="", help="appended to XLA_FLAGS before jax starts")
-  parser.add_argument("--quick", action="store_true",
-                      help="short run: first model @224 only, inference b8 + training b32 (GPU: b256), "
-                      "3 rounds, 1 warm-up, 64 pipeline images, 3 loop steps (GPU: 10)")
-  parser.add_argument("--out", type=pathlib.Path, default=RESULTS_DIR, help=f"output folder ({RESULTS_DIR})")
-  args = parser.parse_args(argv)
-  if args.loop_steps is not None and args.loop_steps < 0:
-    parser.error(f"--loop-steps must be >= 0 (0 skips the loop), got {args.loop_steps}")
-  if args.rounds < 1 or args.warmup < 0:
-    parser.error(f"--rounds must be >= 1 and --warmup >= 0, got {args.rounds} and {args.warmup}")
+FLAGS = flags.FlagValues()
+flags.DEFINE_list("models", None, "Variants (default: cvt-13 on CPU; cvt-13,cvt-21,cvt-w24 on GPU).",
+                  flag_values=FLAGS)
+flags.DEFINE_multi_integer("res", [224, 384], "Image sizes (repeat the flag: --res 224 --res 384).",
+                           lower_bound=32, flag_values=FLAGS)
+flags.DEFINE_list("infer_batches", None, "Inference batches (default: 1,8,32 on CPU, 256 on GPU; '' none).",
+                  flag_values=FLAGS)
+flags.DEFINE_list("train_batches", None, "Training-step batches: forward, backward, AdamW (default: 32 on "
+                  "CPU, 256 on GPU; '' none).", flag_values=FLAGS)
+flags.DEFINE_integer("max_batch", 0, "GPU: also run the largest power-of-two batch up to this that fits "
+                     "both frameworks (default 4096 on GPU, off on CPU; 0 = off).", lower_bound=0,
+                     flag_values=FLAGS)
+flags.DEFINE_multi_enum("frameworks", list(FRAMEWORKS), FRAMEWORKS, "Contenders (repeat the flag).",
+                        flag_values=FLAGS)
+flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute dtype: cvt_jax dtype / torch AMP "
+                  "(default float32 on CPU, bfloat16 on GPU).", flag_values=FLAGS)
+flags.DEFINE_enum("kernels", "auto", ["auto", "plain", "cpu"], "cvt_jax kernel formulations (cvt_jax.ops; "
+                  "auto: the backend's).", flag_values=FLAGS)
+flags.DEFINE_integer("rounds", 5, "Timed interleaved rounds per case.", lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_integer("warmup", 2, "Untimed steps per contender after compiling.", lower_bound=0,
+                     flag_values=FLAGS)
+flags.DEFINE_integer("pipeline_images", 256, "JPEGs for the input-pipeline measurement (0 skips it).",
+                     lower_bound=0, flag_values=FLAGS)
+flags.DEFINE_integer("loop_steps", None, "Timed steps of the training loop on JPEG files and of each of the "
+                     "two bare-step blocks around it (default 3 on CPU, 20 on GPU; 0 skips them).",
+                     lower_bound=0, flag_values=FLAGS)
+flags.DEFINE_string("xla_flags", "", "Appended to XLA_FLAGS before jax starts.", flag_values=FLAGS)
+flags.DEFINE_bool("quick", False, "Short run: first model @224 only, inference b8 + training b32 (GPU: "
+                  "b256), 3 rounds, 1 warm-up, 64 pipeline images, 3 loop steps (GPU: 10).", flag_values=FLAGS)
+flags.DEFINE_string("out", str(RESULTS_DIR), "Output folder.", flag_values=FLAGS)
+
+
+def parse_args(argv: Sequence[str]) -> types.SimpleNamespace:
+  """Parses `argv` ([program, flags...]) into the namespace `main` works with."""
+  FLAGS.unparse_flags()
+  FLAGS(list(argv))
+  return _namespace()
+
+
+def _namespace() -> types.SimpleNamespace:
+  """The parsed flags as attributes (batches as int lists, `out` as a Path)."""
+  args = types.SimpleNamespace(**{name: FLAGS[name].value for name in FLAGS})
+  for name in ("infer_batches", "train_batches"):
+    values = getattr(args, name)
+    try:
+      setattr(args, name, None if values is None else [int(v) for v in values if v])
+    except ValueError:
+      raise cli.UsageError(f"--{name}={','.join(values)}: expected integers") from None
+  args.out = pathlib.Path(args.out)
   return args
 
 
-def main(argv: list[str] | None = None) -> None:
-  args = parse_args(argv)
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise cli.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  args = _namespace()
   if args.xla_flags:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + args.xla_flags).strip()
   # On a GPU this process and the contenders' processes share the device: none may grab 75 % of it up front.
@@ -642,14 +665,14 @@ def main(argv: list[str] | None = None) -> None:
   torch.set_num_threads(os.cpu_count() or 1)
   gpu = jax.default_backend() == "gpu"
   if gpu != torch.cuda.is_available():
-    sys.exit(f"bench: jax backend {jax.default_backend()!r} but torch.cuda.is_available() is "
-             f"{torch.cuda.is_available()}: both frameworks must run on the same device.")
+    raise cli.UsageError(f"jax backend {jax.default_backend()!r} but torch.cuda.is_available() is "
+                         f"{torch.cuda.is_available()}: both frameworks must run on the same device")
   args.models = args.models or (["cvt-13", "cvt-21", "cvt-w24"] if gpu else ["cvt-13"])
   for name in args.models:
     try:
       get_variant(name)
     except ValueError as e:
-      sys.exit(f"bench: --models: {e}")
+      raise cli.UsageError(f"--models: {e}") from e
   args.dtype = args.dtype or ("bfloat16" if gpu else "float32")
   if args.infer_batches is None:
     args.infer_batches = [256] if gpu else [1, 8, 32]
@@ -668,7 +691,8 @@ def main(argv: list[str] | None = None) -> None:
   machine = machine_info()
   peak, peak_source = peak_flops(machine["device_kind"], args.dtype, machine["cpu"])
   ceilings = [gemm_ceiling(args.dtype)]
-  print(f"bench on {machine['cpu']['model']} ({machine['cpu']['cores']} cores), device {machine['device_kind']},"
+  print(f"bench on {machine['cpu']['model']} ({machine['cpu']['cores']} cores), "
+        f"device {machine['device_kind']},"
         f" dtype {args.dtype}; peak {peak_source}; measured GEMM ceiling {ceilings[0] / 1e12:.3f} TFLOP/s",
         flush=True)
   cases = []
@@ -679,7 +703,7 @@ def main(argv: list[str] | None = None) -> None:
           cases.append(Case(model, res, batch, mode))
         if args.max_batch and batches:
           top = largest_batch(Case(model, res, max(batches), mode), args.frameworks, args.dtype,
-                              args.depthwise_impl, args.max_batch)
+                              args.kernels, args.max_batch)
           if top > max(batches):
             cases.append(Case(model, res, top, mode))
 
@@ -712,8 +736,12 @@ def main(argv: list[str] | None = None) -> None:
   print("\n" + markdown(report))
   print(f"wrote {stem}.json and {stem}.md")
   if report["failed_cases"]:
-    sys.exit(f"bench: {len(report['failed_cases'])} case(s) failed, see above and the report.")
+    raise RuntimeError(f"{len(report['failed_cases'])} case(s) failed, see above and the report")
+
+
+def run(argv: Sequence[str] | None = None) -> None:
+  cli.run(main, argv, __doc__, FLAGS)
 
 
 if __name__ == "__main__":
-  main()
+  run()

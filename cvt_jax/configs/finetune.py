@@ -1,18 +1,18 @@
 r"""Fine-tuning a converted CvT on another dataset: the paper's recipe (SGD momentum 0.9, batch 512, cosine).
 
 Commands (a folder tree is `<root>/{train,val}/<class>/<image>`; labels = sorted class folder names):
-  ./run.sh train --config configs/finetune.py:init=cvt13_224.npz,data=~/flowers,classes=102 \
+  cvt-jax train --config finetune:init=cvt13_224.npz,data=~/flowers,classes=102 \
       --workdir out/ft_flowers
-  ./run.sh train --workdir out/ft_pets --config.data.data_dir=~/tensorflow_datasets \
-      --config configs/finetune.py:init=CvT-13-224x224-IN-1k.pth,tfds=oxford_iiit_pet,classes=37,res=384
-  ... configs/finetune.py:...,opt=adamw,lr=1e-4        # AdamW (lr given at batch 512, decay `wd`)
+  cvt-jax train --workdir out/ft_pets --config.data.data_dir=~/tensorflow_datasets \
+      --config finetune:init=CvT-13-224x224-IN-1k.pth,tfds=oxford_iiit_pet,classes=37,res=384
+  ... finetune:...,opt=adamw,lr=1e-4        # AdamW (lr given at batch 512, decay `wd`)
 
 `init` is any checkpoint `init_from` reads (a converted .npz, or a PyTorch .pth/.bin/.safetensors converted on
 the fly); `variant` must be its architecture (cvt-13, cvt-21, cvt-w24). Its head is replaced by a fresh one
 when `classes` differs from its class count. `res=384` fine-tunes at 384 from 224 weights with no surgery:
 CvT has no position embeddings. The fine-tuned workdir evaluates and predicts with its own class names:
-  ./run.sh eval --config configs/finetune.py:data=~/flowers,classes=102 --checkpoint out/ft_flowers
-  ./run.sh predict --checkpoint out/ft_flowers photo.jpg
+  cvt-jax eval --config finetune:data=~/flowers,classes=102 --checkpoint out/ft_flowers
+  cvt-jax predict --checkpoint out/ft_flowers photo.jpg
 
 Recipe (paper section 4.1, following ViT): SGD momentum 0.9, global batch 512, no weight decay, cosine decay
 to 0 after a short linear warm-up, lr 0.01 at batch 512 (scaled linearly with `batch`); augmentation is the
@@ -22,7 +22,7 @@ Measured offline (README, "Fine-tune on your own data"): the demo's narrow CvT (
 budget; with all ~145 images per class, AdamW from scratch was as good or better.
 """
 
-from configs import common
+from cvt_jax.configs import common
 
 
 def get_config(arg: str | None = None):
@@ -45,10 +45,7 @@ def get_config(arg: str | None = None):
   config.schedule.min_lr = 0.0
   config.schedule.per_step = True  # short runs: a smooth cosine, not one lr per epoch
 
-  config.augment.randaugment = False
-  config.augment.erasing_prob = 0.0
-  config.augment.mixup_alpha = 0.0
-  config.augment.cutmix_alpha = 0.0
+  common.crop_and_flip_only(config)
   config.augment.label_smoothing = 0.0
 
   config.num_epochs = args.epochs

@@ -1,1 +1,0 @@
-"""Benchmarks of cvt_jax against the PyTorch reference (`python -m bench.run --help`)."""
