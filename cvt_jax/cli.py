@@ -22,6 +22,8 @@ from absl import flags
 from absl import logging as absl_logging
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+# TensorFlow's C++ INFO lines (oneDNN notices, ...) are not the run's: warnings and errors only.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 CONFIGS_DIR = os.path.join(PACKAGE_DIR, "configs")
 
 # command -> (module with `main(argv)` and its flags, one-line description)
@@ -251,13 +253,29 @@ def config_fields_help() -> str:
 LOG_FILE_ONLY = {"console": False}
 
 
+def _ours(record: logging.LogRecord) -> bool:
+  return record.pathname.startswith(PACKAGE_DIR)
+
+
 class _ConsoleFilter(logging.Filter):
   """INFO lines of cvt_jax itself (unless marked LOG_FILE_ONLY), and WARNING and above from everyone."""
 
   def filter(self, record: logging.LogRecord) -> bool:
     if record.levelno >= logging.WARNING:
       return True
-    return record.pathname.startswith(PACKAGE_DIR) and getattr(record, "console", True)
+    return _ours(record) and getattr(record, "console", True)
+
+
+class _ConsoleFormatter(absl_logging.PythonFormatter):
+  """absl's format; a library's warning or error shows its first line only (the log file has the rest)."""
+
+  def format(self, record: logging.LogRecord) -> str:
+    if _ours(record) or not (record.exc_info or "\n" in record.getMessage()):
+      return super().format(record)
+    first = record.getMessage().strip().splitlines()
+    short = logging.makeLogRecord({**record.__dict__, "msg": (first[0] if first else "") + " [...]",
+                                   "args": None, "exc_info": None, "exc_text": None, "stack_info": None})
+    return super().format(short)
 
 
 _FILE_HANDLERS: dict[str, logging.Handler] = {}
@@ -266,9 +284,11 @@ _FILE_HANDLERS: dict[str, logging.Handler] = {}
 def setup_logging(log_file: str | None = None) -> None:
   """absl-formatted logs: the command's INFO lines and everyone's warnings on the console; everything at
   INFO into `log_file` when given (appended)."""
+  flags.FLAGS.mark_as_parsed()  # absl's own flags (log settings) keep their defaults: no pre-parse warning
   handler = absl_logging.get_absl_handler()
   if not any(isinstance(f, _ConsoleFilter) for f in handler.filters):
     handler.addFilter(_ConsoleFilter())
+    handler.setFormatter(_ConsoleFormatter())
   absl_logging.use_absl_handler()
   absl_logging.set_verbosity(absl_logging.INFO)
   logging.root.setLevel(logging.INFO)
