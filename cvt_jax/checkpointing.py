@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import os
 import shutil
 import signal
 import threading
@@ -121,39 +122,31 @@ def _reporting_write_errors(directory: epath.Path) -> Iterator[None]:
   try:
     yield
   except Exception as error:  # pylint: disable=broad-except  # orbax wraps OSErrors in several types
-    if not _is_write_error(error):
+    problem = _write_problem(error)
+    if problem is None:
       raise
     for partial in directory.glob(f"*{_TMP_MARKER}*"):
       partial.rmtree()
     raise CheckpointWriteError(
-        f"cannot write a checkpoint to {directory}: {_root_cause(error)}{_disk_space(directory)}; the "
-        "previous checkpoint is intact and the half-written one was removed. Free some space and rerun "
-        "to resume.") from error
+        f"cannot write a checkpoint to {directory}: {problem}{_disk_space(directory)}; the previous "
+        "checkpoint is intact and the half-written one was removed. Free some space and rerun to resume."
+    ) from error
 
 
-def _is_write_error(error: BaseException) -> bool:
-  for e in _chain(error):
-    if isinstance(e, OSError) and e.errno in _WRITE_ERRNOS:
-      return True
-    text = str(e)
-    if any(s in text for s in ("No space left", "Disk quota", "File too large", "Read-only file system",
-                               "Permission denied")):
-      return True
-  return False
-
-
-def _chain(error: BaseException):
-  while error is not None:
-    yield error
+def _write_problem(error: BaseException) -> str | None:
+  """'No space left on device' (or another filesystem refusal) if that is what `error` comes down to."""
+  chain = []
+  while error is not None and error not in chain:
+    chain.append(error)
     error = error.__cause__ or error.__context__
-
-
-def _root_cause(error: BaseException) -> str:
-  for e in _chain(error):
-    if isinstance(e, OSError) and e.strerror:
-      return e.strerror
-  text = str(error).strip()
-  return text.splitlines()[0][:200] if text else type(error).__name__
+  for e in chain:
+    if isinstance(e, OSError) and e.errno in _WRITE_ERRNOS:
+      return os.strerror(e.errno)
+  for e in chain:  # tensorstore reports them as text: 'RESOURCE_EXHAUSTED: ... No space left on device'
+    for code in _WRITE_ERRNOS:
+      if os.strerror(code) in str(e):
+        return os.strerror(code)
+  return None
 
 
 def _disk_space(directory: epath.Path) -> str:

@@ -10,13 +10,15 @@ file only (`<workdir>/train.log` for training).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
 import sys
+import tempfile
 import textwrap
 import traceback
-from typing import Any, Callable, NoReturn, Sequence
+from typing import Any, Callable, Iterator, NoReturn, Sequence
 
 from absl import flags
 from absl import logging as absl_logging
@@ -84,14 +86,21 @@ def run(main_fn: Callable[[list[str]], int | None], argv: Sequence[str] | None, 
   if any(a in ("-h", "--help", "--helpshort", "--helpfull") for a in argv[1:]):
     print(_help(doc, flag_values, extra_help))
     sys.exit(0)
+  saved_argv = sys.argv
   try:
-    if flag_values.is_parsed():  # a second run in the same process (tests)
+    argv = resolve_config_args(argv)
+    sys.argv = argv  # ml_collections reads the --config.<field> overrides off sys.argv
+    if flag_values.is_parsed():  # a second run in the same process (tests): forget the first one's
       flag_values.unparse_flags()
-    remaining = flag_values(resolve_config_args(argv))
+      for name in [n for n in flag_values if "." in n]:  # ml_collections' --config.<field> overrides
+        delattr(flag_values, name)
+    remaining = flag_values(argv)
   except (AttributeError, KeyError) as e:  # ml_collections: an override of a field the config lacks
     _report(prog, _unknown_config_field(e, argv), 2, debug)
   except Exception as e:  # pylint: disable=broad-except  # config files run code while they are parsed
     _report(prog, e, 2, debug)
+  finally:
+    sys.argv = saved_argv
   setup_logging()
   try:
     status = main_fn(remaining)
@@ -195,8 +204,14 @@ def check_output(path: str, suffix: str | None = None) -> None:
     existing = os.path.dirname(existing)
   if not os.path.isdir(existing):
     raise UsageError(f"output {path}: {existing} is not a folder")
-  if not os.access(existing, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
-    raise UsageError(f"output {path}: {existing if not os.path.exists(path) else path} is not writable")
+  try:  # a real write: permissions, read-only mounts and quotas all count
+    with tempfile.TemporaryFile(dir=existing):
+      pass
+    if os.path.exists(path):
+      with open(path, "ab"):
+        pass
+  except OSError as e:
+    raise UsageError(f"output {path}: {e.filename or existing} is not writable ({e.strerror})") from None
 
 
 def resolve_config_args(argv: list[str]) -> list[str]:
@@ -278,12 +293,8 @@ class _ConsoleFormatter(absl_logging.PythonFormatter):
     return super().format(short)
 
 
-_FILE_HANDLERS: dict[str, logging.Handler] = {}
-
-
-def setup_logging(log_file: str | None = None) -> None:
-  """absl-formatted logs: the command's INFO lines and everyone's warnings on the console; everything at
-  INFO into `log_file` when given (appended)."""
+def setup_logging() -> None:
+  """absl-formatted logs on the console: the command's INFO lines and everyone's warnings."""
   flags.FLAGS.mark_as_parsed()  # absl's own flags (log settings) keep their defaults: no pre-parse warning
   handler = absl_logging.get_absl_handler()
   if not any(isinstance(f, _ConsoleFilter) for f in handler.filters):
@@ -292,11 +303,19 @@ def setup_logging(log_file: str | None = None) -> None:
   absl_logging.use_absl_handler()
   absl_logging.set_verbosity(absl_logging.INFO)
   logging.root.setLevel(logging.INFO)
-  if log_file and log_file not in _FILE_HANDLERS:
-    file_handler = logging.FileHandler(log_file)
-    file_handler.setFormatter(absl_logging.PythonFormatter())
-    logging.root.addHandler(file_handler)
-    _FILE_HANDLERS[log_file] = file_handler
+
+
+@contextlib.contextmanager
+def logging_to(log_file: str) -> Iterator[None]:
+  """Everything logged at INFO and above, libraries included, is also appended to `log_file`."""
+  handler = logging.FileHandler(log_file)
+  handler.setFormatter(absl_logging.PythonFormatter())
+  logging.root.addHandler(handler)
+  try:
+    yield
+  finally:
+    logging.root.removeHandler(handler)
+    handler.close()
 
 
 if __name__ == "__main__":

@@ -35,18 +35,21 @@ def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise cli.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   started = time.time()
+  workdir = _WORKDIR.value
+  if _FRESH.value:
+    workdir_lib.check_removable(workdir)  # before anything is written there, the lock file included
   config = demo_config.get_config(None if _EPOCHS.value is None else f"epochs={_EPOCHS.value}")
   config.data.data_dir = demo_data.build_digits_tree(_DATA_DIR.value)
   train_lib.validate_config(config)
-  workdir = _WORKDIR.value
   workdir_lib.check_writable(workdir)
   with workdir_lib.Lock(workdir):
     if _FRESH.value:
       workdir_lib.remove_run(workdir)
-    cli.setup_logging(os.path.join(workdir, "train.log"))
-    logging.info("Training a %s on %s into %s (full log: %s).", config.model.variant, config.data.data_dir,
-                 workdir, os.path.join(workdir, "train.log"))
-    _, result = train_lib.train_and_evaluate(config, workdir)
+    log_file = os.path.join(workdir, "train.log")
+    with cli.logging_to(log_file):
+      logging.info("Training a %s on %s into %s (full log: %s).", config.model.variant, config.data.data_dir,
+                   workdir, log_file)
+      _, result = train_lib.train_and_evaluate(config, workdir)
   minutes = (time.time() - started) / 60
   print(f"Final validation top-1: {result['top1']:.2f}% (top-5 {result['top5']:.2f}%) over "
         f"{result['count']} images; {minutes:.1f} min wall time.", flush=True)

@@ -19,7 +19,11 @@ def build_digits_tree(root: str | os.PathLike, image_size: int = 64, val_fractio
   """Writes `<root>/{train,val}/<digit>/<index>.jpg` (greyscale JPEGs, bicubic upscaled); returns root.
 
   The split is stratified and deterministic in `seed`. A complete tree built with the same arguments
-  is reused; anything else at `root` is replaced (the tree is written aside and renamed into place).
+  is reused; one built with other arguments is replaced (written aside, then renamed into place). Anything
+  else at `root` (a folder of other files) is left alone: the call fails.
+
+  Raises:
+    FileExistsError: `root` exists and is not empty, but is no digits tree built here.
   """
   from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
   if not 0 < val_fraction < 1:
@@ -33,6 +37,9 @@ def build_digits_tree(root: str | os.PathLike, image_size: int = 64, val_fractio
     with open(marker) as f:
       if json.load(f) == params:
         return root
+  elif os.path.exists(root) and (not os.path.isdir(root) or os.listdir(root)):
+    raise FileExistsError(f"{root} exists and is not a digits tree built by cvt_jax: choose another "
+                          "--data_dir (nothing was changed)")
 
   digits = load_digits()
   rng = np.random.default_rng(seed)

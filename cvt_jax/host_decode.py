@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import atexit
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 import io
 import multiprocessing
 import os
+import sys
 from multiprocessing import shared_memory
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 from PIL import Image
@@ -148,5 +150,24 @@ class DecodePool:
 def _workers(count: int) -> concurrent.futures.ProcessPoolExecutor:
   """One pool of `count` worker processes per process, shared by every `DecodePool` (starting is slow)."""
   pool = concurrent.futures.ProcessPoolExecutor(count, mp_context=multiprocessing.get_context("spawn"))
+  with _main_module_hidden():
+    # Workers start on demand, one per submission while none is idle: start them all now, main hidden.
+    concurrent.futures.wait([pool.submit(os.getpid) for _ in range(count)])
   atexit.register(pool.shutdown, wait=False, cancel_futures=True)
   return pool
+
+
+@contextlib.contextmanager
+def _main_module_hidden() -> Iterator[None]:
+  """'spawn' re-runs the parent's __main__ in every child: a training script would import JAX there, and a
+  script read from stdin has no file to re-run. The workers need none of it."""
+  main = sys.modules["__main__"]
+  saved = {key: main.__dict__[key] for key in ("__file__", "__spec__") if key in main.__dict__}
+  main.__dict__.pop("__file__", None)
+  main.__spec__ = None
+  try:
+    yield
+  finally:
+    main.__dict__.update(saved)
+    if "__spec__" not in saved:
+      del main.__spec__

@@ -62,8 +62,9 @@ def main(argv: Sequence[str]) -> None:
       workdir_lib.check_writable(workdir)
       if jax.process_index() == 0:
         stack.enter_context(workdir_lib.Lock(workdir))  # before the log file: a refused run writes nothing
+      train_lib.check_workdir(config, workdir)
       suffix = "" if jax.process_index() == 0 else f".process{jax.process_index()}"
-      cli.setup_logging(os.path.join(workdir, f"train{suffix}.log"))
+      stack.enter_context(cli.logging_to(os.path.join(workdir, f"train{suffix}.log")))
     logging.info("JAX process %d of %d, %d local / %d global devices (%s).", jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count(), jax.default_backend())
     logging.info("Config:\n%s", config, extra=cli.LOG_FILE_ONLY)

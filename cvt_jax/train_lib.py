@@ -315,6 +315,21 @@ class _Profiler:
                    self._start, step, self._dir)
 
 
+def _model_info(config: Any, spec: input_pipeline.DataSpec,
+                info: input_pipeline.DatasetInfo) -> workdir_lib.ModelInfo:
+  """What a run of `config` on this data writes into its workdir's model_info.json."""
+  return workdir_lib.ModelInfo(
+      model_lib.variant_from_config(config.model), info.num_classes, info.class_names, config.data.image_size,
+      workdir_lib.data_fingerprint(spec.source, spec.data_dir or spec.name, info.num_train_examples,
+                                   info.num_eval_examples, info.class_names))
+
+
+def check_workdir(config: Any, workdir: str | epath.PathLike) -> None:
+  """Raises `WorkdirError` if `workdir` belongs to a run of another model or other classes; writes nothing."""
+  spec = input_pipeline.DataSpec.from_config(config.data)
+  workdir_lib.check_resumable(workdir, _model_info(config, spec, input_pipeline.dataset_info(spec)))
+
+
 def train_and_evaluate(config: Any, workdir: str | epath.PathLike, *, interrupt_at_step: int | None = None
                        ) -> tuple[TrainState, dict[str, float] | None]:
   """Trains per `config` in `workdir`, resuming from its latest checkpoint, evaluating every N epochs.
@@ -354,10 +369,7 @@ def _train(config: Any, workdir: epath.Path, interrupt_at_step: int | None
   eval_every = steps_per_epoch * config.eval_every_epochs
 
   model = model_lib.from_config(config.model, info.num_classes, platform)
-  model_info = workdir_lib.ModelInfo(
-      model_lib.get_variant(model.variant), info.num_classes, info.class_names, config.data.image_size,
-      workdir_lib.data_fingerprint(spec.source, spec.data_dir or spec.name, info.num_train_examples,
-                                   info.num_eval_examples, info.class_names))
+  model_info = _model_info(config, spec, info)
   stored_info = workdir_lib.check_resumable(workdir, model_info)  # before anything is written
 
   base_lr = optim.scaled_lr(config.optim.lr, config.optim.lr_batch_size, config.global_batch_size)

@@ -186,25 +186,29 @@ def _written_by_runs(name: str) -> bool:
   return name in RUN_ENTRIES or any(fnmatch.fnmatch(name, p) for p in RUN_FILE_PATTERNS)
 
 
-def looks_like_workdir(workdir: str | epath.PathLike) -> bool:
-  """Whether every entry of `workdir` is one a cvt_jax run writes (an empty folder counts)."""
-  return all(_written_by_runs(entry.name) for entry in epath.Path(workdir).iterdir())
-
-
-def remove_run(workdir: str | epath.PathLike) -> None:
-  """Deletes what a cvt_jax run wrote into `workdir` (`--fresh`); refuses on anything else.
-
-  Raises:
-    WorkdirError: `workdir` holds files that no cvt_jax run writes (nothing is deleted then).
-  """
+def check_removable(workdir: str | epath.PathLike) -> None:
+  """Raises `WorkdirError` unless `workdir` is absent or holds only what cvt_jax runs write."""
   path = epath.Path(workdir)
   if not path.exists():
     return
-  if not path.is_dir() or not looks_like_workdir(path):
-    foreign = (sorted(e.name for e in path.iterdir() if not _written_by_runs(e.name))[:5]
-               if path.is_dir() else [])
-    raise WorkdirError(f"refusing to delete {path}: it does not look like a cvt_jax workdir"
-                       + (f" (it holds {', '.join(foreign)})" if foreign else " (not a folder)"))
+  if not path.is_dir():
+    raise WorkdirError(f"refusing to delete {path}: it is not a folder, let alone a cvt_jax workdir")
+  foreign = sorted(e.name for e in path.iterdir() if not _written_by_runs(e.name))
+  if foreign:
+    raise WorkdirError(f"refusing to delete {path}: it does not look like a cvt_jax workdir (it holds "
+                       f"{', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''})")
+
+
+def remove_run(workdir: str | epath.PathLike) -> None:
+  """Deletes what cvt_jax runs wrote into `workdir` (`--fresh`); refuses, deleting nothing, on anything else.
+
+  Raises:
+    WorkdirError: `workdir` holds files that no cvt_jax run writes.
+  """
+  check_removable(workdir)
+  path = epath.Path(workdir)
+  if not path.exists():
+    return
   for entry in path.iterdir():
     if entry.name == LOCK:  # held by the caller; a new inode would let a second run in
       continue

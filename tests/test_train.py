@@ -1,5 +1,6 @@
 """The trainer on 4 CPU devices with a tiny CvT: steps, learning, resume, NaN stop, eval coverage."""
 
+import logging
 import os
 import re
 import signal
@@ -107,17 +108,24 @@ def test_loss_is_finite_and_decreases_on_a_learnable_set():
   assert int(state.step) == 12 and float(metrics["lr"]) == pytest.approx(1e-3)
 
 
-def test_resume_after_a_stop_equals_an_uninterrupted_run(tree, tmp_path):
+def test_resume_after_a_stop_equals_an_uninterrupted_run(tree, tmp_path, caplog):
+  """Stopped at step 4, the latest checkpoint damaged on disk: the run resumes from step 2, bit-identical."""
   config = tiny_config(tree)
   straight, straight_eval = train_lib.train_and_evaluate(config, str(tmp_path / "straight"))
   assert int(straight.step) == 6  # 48 // 16 steps per epoch x 2 epochs
 
   stopped, _ = train_lib.train_and_evaluate(config, str(tmp_path / "resumed"), interrupt_at_step=4)
   assert int(stopped.step) == 4
-  ckpt = checkpointing.Checkpointer(tmp_path / "resumed", 2, 3)
-  assert ckpt.latest_step() == 4
-  ckpt.close()
-  resumed, resumed_eval = train_lib.train_and_evaluate(config, str(tmp_path / "resumed"))
+  checkpoints = tmp_path / "resumed" / "checkpoints"
+  assert sorted(p.name for p in checkpoints.iterdir()) == ["2", "4"]
+  for data in (checkpoints / "4" / "default" / "d").iterdir():
+    data.write_bytes(b"\0" * 64)  # a damaged disk
+  with caplog.at_level(logging.WARNING):
+    resumed, resumed_eval = train_lib.train_and_evaluate(config, str(tmp_path / "resumed"))
+  warnings = [r.getMessage() for r in caplog.records if "is unreadable" in r.getMessage()]
+  assert len(warnings) == 1 and f"{checkpoints / '4'} is unreadable" in warnings[0], warnings
+  assert "\n" not in warnings[0] and "using the step before it" in warnings[0]
+  assert [p.name for p in checkpoints.iterdir() if p.name.startswith("4.unreadable.")]  # kept, not deleted
 
   assert_trees_equal(resumed, straight)  # params, batch_stats, AdamW moments and step: bit for bit
   assert resumed_eval == straight_eval
