@@ -54,6 +54,19 @@ ensure_torchvision_transforms() {
   fi
 }
 
+# libtpu, for the compile-only TPU topologies of the compile tests (tests/test_compile.py), in the version the
+# installed jax pins (its `tpu` extra), unpacked beside the venv: installed, every JAX process on this CPU
+# host would try to start a TPU first. TPU VMs install `jax[tpu]` instead.
+ensure_libtpu() {
+  local target="$VENV/libtpu"
+  if [[ ! -d "$target/libtpu" ]]; then
+    local spec
+    spec="$("$VENV/bin/python" -c 'import importlib.metadata as m
+print(next(r.split(";")[0].replace(" ", "") for r in m.requires("jax") if r.startswith("libtpu")))')"
+    "$VENV/bin/python" -m pip install --quiet --no-deps --target "$target" "$spec"
+  fi
+}
+
 # XLA:CPU allocates a step's temporaries afresh on every call and glibc hands them back to the kernel on
 # free, so every training step faulted them in again (bench/README.md, second round). One arena that never
 # returns memory reuses the pages. Your own GLIBC_TUNABLES wins; other C libraries ignore it. Not used by
@@ -67,7 +80,7 @@ cmd="${1:-}"
 [[ "$cmd" == test ]] || reuse_memory
 case "$cmd" in
   ""|-h|--help|help) usage ;;
-  test)    ensure_venv tfds,demo,test; ensure_torchvision_transforms
+  test)    ensure_venv tfds,demo,test; ensure_torchvision_transforms; ensure_libtpu
            exec "$VENV/bin/python" -m pytest tests "$@" ;;
   bench)   ensure_venv tfds,demo,test; exec "$VENV/bin/cvt-jax" bench "$@" ;;
   demo|train|eval|predict|convert|summary|compile)

@@ -28,6 +28,7 @@ from cvt_jax import augment
 from cvt_jax import checkpointing
 from cvt_jax import input_pipeline
 from cvt_jax import model as model_lib
+from cvt_jax import ops
 from cvt_jax import optim
 from cvt_jax import parallel
 from cvt_jax import weights
@@ -81,6 +82,7 @@ def make_train_step(model: model_lib.CvT, tx: optax.GradientTransformation, sche
     return soft_cross_entropy(logits, targets).mean(), updates["batch_stats"]
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  kernels = ops.resolve_kernels(model.kernels)  # the augmentation's formulation follows the model's
 
   def accumulated(params, batch_stats, images, targets, drop_rng):
     """grad_fn over `grad_accum_steps` micro-batches (a scan, so memory holds one at a time)."""
@@ -107,7 +109,7 @@ def make_train_step(model: model_lib.CvT, tx: optax.GradientTransformation, sche
     # The rng depends only on (seed, step), so a resumed run draws exactly what an uninterrupted one would.
     aug_rng, drop_rng = jax.random.split(jax.random.fold_in(base_rng, state.step))
     images, targets = augment.train_augment(aug_rng, batch["image"], batch["label"], num_classes,
-                                            augment_config, shards)
+                                            augment_config, shards, kernels)
     compute = grad_fn if grad_accum_steps == 1 else accumulated
     (loss, batch_stats), grads = compute(state.params, state.batch_stats, images, targets, drop_rng)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)

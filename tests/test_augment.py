@@ -62,14 +62,17 @@ def photos():
   return [np.asarray(p) for p in (*photos, digit, flat)]
 
 
-def test_rand_augment_ops_match_pil(photos):
+@pytest.mark.parametrize("kernels", ["cpu", "plain"])
+def test_rand_augment_ops_match_pil(photos, kernels):
+  """Both formulations: 'cpu' gathers the taps and table entries, 'plain' (GPU/TPU) gathers nothing."""
   cases = [(p, k, name, _f32(level), sign) for p in photos for k, name in enumerate(augment.RAND_OPS)
            for level, sign in ((0.9, 1.0), (0.53, -1.0), (0.17, 1.0), (1.0, -1.0))]
-  ours = jax.jit(jax.vmap(augment.apply_op))(
-      jnp.asarray(np.stack([c[0] for c in cases])), jnp.asarray([c[1] for c in cases]),
-      jnp.asarray([c[3] for c in cases]), jnp.asarray([c[4] for c in cases], jnp.float32))
+  planes = jnp.asarray(np.stack([c[0] for c in cases]).transpose(0, 3, 1, 2))
+  ours = jax.jit(augment.apply_ops, static_argnums=4)(
+      planes, jnp.asarray([c[1] for c in cases]), jnp.asarray([c[3] for c in cases]),
+      jnp.asarray([c[4] for c in cases], jnp.float32), kernels)
   worst = {}
-  for out, (photo, _, name, level, sign) in zip(np.asarray(ours), cases):
+  for out, (photo, _, name, level, sign) in zip(np.asarray(ours).transpose(0, 2, 3, 1), cases):
     ref = pil_op(Image.fromarray(photo), name, level, sign)
     diff = np.abs(out.astype(int) - ref.astype(int))
     max_diff, frac = worst.get(name, (0, 0.0))
@@ -81,12 +84,12 @@ def test_rand_augment_ops_match_pil(photos):
 
 
 def test_rand_augment_batch_is_per_image_and_deterministic(photos):
-  images = jnp.asarray(np.stack([photos[0]] * 16))
+  images = jnp.asarray(np.stack([photos[0].transpose(2, 0, 1)] * 16))
   fn = jax.jit(augment.rand_augment)
   out = np.asarray(fn(jax.random.key(0), images))
   assert out.shape == images.shape and out.dtype == np.uint8
   np.testing.assert_array_equal(out, np.asarray(fn(jax.random.key(0), images)))
-  changed = [not np.array_equal(o, photos[0]) for o in out]
+  changed = [not np.array_equal(o, images[0]) for o in out]
   distinct = {o.tobytes() for o in out}
   assert 4 <= sum(changed) < 16  # each image keeps its input with chance 1/4 (two ops, p 0.5 each)
   assert len(distinct) >= 8
@@ -97,14 +100,16 @@ def test_normalize():
   x = np.random.default_rng(0).integers(0, 256, (2, 4, 4, 3), dtype=np.uint8)
   expected = (x / 255.0 - np.array(augment.MEAN_RGB)) / np.array(augment.STD_RGB)
   np.testing.assert_allclose(augment.normalize(jnp.asarray(x)), expected, atol=1e-5)
+  planar = augment.normalize(jnp.asarray(x.transpose(0, 3, 1, 2)), channel_axis=1)
+  np.testing.assert_allclose(planar, expected.transpose(0, 3, 1, 2), atol=1e-5)
 
 
 def test_random_erasing_boxes():
-  images = jnp.full((200, 16, 24, 3), 5.0)
+  images = jnp.full((200, 3, 16, 24), 5.0)
   erase = jax.jit(augment.random_erasing)  # prob is traced: one compile
   out = np.asarray(erase(jax.random.key(0), images, 1.0))
   for img in out[:50]:
-    erased = (img != 5.0).any(-1)
+    erased = (img != 5.0).any(0)
     rows, cols = np.flatnonzero(erased.any(1)), np.flatnonzero(erased.any(0))
     h, w = rows.max() - rows.min() + 1, cols.max() - cols.min() + 1
     assert erased.sum() == h * w  # one rectangle
@@ -117,20 +122,20 @@ def test_random_erasing_boxes():
   np.testing.assert_array_equal(erase(jax.random.key(1), images, 0.0), images)
 
 
-_mixup = jax.jit(augment.mixup_cutmix, static_argnums=range(3, 8))
+_mixup = jax.jit(augment.mixup_cutmix, static_argnums=range(3, 9))
 
 
 def _labelled_constant_batch(batch=8, height=20, width=30):
   """Image i is the constant i; label i."""
   images = jnp.broadcast_to(jnp.arange(batch, dtype=jnp.float32)[:, None, None, None],
-                            (batch, height, width, 3))
+                            (batch, 3, height, width))
   return images, jnp.arange(batch)
 
 
 @pytest.mark.parametrize("seed", range(6))
 def test_cutmix_box_area_matches_lambda(seed):
   images, labels = _labelled_constant_batch()
-  mixed, targets = _mixup(jax.random.key(seed), images, labels, 8, 0.0, 1.0, 0.5, 0.0)
+  mixed, targets = _mixup(jax.random.key(seed), images, labels, 8, 0.0, 1.0, 0.5, 0.0, 1)
   mixed, targets = np.asarray(mixed), np.asarray(targets)
   np.testing.assert_allclose(targets.sum(1), 1.0, atol=1e-6)
   for i in range(8):
@@ -143,11 +148,23 @@ def test_cutmix_box_area_matches_lambda(seed):
 @pytest.mark.parametrize("seed", range(3))
 def test_mixup_blend_matches_lambda(seed):
   images, labels = _labelled_constant_batch()
-  mixed, targets = _mixup(jax.random.key(seed), images, labels, 8, 0.8, 0.0, 0.5, 0.0)
+  mixed, targets = _mixup(jax.random.key(seed), images, labels, 8, 0.8, 0.0, 0.5, 0.0, 1)
   lam = float(targets[0, 0])
   assert 0.0 < lam < 1.0
   expected = lam * np.arange(8) + (1 - lam) * np.arange(8)[::-1]
   np.testing.assert_allclose(np.asarray(mixed)[:, 0, 0, 0], expected, atol=1e-5)
+
+
+def test_mixing_stays_within_each_shard():
+  """Per-device mixing: with 2 shards, images 0-3 mix among themselves (reversed), as do 4-7."""
+  images, labels = _labelled_constant_batch()
+  for seed, (mixup, cutmix) in enumerate(((0.8, 0.0), (0.0, 1.0), (0.8, 1.0))):
+    mixed, targets = _mixup(jax.random.key(seed), images, labels, 8, mixup, cutmix, 0.5, 0.0, 2)
+    for i in range(8):
+      partner = 3 - i if i < 4 else 11 - i
+      assert set(np.flatnonzero(np.asarray(targets)[i])) <= {i, partner}
+      values = np.asarray(mixed)[i]  # each pixel is i, its partner, or a blend of the two
+      assert min(i, partner) - 1e-5 <= values.min() and values.max() <= max(i, partner) + 1e-5
 
 
 def test_smoothing_values_and_switch():
@@ -158,7 +175,7 @@ def test_smoothing_values_and_switch():
   np.testing.assert_allclose(targets, expected, atol=1e-7)
   # Both on: cutmix outputs contain only the two source values, mixup ones a blend; ~half each.
   keys = jax.random.split(jax.random.key(1), 40)
-  mixed, t = jax.vmap(lambda k: _mixup(k, images, labels, 10, 0.8, 1.0, 0.5, 0.1))(keys)
+  mixed, t = jax.vmap(lambda k: _mixup(k, images, labels, 10, 0.8, 1.0, 0.5, 0.1, 1))(keys)
   cutmix = [set(np.unique(np.asarray(m[0]))) <= {0.0, 3.0} for m in mixed]
   assert 8 <= sum(cutmix) <= 32
   np.testing.assert_allclose(np.asarray(t).sum(-1), 1.0, atol=1e-6)
@@ -177,6 +194,10 @@ def test_train_augment_switches():
   full = ml_collections.ConfigDict({"augment": augment.default_config()})
   x, y = jax.jit(lambda k: augment.train_augment(k, images, labels, 5, full))(jax.random.key(1))
   assert x.dtype == jnp.float32 and x.shape == (4, 24, 24, 3) and np.isfinite(x).all()
+  plain = jax.jit(lambda k: augment.train_augment(k, images, labels, 5, full, kernels="plain"))
+  x_plain, y_plain = plain(jax.random.key(1))  # the same draws, the same pixels
+  np.testing.assert_array_equal(y_plain, y)
+  assert np.mean(np.asarray(x_plain) != np.asarray(x)) < 1e-3
   assert not np.allclose(x, augment.normalize(images))
   np.testing.assert_allclose(np.asarray(y).sum(1), 1.0, atol=1e-6)
   with pytest.raises(ValueError, match="mixup_prob"):

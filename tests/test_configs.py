@@ -73,3 +73,15 @@ def test_train_py_rejects_unknown_override_before_any_work(tmp_path):
   assert result.stderr.strip() == ("train.py: error: --config.optim.lrr: no such config field "
                                    "(Did you mean \"lr\" instead of \"lrr\"?)")
   assert not os.listdir(tmp_path)
+
+
+def test_cvt21_at_224_follows_its_yaml_and_timm_elsewhere():
+  yaml = cvt21.get_config()
+  assert (yaml.data.interpolation, yaml.data.repeated_augmentation) == ("bilinear", 3)
+  assert not yaml.augment.randaugment and yaml.augment.erasing_prob == 0.0
+  assert (yaml.augment.mixup_alpha, yaml.augment.cutmix_alpha, yaml.augment.label_smoothing) == (0.8, 1.0, 0.1)
+  for timm in (cvt21.get_config("res=384"), cvt21.get_config("aug=timm")):
+    assert (timm.data.interpolation, timm.data.repeated_augmentation) == ("bicubic", 1)
+    assert timm.augment.randaugment and timm.augment.erasing_prob == 0.25
+  with pytest.raises(ValueError, match="aug='torchvision'"):
+    cvt21.get_config("aug=torchvision")

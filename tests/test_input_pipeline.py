@@ -264,3 +264,22 @@ def test_tfds_processes_read_disjoint_parts(tiny_tfds, processes):
   assert eval_counts[0] == eval_counts[1] and sorted(eval_ids) == list(range(22, 31))
 
 
+
+
+def test_repeated_augmentation_shows_each_image_three_times_on_different_devices(tree):
+  """DeiT's repeated-augmentation sampler: an epoch is n positions holding n / 3 images 3 times each (each
+  copy cropped with the seed of its own position), spread over the devices (4 here)."""
+  spec = ip.DataSpec("folder", "", tree, "train", "val", SIZE, 2, crop={"scale": (0.1, 0.3)}, repeats=3)
+  it = ip.train_batches(spec, 12, seed=0)
+  batch = next(it)
+  ids, classes = _ids(batch)
+  np.testing.assert_array_equal(classes, batch["label"])
+  # Row r of the 12 goes to device r // 3; example j of the epoch (copies j = 3k, 3k+1, 3k+2) to row
+  # (j % 4) * 3 + j // 4, so the three copies of an image land on three different devices.
+  order = np.arange(12).reshape(3, 4).T.reshape(-1)
+  by_position = ids[np.argsort(order)]
+  for k in range(4):
+    copies = by_position[3 * k:3 * k + 3]
+    assert len(set(copies.tolist())) == 1
+    rows = [int(np.flatnonzero(order == 3 * k + c)[0]) for c in range(3)]
+    assert len({r // 3 for r in rows}) == 3

@@ -307,47 +307,75 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def start_processes(workdir: str, tree: str, count: int = 2) -> list[Run]:
+def start_processes(workdir: str, tree: str, *args: str, count: int = 2) -> list[Run]:
   """`train.py --jax_distributed` as `count` local processes of 4 // count CPU devices each.
 
   No compilation cache: on CPU the first collective (gloo) gives up after 30 s, so a process that finds the
   train step cached must not run far ahead of one that compiles it (jax's cache is written by process 0).
   """
   port = free_port()
-  return [Run(workdir, tree, "", "--jax_distributed", f"--heartbeat_timeout={HEARTBEAT_S}",
+  return [Run(workdir, tree, "", "--jax_distributed", f"--heartbeat_timeout={HEARTBEAT_S}", *args,
               JAX_ENABLE_COMPILATION_CACHE="false", JAX_NUM_CPU_DEVICES=str(4 // count),
               JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(count),
               JAX_PROCESS_ID=str(i)) for i in range(count)]
 
 
-def test_two_processes_preempt_together_resume_and_stop_when_one_dies(tree, tmp_path):
-  # tests/test_multiprocess.py covers a two-process run's training and eval coverage; this adds the failures.
-  workdir = str(tmp_path / "work")
-  runs = start_processes(workdir, tree)
+def finish_all(runs: list[Run]) -> list[int]:
   try:
-    # SIGTERM to both: they agree on one step, save it together and exit 0.
-    runs[0].wait_for(lambda: 2 in runs[0].steps, "step 2 of the two-process run")
-    assert "JAX process 0 of 2, 2 local / 4 global devices" in runs[0].log
+    return [run.finish() for run in runs]
+  finally:
     for run in runs:
-      run.proc.send_signal(signal.SIGTERM)
-    assert [run.finish() for run in runs] == [0, 0], runs[0].tail() + runs[1].tail()
-    stopped = {int(re.search(r"Stopped at step (\d+); checkpoint saved", run.log).group(1)) for run in runs}
-    assert len(stopped) == 1 and committed_steps(workdir)[-1] == stopped.pop()
+      if run.proc.poll() is None:
+        run.proc.kill()
 
-    # Both resume from it; then one dies (SIGKILL) and the other stops with a clear error, not a hang.
-    runs = start_processes(workdir, tree)
-    resumed = committed_steps(workdir)[-1]
-    runs[0].wait_for(lambda: resumed + 1 in runs[0].steps, f"step {resumed + 1} after resuming")
-    assert all(f"Resuming from step {resumed} of {TOTAL_STEPS}" in run.log for run in runs)
+
+def test_two_processes_preempt_together_resume_bit_identically_and_stop_when_one_dies(tree, tmp_path):
+  """Two processes (2 CPU devices each), progress logged only every 100 steps (the default):
+
+  1. uninterrupted: every eval example counted once, both processes agree;
+  2. SIGTERM to process 1 alone: JAX's preemption sync point stops both after the same step, both save it
+     together and exit 0;
+  3. resumed, then process 1 is killed: process 0 stops with an error within the heartbeat timeout;
+  4. resumed again to the end: the final state equals the uninterrupted run's, bit for bit.
+  """
+  quiet = "--config.log_every_steps=100"
+  straight = str(tmp_path / "straight")
+  runs = start_processes(straight, tree, quiet)
+  assert finish_all(runs) == [0, 0], runs[0].tail() + runs[1].tail()
+  for run in runs:  # each process reports the global result: every one of the 8 eval images, once
+    assert re.search(rf"eval @ step {TOTAL_STEPS} .* over {2 * CLASSES}/{2 * CLASSES} images", run.log)
+
+  workdir = str(tmp_path / "work")
+  runs = start_processes(workdir, tree, quiet)
+  try:
+    runs[0].wait_for(lambda: committed_steps(workdir), "the first checkpoint")
+    assert "JAX process 0 of 2, 2 local / 4 global devices" in runs[0].log
+    runs[1].proc.send_signal(signal.SIGTERM)  # the cloud preempts one host
+  finally:
+    rcs = finish_all(runs)
+  assert rcs == [0, 0], runs[0].tail() + runs[1].tail()
+  stopped = {int(re.search(r"Stopped at step (\d+); checkpoint saved", run.log).group(1)) for run in runs}
+  assert len(stopped) == 1, stopped
+  preempted = stopped.pop()
+  assert committed_steps(workdir)[-1] == preempted < TOTAL_STEPS
+  assert preempted - committed_steps(workdir)[0] <= 4  # within a few steps of the signal
+
+  runs = start_processes(workdir, tree, quiet)
+  try:
+    runs[1].wait_for(lambda: all(f"Resuming from step {preempted} of {TOTAL_STEPS}" in r.log for r in runs),
+                     "both processes resuming")
     runs[1].kill(signal.SIGKILL)
     killed = time.time()
     rc = runs[0].finish()
     waited = time.time() - killed
   finally:
-    for run in runs:
-      if run.proc.poll() is None:
-        run.proc.kill()
+    finish_all(runs)
   assert rc != 0, runs[0].tail()
   assert waited < HEARTBEAT_S + 60, f"the surviving process took {waited:.0f}s to stop"
   assert "another task died" in runs[0].log or "Connection closed by peer" in runs[0].log, runs[0].tail()
-  assert TOTAL_STEPS not in runs[0].steps
+
+  assert finish_all(start_processes(workdir, tree, quiet)) == [0, 0]
+  like = _zero_state(make_config(tree))
+  want, got = leaves(final_state(straight, like)), leaves(final_state(workdir, like))
+  different = [k for k in want if not np.array_equal(want[k], got[k])]
+  assert not different, f"the preempted and resumed run differs from the uninterrupted one in {different}"

@@ -219,3 +219,27 @@ def test_sharded_train_step_never_recompiles_or_transfers_to_the_host(tree):
   assert int(jax.device_get(state.step)) == 4
   for leaf in jax.tree.leaves((state, metrics)):
     assert leaf.sharding.is_fully_replicated and len(leaf.sharding.device_set) == 4
+
+
+def _image_collectives(shards: int, tree: str) -> list[str]:
+  """Collective ops of the compiled 4-device train step that move image-shaped arrays (32 x 32 x 3)."""
+  config = tiny_config(tree)
+  config.augment.mixup_alpha, config.augment.cutmix_alpha = 0.8, 1.0
+  mesh = parallel.make_mesh()
+  model = model_lib.from_config(config.model, NUM_CLASSES)
+  tx = optim.make_optimizer(config.optim, lambda step: 1e-3)
+  state = train_lib.create_train_state(model.init_variables(jax.random.key(0), 32), tx, mesh)
+  step = train_lib.shard_train_step(train_lib.make_train_step(
+      model, tx, lambda step: 1e-3, NUM_CLASSES, config.augment, jax.random.key(1), shards=shards), mesh)
+  batch = parallel.global_batch({"image": np.zeros((16, 32, 32, 3), np.uint8),
+                                 "label": np.zeros(16, np.int32)}, mesh)
+  hlo = step.lower(state, batch).compile().as_text()
+  collectives = ("collective-permute", "all-to-all", "all-gather", "all-reduce", "reduce-scatter")
+  return [line.strip() for line in hlo.splitlines()
+          if any(f" {op}(" in line or f" {op}-start(" in line for op in collectives) and ",32,32,3]" in line]
+
+
+def test_mixup_and_cutmix_never_move_images_between_devices(tree):
+  """Per-device mixing (the official per-GPU behaviour); mixing the global batch would permute it."""
+  assert not _image_collectives(shards=4, tree=tree)
+  assert any("collective-permute" in line for line in _image_collectives(shards=1, tree=tree))

@@ -1,0 +1,73 @@
+"""`cvt-jax compile`: the real train and eval steps of a tiny CvT compiled for TPU v5e (compile-only devices
+from libtpu, unpacked by ./run.sh test) and for this host, with the fit verdict and its advice."""
+
+import json
+import os
+import sys
+
+import pytest
+
+from cvt_jax import cli
+
+LIBTPU = os.path.join(sys.prefix, "libtpu", "libtpu", "libtpu.so")
+TINY = ["--config", "demo:batch=32", "--config.data.data_dir=/unused", "--config.model.dims=(16,32,48)",
+        "--config.model.depths=(1,1,2)", "--config.model.heads=(1,2,3)"]
+# The official augmentation, RandAugment included: its gather-free TPU formulation is what is compiled.
+RECIPE = ["--config.augment.randaugment=True", "--config.augment.erasing_prob=0.25",
+          "--config.augment.mixup_alpha=0.8", "--config.augment.cutmix_alpha=1.0"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def libtpu():
+  if not os.path.isfile(LIBTPU):
+    pytest.fail(f"libtpu is missing at {LIBTPU}: run ./run.sh test, which unpacks the libtpu that the "
+                "installed jax pins (pip install --no-deps --target ...)")
+  saved = os.environ.get("TPU_LIBRARY_PATH")
+  os.environ["TPU_LIBRARY_PATH"] = LIBTPU
+  yield
+  if saved is None:
+    del os.environ["TPU_LIBRARY_PATH"]
+  else:
+    os.environ["TPU_LIBRARY_PATH"] = saved
+
+
+def compile_cli(capsys, *args: str) -> tuple[int, str, str]:
+  with pytest.raises(SystemExit) as exit_:
+    cli.main(["cvt-jax", "compile", *args])
+  captured = capsys.readouterr()
+  return exit_.value.code, captured.out, captured.err
+
+
+def test_train_and_eval_steps_compile_for_a_tpu_slice(capsys, tmp_path):
+  status, out, err = compile_cli(capsys, *TINY, *RECIPE, "--topology", "v5e:2x2", "--json",
+                                 str(tmp_path / "report.json"))
+  assert status == 0, err
+  assert "for v5e:2x2: 4 x TPU v5 lite (16.00 GiB each)" in out
+  assert "train step, 8 images per chip: arguments" in out and "of 16.00 GiB: fits" in out
+  assert "eval step, 8 images per chip" in out and "modelled (XLA cost analysis" in out
+  report = json.loads((tmp_path / "report.json").read_text())
+  train, evaluation = report["reports"]
+  assert train["fits"] and 0 < train["temporaries"] < 2**30 and train["flops"] > 0
+  assert train["total"] == train["arguments"] + train["outputs"] - train["aliased"] + train["temporaries"]
+  assert evaluation["temporaries"] < train["temporaries"]
+
+
+def test_an_impossible_batch_fails_naming_the_consumer_and_the_switches(capsys):
+  status, out, err = compile_cli(capsys, *TINY, "--topology", "v5e:2x2", "--per_chip_batch", "262144")
+  assert status == 1
+  assert "train step, 262144 images per chip: does NOT fit (temporaries" in out
+  message = err.strip().splitlines()[-1]
+  assert message.startswith("cvt-jax compile: error: train step does not fit v5e:2x2: 4 x TPU v5 lite")
+  assert "the biggest consumer is the temporaries" in message
+  assert "--config.model.remat=block" in message and "--config.fsdp=True" in message
+
+
+def test_without_a_topology_this_host_is_compiled_for(capsys):
+  status, out, err = compile_cli(capsys, *TINY, "--per_chip_batch", "2")
+  assert status == 0, err
+  assert "for this host: 4 x cpu" in out and "train step, 2 images per chip: arguments" in out
+
+
+def test_a_bad_topology_is_one_line(capsys):
+  status, _, err = compile_cli(capsys, *TINY, "--topology", "v5e:3x7x9")
+  assert status == 1 and len(err.strip().splitlines()) == 1 and "--topology v5e:3x7x9" in err

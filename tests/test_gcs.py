@@ -1,0 +1,115 @@
+"""gs:// paths against a GCS emulator on 127.0.0.1: a workdir, a TFDS data_dir and converted weights in a
+bucket, as on a TPU pod. Every client is pointed at the emulator with a test token (tests/gcs_emulator.py):
+nothing leaves this machine."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import jax
+import numpy as np
+import pytest
+from etils import epath
+
+import finetuned_tiny
+from cvt_jax import cli
+from cvt_jax import input_pipeline
+from cvt_jax import weights
+from gcs_emulator import GcsEmulator
+from test_reliability import TOTAL_STEPS, command, make_tree
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def gcs():
+  emulator = GcsEmulator().start()  # points os.environ (and so the subprocesses) at it
+  yield emulator
+  emulator.stop()
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory) -> str:
+  return make_tree(str(tmp_path_factory.mktemp("data") / "tree"))
+
+
+def _steps(workdir: epath.Path) -> list[int]:
+  folder = workdir / "checkpoints"
+  return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.exists() else []
+
+
+def test_a_bucket_workdir_survives_a_kill_and_serves_eval_predict_and_convert(gcs, tree, tmp_path, capsys):
+  bucket = gcs.create_bucket()
+  workdir = epath.Path(bucket) / "runs" / "tiny"
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "4", "TF_CPP_MIN_LOG_LEVEL": "2"}
+  run = subprocess.Popen(command(str(workdir), tree), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                         stderr=open(tmp_path / "train.log", "w"))
+  try:
+    deadline = time.time() + 600
+    while not _steps(workdir):  # the first checkpoint, committed in the bucket
+      assert run.poll() is None and time.time() < deadline, (tmp_path / "train.log").read_text()[-3000:]
+      time.sleep(0.5)
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+  finally:
+    run.kill()
+  killed_at = _steps(workdir)[-1]
+  assert not os.path.exists("gs:"), "a gs:// path was written as a local folder"
+
+  args = command(str(workdir), tree)[2:]  # after `python train.py`
+  with pytest.raises(SystemExit) as exit_:
+    cli.main(["cvt-jax", "train", *args])  # resumes from the bucket
+  assert exit_.value.code == 0, capsys.readouterr().err[-3000:]
+  assert killed_at < TOTAL_STEPS and _steps(workdir)[-1] == TOTAL_STEPS
+
+  info = json.loads((workdir / "model_info.json").read_text())
+  assert info["num_classes"] == 4 and info["image_size"] == 32
+
+  config_arg = args[1]
+  overrides = [a for a in args if a.startswith("--config.")]
+  with pytest.raises(SystemExit) as exit_:
+    cli.main(["cvt-jax", "eval", "--config", config_arg, "--checkpoint", str(workdir), *overrides])
+  assert exit_.value.code == 0
+  out = capsys.readouterr().out
+  assert "top-1" in out and f"{workdir}/eval_val_32_step{TOTAL_STEPS}.json" in out
+  summary = json.loads((workdir / f"eval_val_32_step{TOTAL_STEPS}.json").read_text())
+  assert summary["count"] == 8 and summary["step"] == TOTAL_STEPS
+
+  image = os.path.join(tree, "val", "class0", "0.jpg")
+  with pytest.raises(SystemExit) as exit_:
+    cli.main(["cvt-jax", "predict", "--checkpoint", str(workdir), "--output", f"{bucket}/predictions.json",
+              image])
+  assert exit_.value.code == 0
+  predictions = json.loads(epath.Path(f"{bucket}/predictions.json").read_text())
+  assert predictions[0]["path"] == image and predictions[0]["top"][0]["name"].startswith("class")
+
+  with pytest.raises(SystemExit) as exit_:
+    cli.main(["cvt-jax", "convert", str(workdir), f"{bucket}/weights/tiny.npz"])
+  assert exit_.value.code == 0
+  converted = weights.load(f"{bucket}/weights/tiny.npz")
+  from_workdir = weights.load(str(workdir))
+  assert converted.class_names == from_workdir.class_names == ("class0", "class1", "class2", "class3")
+  for a, b in zip(jax.tree.leaves(converted.variables), jax.tree.leaves(from_workdir.variables)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_tfds_and_pytorch_files_read_from_a_bucket(gcs, tiny_tfds_dir):
+  bucket = epath.Path(gcs.create_bucket())
+  for path in epath.Path(tiny_tfds_dir).glob("*/*/*"):
+    target = bucket / "tfds" / path.relative_to(tiny_tfds_dir)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(path.read_bytes())
+  spec = input_pipeline.DataSpec("tfds", "cvt_tiny_shapes", str(bucket / "tfds"), "train", "validation", 16)
+  info = input_pipeline.dataset_info(spec)
+  assert (info.num_classes, info.num_train_examples, info.num_eval_examples) == (4, 22, 9)
+  batch = next(input_pipeline.train_batches(spec, 4, seed=0))
+  assert batch["image"].shape == (4, 16, 16, 3)
+
+  remote = bucket / "hf" / "model.safetensors"  # a Hugging Face file and its config.json, in a bucket
+  remote.parent.mkdir(parents=True, exist_ok=True)
+  local = epath.Path(finetuned_tiny.PTH_FIXTURE)
+  remote.write_bytes(local.read_bytes())
+  (remote.parent / "config.json").write_bytes((local.parent / "config.json").read_bytes())
+  assert weights.load(str(remote)).num_classes == 10
