@@ -408,37 +408,45 @@ def _write_jpeg_tree(root: pathlib.Path, count: int, classes: int = 4) -> None:
     Image.fromarray(pixels).save(folder / f"{i:05d}.jpg", quality=90)
 
 
-def _decode_task(item: tuple[str, int, int]) -> np.ndarray:
-  """(path, seed, size) -> the training crop, as `input_pipeline` makes it."""
+def _pool_rate(paths: list[str], workers: int, size: int, batch: int) -> float:
+  """img/s of `host_decode.DecodePool` with `workers` processes: decode + random-resized crop + flip of
+  `paths` in batches, as the folder pipeline submits them (after one untimed batch)."""
   from cvt_jax import host_decode
-  path, seed, size = item
-  return host_decode.decode(host_decode.Job((path,), (seed,)), size, {})[0]
-
-
-def _host_decode_rates(root: pathlib.Path, spec: Any, batch: int) -> dict[str, float]:
-  """img/s of decode + random-resized crop + flip: one process, a pool on every core, `train_batches`."""
-  from cvt_jax import input_pipeline
-  items = [(str(p), i, spec.image_size) for i, p in enumerate(sorted(root.glob("train/*/*.jpg")))]
-  for item in items[:8]:
-    _decode_task(item)
-  start = time.perf_counter()
-  for item in items:
-    _decode_task(item)
-  one = len(items) / (time.perf_counter() - start)
-  with multiprocessing.get_context("spawn").Pool(spec.num_workers) as pool:
-    pool.map(_decode_task, items[:spec.num_workers * 2])
+  jobs = [host_decode.Job((path,), (0, 0, i)) for i, path in enumerate(paths)]
+  batches = [jobs[i:i + batch] for i in range(0, len(jobs) - batch + 1, batch)]
+  with host_decode.DecodePool(workers, batch, size, {}) as pool:
+    pool.submit(batches[0])
+    pool.result()
     start = time.perf_counter()
-    pool.map(_decode_task, items, chunksize=8)
-    every = len(items) / (time.perf_counter() - start)
+    for i, jobs_ in enumerate(batches[1:]):
+      pool.submit(jobs_)
+      if i % 2:  # keep two batches in flight, as the pipeline does
+        pool.result()
+    while len(pool):
+      pool.result()
+    return batch * (len(batches) - 1) / (time.perf_counter() - start)
+
+
+def _host_decode_rates(root: pathlib.Path, spec: Any, batch: int) -> dict[str, Any]:
+  """The folder path's decode processes on 1..all cores, its scaling, and `train_batches` end to end."""
+  from cvt_jax import input_pipeline
+  paths = [str(p) for p in sorted(root.glob("train/*/*.jpg"))]
+  cores = os.cpu_count() or 1
+  scaling = []
+  for workers in sorted({1, cores // 2, cores} - {0}):
+    rate = _pool_rate(paths, workers, spec.image_size, batch)
+    scaling.append({"workers": workers, "img_per_s": rate, "img_per_s_per_core": rate / workers})
+  efficiency = scaling[-1]["img_per_s"] / (scaling[-1]["workers"] * scaling[0]["img_per_s"])
   batches = input_pipeline.train_batches(spec, batch, seed=0)
   next(batches)
-  steps = max(1, len(items) // batch - 1)
+  steps = max(1, len(paths) // batch - 1)
   start = time.perf_counter()
   for _ in range(steps):
     next(batches)
   folder = steps * batch / (time.perf_counter() - start)
   batches.close()
-  return {"img_per_s_one_process": one, "img_per_s_all_cores": every, "img_per_s_train_batches": folder}
+  return {"decode_scaling": scaling, "scaling_efficiency": efficiency, "img_per_s_train_batches": folder,
+          "img_per_s_one_process": scaling[0]["img_per_s"], "img_per_s_all_cores": scaling[-1]["img_per_s"]}
 
 
 def _device_augment_rate(batch: int, res: int, rounds: int) -> float:
@@ -529,7 +537,8 @@ def bench_input_pipeline(num_images: int, batch: int, model: str, res: int, dtyp
               "images": num_images, "cores": cores, "batch": batch, "model": model, "res": res,
               **_host_decode_rates(root, spec, batch)}
     print(f"\n== input pipeline: {result['img_per_s_one_process']:.0f} img/s one process, "
-          f"{result['img_per_s_all_cores']:.0f} img/s on {cores} processes, "
+          f"{result['img_per_s_all_cores']:.0f} img/s on {cores} processes "
+          f"({100 * result['scaling_efficiency']:.0f}% of linear), "
           f"{result['img_per_s_train_batches']:.0f} img/s from input_pipeline.train_batches", flush=True)
     result["img_per_s_device_augment"] = _device_augment_rate(batch, res, rounds=5)
     print(f"   device augmentation: {result['img_per_s_device_augment']:.0f} img/s", flush=True)
@@ -576,12 +585,15 @@ def markdown(report: dict[str, Any]) -> str:
                    f"{ratio} |")
   if report.get("input_pipeline"):
     p = report["input_pipeline"]
-    lines += ["", f"Input pipeline ({p['what']}, {p['images']} images): "
-              f"{p['img_per_s_one_process']:.0f} img/s on one process, "
-              f"{p['img_per_s_all_cores']:.0f} img/s on {p['cores']} processes, "
+    per_core = p["img_per_s_all_cores"] / p["cores"]
+    lines += ["", f"Input pipeline ({p['what']}, {p['images']} images): decode processes "
+              + ", ".join(f"{r['workers']}: {r['img_per_s']:.0f} img/s ({r['img_per_s_per_core']:.0f} per core)"
+                          for r in p["decode_scaling"])
+              + f"; {100 * p['scaling_efficiency']:.0f}% of linear scaling, so about {16 * per_core:.0f} img/s "
+              f"on a 16-core host and {96 * per_core:.0f} on a 96-core one if it stays linear (an estimate); "
               f"{p['img_per_s_train_batches']:.0f} img/s through `input_pipeline.train_batches` "
-              f"(folder tree, batch {p['batch']}); on-device augmentation (RandAugment, erasing, "
-              f"mixup/cutmix) alone {p['img_per_s_device_augment']:.0f} img/s."]
+              f"(folder tree, batch {p['batch']}, the training loop's own process included); on-device "
+              f"augmentation (RandAugment, erasing, mixup/cutmix) alone {p['img_per_s_device_augment']:.0f} img/s."]
     if "img_per_s_loop" in p:
       lines += ["", f"Training loop on those JPEGs ({p['model']} @{p['res']}, batch {p['batch']}, "
                 f"the trainer's sharded step with augmentation; median of {p['loop_steps']} steps per block): "

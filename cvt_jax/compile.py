@@ -5,33 +5,36 @@ r"""Compile the train and eval steps for a TPU slice (or this host), and report 
   cvt-jax compile --config cvt13 --topology v5e:2x2 --per_chip_batch 128
   cvt-jax compile --config cvt13 --topology v5e:2x2 --find_batch --config.model.remat=block
   cvt-jax compile --config cvt13                                  # this host's devices (a GPU, say)
+  cvt-jax compile --table bench/results/fit-table                 # every variant, v4 / v5e / v5p
 
 Nothing runs and no data is read: the real sharded train step (on-device augmentation, forward, backward,
 AdamW) and eval step are lowered with abstract inputs and compiled ahead of time (as MaxText's
-train_compile.py does), for compile-only devices of a TPU topology (libtpu: `pip install 'jax[tpu]'`,
-on any host) or for the local devices. Per chip it prints the arguments (parameters, optimiser state,
-batch), the temporaries, the total against the chip's HBM, and fits / does not fit; the step's FLOPs,
-bytes accessed and the step time and MFU that XLA's cost model implies, labelled modelled: a compile
-is no measurement. A step that does not fit exits 1 naming the biggest consumer and the switches that
-help (model.remat, optim.grad_accum_steps, fsdp, a larger slice). `--find_batch` finds the largest
-per-chip batch that fits: two compiles give memory = fixed + per-image x batch, a third checks the
-prediction (memory is linear in the batch; XLA's cost analysis counts a loop body once).
+train_compile.py does), for compile-only devices of a TPU topology (libtpu: `pip install 'jax[tpu]'`, on
+any host) or for the local devices. Per chip it prints the arguments (parameters, optimiser state, batch),
+the temporaries, the total against the chip's HBM, and fits / does not fit; then the step's FLOPs, bytes
+accessed, and the step time and MFU they imply at the chip's peak and bandwidth, labelled modelled: a
+compile is no measurement (XLA's cost analysis also counts a loop body once). A step that does not fit
+exits 1 naming the biggest consumer and the switches that help. Memory is linear in the per-chip batch:
+`--find_batch` compiles two batches, solves for the largest one that fits and compiles it to check.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import math
 import os
 import re
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from absl import flags
+from etils import epath
 from ml_collections import config_flags
 
 from cvt_jax import cli
+from cvt_jax.configs import cvt13, cvt21, cvtw24
 
 # Per chip: HBM bytes, dense bf16 FLOP/s, HBM bytes/s (device_kind as libtpu names it).
 TPU_CHIPS = {
@@ -40,8 +43,9 @@ TPU_CHIPS = {
     "TPU v5": (95 * 2**30, 459e12, 2.76e12),
     "TPU v6 lite": (32 * 2**30, 918e12, 1.64e12),
 }
-_MEGACORE = ("v4", "v5p")  # chips of two TensorCores, one device per chip as deployed
+_MEGACORE = ("v4", "v5p")  # two TensorCores per chip, deployed as one device per chip
 _OOM = re.compile(r"RESOURCE_EXHAUSTED.*?\(([\d.]+)([KMGT])\).*?HBM \(([\d.]+)([KMGT])\)", re.S)
+_UNITS = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 FLAGS = flags.FlagValues()
 _CONFIG = config_flags.DEFINE_config_file(
@@ -54,10 +58,9 @@ _PER_CHIP_BATCH = flags.DEFINE_integer("per_chip_batch", None, "Images per chip 
                                        flag_values=FLAGS)
 _FIND_BATCH = flags.DEFINE_bool("find_batch", False, "Find the largest per-chip batch that fits.",
                                 flag_values=FLAGS)
-_NUM_CLASSES = flags.DEFINE_integer("num_classes", None, "Head size (default: the config's).", lower_bound=1,
-                                    flag_values=FLAGS)
 _JSON = flags.DEFINE_string("json", None, "Also write the report to this .json file.", flag_values=FLAGS)
-flags.mark_flag_as_required("config", flag_values=FLAGS)
+_TABLE = flags.DEFINE_string("table", None, "Write the fit table of every variant at 224 and 384 on v4, v5e "
+                             "and v5p to <this>.json and .md (hours on a small CPU host).", flag_values=FLAGS)
 
 
 class DoesNotFit(ValueError):
@@ -86,37 +89,16 @@ class StepReport:
     return self.arguments + self.outputs - self.aliased + self.temporaries
 
 
-def _memory(compiled: Any) -> dict[str, int]:
-  stats = compiled.memory_analysis()
-  return {"arguments": stats.argument_size_in_bytes, "outputs": stats.output_size_in_bytes,
-          "aliased": stats.alias_size_in_bytes, "temporaries": stats.temp_size_in_bytes}
-
-
-def _cost(compiled: Any) -> tuple[float, float]:
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
-
-
-def compile_step(name: str, jitted: Any, args: Sequence[Any], per_chip_batch: int) -> StepReport:
-  """Compiles `jitted` for abstract `args`; a step that does not fit HBM reports the sizes libtpu gave."""
-  started = time.perf_counter()
-  try:
-    compiled = jitted.lower(*args).compile()
-  except Exception as e:  # pylint: disable=broad-except  # libtpu says RESOURCE_EXHAUSTED in several types
-    match = _OOM.search(str(e))
-    if not match:
-      raise
-    unit = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
-    return StepReport(name, per_chip_batch, fits=False, temporaries=int(float(match[1]) * unit[match[2]]),
-                      compile_seconds=time.perf_counter() - started,
-                      error=f"temporaries {match[1]}{match[2]} exceed the HBM ({match[3]}{match[4]})")
-  return StepReport(name, per_chip_batch, True, **_memory(compiled), flops=_cost(compiled)[0],
-                    bytes_accessed=_cost(compiled)[1], compile_seconds=time.perf_counter() - started)
+def _quiet_libtpu() -> None:
+  """libtpu asks the cloud metadata server and the environment about the host it runs on: a compile-only
+  run answers for it (any values do), so nothing is looked up and nothing is printed."""
+  for key, value in (("TPU_SKIP_MDS_QUERY", "1"), ("TPU_ACCELERATOR_TYPE", "v5litepod-4"),
+                     ("TPU_WORKER_HOSTNAMES", "localhost"), ("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")):
+    os.environ.setdefault(key, value)
 
 
 class Target:
-  """The devices to compile for, and the per-chip figures the report compares against."""
+  """The devices to compile for, and the per-chip figures a report compares against."""
 
   def __init__(self, topology: str | None):
     import jax  # pylint: disable=g-import-not-at-top
@@ -130,8 +112,8 @@ class Target:
         self.devices = topologies.get_topology_desc(platform="tpu", topology_name=topology, **kwargs).devices
       except RuntimeError as e:
         if "TPU support not installed" in str(e):
-          raise RuntimeError("compiling for a TPU topology needs libtpu: pip install 'jax[tpu]' (any host; "
-                             "or point TPU_LIBRARY_PATH at a libtpu.so)") from None
+          raise RuntimeError("compiling for a TPU topology needs libtpu: pip install 'jax[tpu]' (any host), "
+                             "or point TPU_LIBRARY_PATH at a libtpu.so") from None
         raise ValueError(f"--topology {topology}: {cli.one_line(e)}") from None
     else:
       self.devices = jax.devices()
@@ -141,29 +123,43 @@ class Target:
     self.hbm, self.peak_flops, self.bandwidth = known if known else (self._local_memory(), None, None)
 
   def _local_memory(self) -> int | None:
-    stats = self.devices[0].memory_stats() if hasattr(self.devices[0], "memory_stats") else None
-    return (stats or {}).get("bytes_limit")
+    try:
+      return (self.devices[0].memory_stats() or {}).get("bytes_limit")
+    except Exception:  # pylint: disable=broad-except  # CPUs report none
+      return None
 
   @property
   def chips(self) -> int:
     return len(self.devices)
 
   def describe(self) -> str:
-    where = self.topology or "this host"
-    hbm = f"{self.hbm / 2**30:.2f} GiB each" if self.hbm else "memory unknown"
-    return f"{where}: {self.chips} x {self.kind} ({hbm})"
+    hbm = f"{_gib(self.hbm)} each" if self.hbm else "memory unknown"
+    return f"{self.topology or 'this host'}: {self.chips} x {self.kind} ({hbm})"
 
 
-def _quiet_libtpu() -> None:
-  """libtpu asks the cloud metadata server and the environment about the host it runs on: a compile-only
-  run answers for it (any values do), so nothing is looked up and nothing is printed."""
-  for key, value in (("TPU_SKIP_MDS_QUERY", "1"), ("TPU_ACCELERATOR_TYPE", "v5litepod-4"),
-                     ("TPU_WORKER_HOSTNAMES", "localhost"), ("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")):
-    os.environ.setdefault(key, value)
+def _compile(name: str, jitted: Any, args: Sequence[Any], per_chip_batch: int) -> StepReport:
+  """Compiles `jitted` for abstract `args`; a step that does not fit HBM reports the sizes libtpu gave."""
+  started = time.perf_counter()
+  try:
+    compiled = jitted.lower(*args).compile()
+  except Exception as e:  # pylint: disable=broad-except  # libtpu says RESOURCE_EXHAUSTED in several types
+    match = _OOM.search(str(e))
+    if not match:
+      raise
+    return StepReport(name, per_chip_batch, fits=False, temporaries=int(float(match[1]) * _UNITS[match[2]]),
+                      compile_seconds=time.perf_counter() - started,
+                      error=f"temporaries {match[1]}{match[2]} exceed the HBM ({match[3]}{match[4]})")
+  stats = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return StepReport(name, per_chip_batch, True, stats.argument_size_in_bytes, stats.output_size_in_bytes,
+                    stats.alias_size_in_bytes, stats.temp_size_in_bytes, float(cost.get("flops", 0.0)),
+                    float(cost.get("bytes accessed", 0.0)), time.perf_counter() - started)
 
 
-def compile_steps(config: Any, target: Target, per_chip_batch: int, num_classes: int) -> list[StepReport]:
-  """The train step and the eval step of `config`, compiled for `target` at `per_chip_batch` images."""
+def compile_steps(config: Any, target: Target, per_chip_batch: int,
+                  with_eval: bool = True) -> list[StepReport]:
+  """The train step (and the eval step) of `config`, compiled for `target` at `per_chip_batch` images."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
@@ -172,6 +168,7 @@ def compile_steps(config: Any, target: Target, per_chip_batch: int, num_classes:
   from cvt_jax import parallel  # pylint: disable=g-import-not-at-top
   from cvt_jax import train_lib  # pylint: disable=g-import-not-at-top
 
+  num_classes = config.model.num_classes
   mesh = parallel.make_mesh(target.devices)
   model = model_lib.from_config(config.model, num_classes, target.platform)
   schedule = optim.make_schedule(config.schedule, config.optim.lr, config.num_epochs, steps_per_epoch=1000)
@@ -181,140 +178,280 @@ def compile_steps(config: Any, target: Target, per_chip_batch: int, num_classes:
   state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
   size, batch = config.data.image_size, per_chip_batch * target.chips
   on_batch = parallel.batch_sharding(mesh)
-  images = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.uint8, sharding=on_batch)
-  labels = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=on_batch)
+  data = {"image": jax.ShapeDtypeStruct((batch, size, size, 3), jnp.uint8, sharding=on_batch),
+          "label": jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=on_batch)}
   step = train_lib.shard_train_step(train_lib.make_train_step(
       model, tx, schedule, num_classes, config.augment, jax.random.key(0), target.chips,
       config.optim.grad_accum_steps), mesh, shardings)
-  train = compile_step("train step", step, (state, {"image": images, "label": labels}), per_chip_batch)
-  eval_model = model.clone(dtype=model_lib.compute_dtype(config.model.eval_dtype, target.platform), remat="none")
-  variables = {"params": state.params, "batch_stats": state.batch_stats}
-  eval_step = train_lib.shard_eval_step(train_lib.make_eval_step(eval_model), mesh,
-                                        {"params": shardings.params, "batch_stats": shardings.batch_stats})
-  mask = jax.ShapeDtypeStruct((batch,), jnp.bool_, sharding=on_batch)
-  evaluation = compile_step("eval step", eval_step, (variables, {"image": images, "label": labels, "mask": mask}),
-                            per_chip_batch)
-  return [train, evaluation]
+  reports = [_compile("train step", step, (state, data), per_chip_batch)]
+  if with_eval:
+    eval_model = model.clone(dtype=model_lib.compute_dtype(config.model.eval_dtype, target.platform),
+                             remat="none")
+    eval_step = train_lib.shard_eval_step(train_lib.make_eval_step(eval_model), mesh,
+                                          {"params": shardings.params, "batch_stats": shardings.batch_stats})
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    data["mask"] = jax.ShapeDtypeStruct((batch,), jnp.bool_, sharding=on_batch)
+    reports.append(_compile("eval step", eval_step, (variables, data), per_chip_batch))
+  return reports
 
 
-def find_batch(config: Any, target: Target, num_classes: int, log: Any = print) -> tuple[int, list[StepReport]]:
-  """The largest per-chip batch (a multiple of 8) whose train step fits; the compiles that decided it."""
+@dataclasses.dataclass(frozen=True)
+class MemoryModel:
+  """Train-step memory per chip = fixed + per_image x per-chip batch, from two compiles."""
+
+  fixed: float
+  per_image: float
+
+  @classmethod
+  def fit(cls, a: StepReport, b: StepReport) -> MemoryModel:
+    per_image = (b.total - a.total) / (b.per_chip_batch - a.per_chip_batch)
+    return cls(a.total - per_image * a.per_chip_batch, per_image)
+
+  def largest_batch(self, hbm: float) -> int:
+    """The largest per-chip batch under `hbm`: a multiple of 8 when 8 or more fit."""
+    room = int((hbm - self.fixed) // self.per_image)
+    return room // 8 * 8 if room >= 8 else max(room, 0)
+
+
+def find_batch(config: Any, target: Target, probes: tuple[int, int] = (8, 16),
+               log: Callable[[str], None] = print) -> tuple[int, MemoryModel, list[StepReport]]:
+  """The largest per-chip batch whose train step fits `target`, the memory model and the compiles behind it.
+
+  Two compiles fit the memory model; the predicted batch is compiled to check it, and lowered by a tenth
+  while it does not fit.
+  """
   if not target.hbm:
-    raise ValueError(f"{target.kind}: its memory is unknown, so no batch can be found to fit it")
-  probes = []
-  for batch in (8, 16):
-    report = compile_steps(config, target, batch, num_classes)[0]
-    probes.append(report)
-    log(f"  probe: {batch} per chip -> {_gib(report.total)} ({report.compile_seconds:.0f} s compile)")
-    if not report.fits:
-      break
-  if not all(p.fits for p in probes):
-    low = 1 if not probes[0].fits else 8
-    for batch in range(low, 0, -1) if low == 1 else ():
-      report = compile_steps(config, target, batch, num_classes)[0]
-      probes.append(report)
-      if report.fits:
-        return batch, probes
-    return (low if probes[0].fits else 0), probes
-  per_image = (probes[1].total - probes[0].total) / 8
-  fixed = probes[0].total - 8 * per_image
-  guess = max(8, int((target.hbm - fixed) / per_image) // 8 * 8)
-  while guess > 16:
-    report = compile_steps(config, target, guess, num_classes)[0]
-    probes.append(report)
-    log(f"  check: {guess} per chip -> {_gib(report.total) if report.fits else report.error}")
-    if report.fits:
-      return guess, probes
-    guess = int(guess * 0.9) // 8 * 8
-  return 16, probes
+    raise ValueError(f"{target.kind}: its memory is unknown, so no batch can be fitted to it")
+  reports = [compile_steps(config, target, b, with_eval=False)[0] for b in probes]
+  for r in reports:
+    log(f"  probe: {r.per_chip_batch} per chip -> {_gib(r.total) if r.fits else r.error} "
+        f"({r.compile_seconds:.0f} s to compile)")
+  if not all(r.fits for r in reports):
+    smaller = tuple(max(1, b // 4) for b in probes)
+    if smaller == probes:
+      return 0, MemoryModel(math.inf, math.inf), reports
+    return find_batch(config, target, smaller, log)
+  model = MemoryModel.fit(*reports)
+  batch = model.largest_batch(target.hbm)
+  while batch > 0:
+    check = compile_steps(config, target, batch, with_eval=False)[0]
+    reports.append(check)
+    log(f"  check: {batch} per chip -> {_gib(check.total) if check.fits else check.error}")
+    if check.fits and check.total <= target.hbm:
+      return batch, model, reports
+    batch = int(batch * 0.9) // 8 * 8 if batch > 8 else batch - 1
+  return 0, model, reports
 
 
 def _gib(n: float) -> str:
   return f"{n / 2**30:.2f} GiB"
 
 
-def report_lines(reports: list[StepReport], target: Target, config: Any, num_classes: int) -> list[str]:
+def report_lines(reports: list[StepReport], target: Target, config: Any) -> list[str]:
   """The human-readable report: memory per chip, fit, and the cost model's figures (modelled)."""
+  from cvt_jax import model as model_lib  # pylint: disable=g-import-not-at-top
   from cvt_jax import summary  # pylint: disable=g-import-not-at-top
 
   lines = []
   for r in reports:
+    head = f"{r.name}, {r.per_chip_batch} images per chip"
     if not r.fits:
-      lines.append(f"{r.name}, {r.per_chip_batch} images per chip: does NOT fit ({r.error})")
+      lines.append(f"{head}: does NOT fit ({r.error})")
       continue
-    hbm = f" of {_gib(target.hbm)}: {'fits' if r.total <= target.hbm else 'does NOT fit'}" if target.hbm else ""
-    lines.append(f"{r.name}, {r.per_chip_batch} images per chip: arguments {_gib(r.arguments)} (parameters, "
-                 f"optimiser state, batch) + temporaries {_gib(r.temporaries)} + outputs "
-                 f"{_gib(r.outputs - r.aliased)} = {_gib(r.total)}{hbm} (compiled in {r.compile_seconds:.0f} s)")
-    if r.name == "train step" and target.peak_flops:
-      useful = 6 * summary.count_macs(_variant(config), config.data.image_size, num_classes) * r.per_chip_batch
-      modelled = max(r.flops / target.peak_flops, r.bytes_accessed / target.bandwidth)
-      lines.append(f"  modelled (XLA cost analysis, loop bodies counted once; not a measurement): "
-                   f"{r.flops / 1e12:.2f} TFLOP and {r.bytes_accessed / 1e9:.1f} GB accessed per chip -> "
-                   f"{modelled * 1e3:.1f} ms per step at the chip's peak and bandwidth, "
-                   f"{r.per_chip_batch / modelled:.0f} img/s per chip, MFU {useful / modelled / target.peak_flops:.0%}")
+    fits = "fits" if r.total <= (target.hbm or math.inf) else "does NOT fit"
+    verdict = f" of {_gib(target.hbm)}: {fits}" if target.hbm else ""
+    lines.append(f"{head}: arguments {_gib(r.arguments)} (parameters, optimiser state, batch) + temporaries "
+                 f"{_gib(r.temporaries)} + outputs {_gib(r.outputs - r.aliased)} = {_gib(r.total)}{verdict} "
+                 f"(compiled in {r.compile_seconds:.0f} s)")
+    if r.name == "train step" and target.peak_flops and r.flops:
+      macs = summary.count_macs(model_lib.variant_from_config(config.model), config.data.image_size,
+                                config.model.num_classes)
+      seconds = max(r.flops / target.peak_flops, r.bytes_accessed / target.bandwidth)
+      mfu = 6 * macs * r.per_chip_batch / seconds / target.peak_flops
+      lines.append(f"  modelled, not measured (XLA cost analysis, loop bodies counted once): "
+                   f"{r.flops / 1e12:.2f} TFLOP and {r.bytes_accessed / 1e9:.1f} GB accessed per chip and step "
+                   f"-> {seconds * 1e3:.1f} ms at the chip's peak and bandwidth, "
+                   f"{r.per_chip_batch / seconds:.0f} img/s per chip, MFU {mfu:.0%}")
   return lines
 
 
-def _variant(config: Any):
-  from cvt_jax import model as model_lib  # pylint: disable=g-import-not-at-top
-  return model_lib.variant_from_config(config.model)
-
-
-def advice(report: StepReport, config: Any, target: Target) -> str:
+def advice(report: StepReport, config: Any) -> str:
   """What would make `report` fit, naming its biggest consumer."""
   biggest = ("the temporaries (activations kept for the backward pass, the augmentation)"
              if report.temporaries >= report.arguments else "the arguments (parameters and AdamW moments)")
   switches = []
   if config.model.remat == "none":
-    switches.append("--config.model.remat=block (recompute each block: ~4x less activation memory)")
+    switches.append("--config.model.remat=block (recompute each block in the backward pass)")
   if config.optim.grad_accum_steps == 1 and report.per_chip_batch % 2 == 0:
-    switches.append("--config.optim.grad_accum_steps=2 (or more: micro-batches of the same global batch)")
+    switches.append("--config.optim.grad_accum_steps=2 or more (micro-batches of the same global batch)")
   if not config.fsdp:
-    switches.append("--config.fsdp=True (split parameters and optimiser state over the chips)")
+    switches.append("--config.fsdp=True (parameters and optimiser state split over the chips)")
   switches.append("a larger slice (fewer images per chip)")
   return f"the biggest consumer is {biggest}; try {'; '.join(switches)}"
 
 
-def main(argv: Sequence[str]) -> int:
+# ------------------------------------------------------------------------------------------ fit table --
+# Every variant at 224 and 384 on TPU v4, v5e and v5p (`--table PREFIX`). For each variant and resolution the
+# train step is compiled for v5e at two per-chip batches, plain and with model.remat=block: memory = fixed +
+# per image x batch. That gives each chip's largest per-chip batch (its HBM over the same per-chip memory:
+# the layouts differ a little between generations, so the v4 and v5p columns are predictions). The
+# official recipe (global batch 2048, full augmentation) is then compiled on the smallest standard slice
+# of each chip where the prediction says it fits, plain if possible, else with remat: those are compiler
+# verdicts. Every compile is kept in PREFIX.json at once, so an interrupted run resumes where it stopped.
+
+MODELS = {"cvt-13": cvt13, "cvt-21": cvt21, "cvt-w24": cvtw24}
+RESOLUTIONS = (224, 384)
+# Per-chip batches of the two fitting compiles (they must fit a v5e chip).
+PROBES = {("cvt-w24", 224): (4, 8), ("cvt-w24", 384): (2, 4)}
+DEFAULT_PROBES = (8, 16)
+SWITCHES = {"plain": {}, "remat": {"model.remat": "block"}}
+# Standard slices by chip, smallest first: (topology, chips).
+SLICES = {
+    "v4": [("v4:2x2x1", 4), ("v4:2x2x2", 8), ("v4:2x2x4", 16), ("v4:2x4x4", 32), ("v4:4x4x4", 64),
+           ("v4:4x4x8", 128), ("v4:4x8x8", 256)],
+    "v5e": [("v5e:2x2", 4), ("v5e:2x4", 8), ("v5e:4x4", 16), ("v5e:4x8", 32), ("v5e:8x8", 64),
+            ("v5e:8x16", 128), ("v5e:16x16", 256)],
+    "v5p": [("v5p:2x2x1", 4), ("v5p:2x2x2", 8), ("v5p:2x2x4", 16), ("v5p:4x4x2", 32), ("v5p:4x4x4", 64),
+            ("v5p:4x4x8", 128)],
+}
+CHIP_KINDS = {"v4": "TPU v4", "v5e": "TPU v5 lite", "v5p": "TPU v5"}
+FIT_TOPOLOGY = "v5e:2x2"
+OFFICIAL_BATCH = 2048
+
+
+def config_for(model: str, res: int, switch: str) -> Any:
+  config = MODELS[model].get_config(f"res={res}")
+  config.unlock()
+  for key, value in SWITCHES[switch].items():
+    section, field = key.split(".")
+    config[section][field] = value
+  config.lock()
+  return config
+
+
+class Results:
+  """PREFIX.json: every compile's report under its key, read back on a rerun."""
+
+  def __init__(self, prefix: str):
+    self.path = epath.Path(prefix + ".json")
+    self.data = json.loads(self.path.read_text()) if self.path.exists() else {}
+
+  def compile(self, key: str, config: Any, topology: str, per_chip: int, with_eval: bool) -> list[dict]:
+    if key not in self.data:
+      print(f"{key}: compiling {per_chip} per chip for {topology}", flush=True)
+      reports = compile_steps(config, Target(topology), per_chip, with_eval)
+      self.data[key] = [{**dataclasses.asdict(r), "total": r.total} for r in reports]
+      self.data["updated"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+      self.path.write_text(json.dumps(self.data, indent=1))
+    return self.data[key]
+
+
+def write_table(prefix: str) -> None:
+  """Runs (or resumes) every compile of the table and writes PREFIX.json and PREFIX.md."""
+  epath.Path(prefix).parent.mkdir(parents=True, exist_ok=True)
+  results = Results(prefix)
+  rows = []
+  for model in MODELS:
+    for res in RESOLUTIONS:
+      fits = {}
+      for switch in SWITCHES:
+        config = config_for(model, res, switch)
+        probes = [results.compile(f"{model}@{res} {switch} {FIT_TOPOLOGY} b{b}", config, FIT_TOPOLOGY, b,
+                                  with_eval=False)[0] for b in PROBES.get((model, res), DEFAULT_PROBES)]
+        fits[switch] = MemoryModel.fit(*[_report(p) for p in probes])
+      row = {"model": model, "res": res, "fits": {k: dataclasses.asdict(v) for k, v in fits.items()},
+             "largest": {}, "official": {}}
+      for chip, slices in SLICES.items():
+        hbm = TPU_CHIPS[CHIP_KINDS[chip]][0]
+        largest = {switch: fit.largest_batch(hbm) for switch, fit in fits.items()}
+        row["largest"][chip] = largest
+        choice = next(((topology, chips, switch) for topology, chips in slices for switch in SWITCHES
+                       if OFFICIAL_BATCH // chips <= largest[switch]), None)
+        if choice:
+          topology, chips, switch = choice
+          reports = results.compile(f"{model}@{res} {switch} {topology} official",
+                                    config_for(model, res, switch), topology, OFFICIAL_BATCH // chips,
+                                    with_eval=True)
+          row["official"][chip] = {"topology": topology, "switch": switch, "per_chip": OFFICIAL_BATCH // chips,
+                                   "train": reports[0], "eval": reports[1], "hbm": hbm}
+      rows.append(row)
+      epath.Path(prefix + ".md").write_text(markdown(rows))
+  results.data["rows"] = rows
+  results.path.write_text(json.dumps(results.data, indent=1))
+  epath.Path(prefix + ".md").write_text(markdown(rows))
+
+
+def _report(data: dict) -> StepReport:
+  return StepReport(**{k: v for k, v in data.items() if k != "total"})
+
+
+def markdown(rows: list[dict]) -> str:
+  """The fit table as Markdown."""
+  gib = lambda n: f"{n / 2**30:.2f}"
+  lines = [
+      "# Fit table: CvT on TPU v4 (32 GiB), v5e (16 GiB), v5p (95 GiB), compiled for each chip on a CPU host",
+      "",
+      "`cvt-jax compile --table` (cvt_jax/fit_table.py). Per-chip train-step memory = fixed + per image x "
+      f"batch, fitted from two compiles on {FIT_TOPOLOGY} (bf16, full augmentation, AdamW, replicated "
+      "state); 'remat' = `--config.model.remat=block`. Largest batch = the largest multiple of 8 under the "
+      "chip's HBM by that fit (v4 and v5p: predicted from the v5e compiles). Official recipe = global batch "
+      "2048 compiled on the smallest standard slice the fit allows: the compiler's own per-chip memory.",
+      "",
+      "| variant | MiB per image (plain / remat) | fixed GiB | largest per-chip batch v4 / v5e / v5p, plain "
+      "| same, remat | official recipe (2048): slice, per-chip batch, compiled train + eval memory per chip |",
+      "|---|---|---|---|---|---|",
+  ]
+  for row in rows:
+    fits, largest = row["fits"], row["largest"]
+    official = "; ".join(
+        f"{o['topology']} ({o['switch']}): {o['per_chip']}/chip, train {gib(o['train']['total'])} GiB"
+        f"{'' if o['train']['fits'] and o['train']['total'] <= o['hbm'] else ' (does NOT fit)'}, eval "
+        f"{gib(o['eval']['total'])} GiB" for o in row["official"].values())
+    lines.append(
+        f"| {row['model']} @{row['res']} | {fits['plain']['per_image'] / 2**20:.0f} / "
+        f"{fits['remat']['per_image'] / 2**20:.0f} | {gib(fits['plain']['fixed'])} | "
+        + " / ".join(str(largest[c]["plain"]) for c in SLICES) + " | "
+        + " / ".join(str(largest[c]["remat"]) for c in SLICES) + f" | {official} |")
+  return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise cli.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  if _TABLE.value:
+    write_table(_TABLE.value)
+    return
+  if _CONFIG.value is None:
+    raise cli.UsageError("--config is required (or --table)")
   if _JSON.value:
     cli.check_output(_JSON.value, ".json")
-  from cvt_jax import model as model_lib  # pylint: disable=g-import-not-at-top
-  from cvt_jax import train_lib  # pylint: disable=g-import-not-at-top
-
   config = _CONFIG.value
-  num_classes = _NUM_CLASSES.value or config.model.num_classes
-  model_lib.variant_from_config(config.model)
   target = Target(_TOPOLOGY.value)
   print(f"compiling {config.model.variant} @{config.data.image_size} for {target.describe()}", flush=True)
   if _FIND_BATCH.value:
-    batch, probes = find_batch(config, target, num_classes)
-    print(f"largest per-chip batch that fits: {batch} ({batch * target.chips} on {target.chips} chips)")
-    per_chip = batch
+    per_chip, memory, _ = find_batch(config, target)
+    print(f"largest per-chip batch that fits: {per_chip} ({per_chip * target.chips} on {target.chips} chips); "
+          f"memory ~ {_gib(memory.fixed)} + {memory.per_image / 2**20:.1f} MiB per image")
   else:
     per_chip = _PER_CHIP_BATCH.value or config.global_batch_size // target.chips
     if not _PER_CHIP_BATCH.value and config.global_batch_size % target.chips:
       raise cli.UsageError(f"global_batch_size={config.global_batch_size} does not split over {target.chips} "
-                           "chips; pass --per_chip_batch")
-  if config.optim.grad_accum_steps > 1 and per_chip % config.optim.grad_accum_steps:
+                           "chips: pass --per_chip_batch")
+  if per_chip and config.optim.grad_accum_steps > 1 and per_chip % config.optim.grad_accum_steps:
     raise cli.UsageError(f"optim.grad_accum_steps={config.optim.grad_accum_steps} must divide the per-chip "
                          f"batch {per_chip}")
-  reports = compile_steps(config, target, per_chip, num_classes) if per_chip else []
-  for line in report_lines(reports, target, config, num_classes):
+  reports = compile_steps(config, target, per_chip) if per_chip else []
+  for line in report_lines(reports, target, config):
     print(line)
   if _JSON.value:
-    from etils import epath  # pylint: disable=g-import-not-at-top
     epath.Path(_JSON.value).write_text(json.dumps(
         {"target": target.describe(), "hbm_per_chip": target.hbm, "config": config.to_dict(),
          "reports": [{**dataclasses.asdict(r), "total": r.total} for r in reports]}, indent=1, default=str))
   failed = [r for r in reports if not r.fits or (target.hbm and r.total > target.hbm)]
-  if failed or not reports:
-    raise DoesNotFit(f"{(failed or [StepReport('train step', 0, False)])[0].name} does not fit "
-                       f"{target.describe()}: {advice(failed[0], config, target) if failed else 'not even 1 per chip'}")
-  del train_lib
-  return 0
+  if not reports:
+    raise DoesNotFit(f"not even one image per chip fits {target.describe()}")
+  if failed:
+    raise DoesNotFit(f"{failed[0].name} does not fit {target.describe()}: {advice(failed[0], config)}")
 
 
 def run(argv: Sequence[str] | None = None) -> None:

@@ -144,7 +144,7 @@ def evaluate_checkpoint(config: Any, checkpoint_path: str, output: str | None = 
   batches = _with_progress(input_pipeline.eval_batches(spec, config.eval_batch_size), info.num_eval_examples)
   result = train_lib.evaluate_batches(eval_step, variables, batches, mesh)
   seconds = time.time() - started
-  skipped = input_pipeline.SKIPPED_FILES.paths()[skipped_before:]
+  skipped = input_pipeline.SKIPPED_FILES.since(skipped_before)
   missing = info.num_eval_examples - result["count"]
   if missing and strict:
     raise ValueError(f"{missing} of the {info.num_eval_examples} images of {where} are unreadable (--strict)"

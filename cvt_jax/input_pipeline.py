@@ -176,27 +176,28 @@ def _epoch_seed(seed: int, epoch: int) -> int:
 
 
 class _SkippedFiles:
-  """Thread-safe record of undecodable files, in the order met; warns once per path."""
+  """Thread-safe record of every skip of an undecodable file, in order; warns once per path."""
 
   def __init__(self):
     self._lock = threading.Lock()
-    self._paths: dict[str, None] = {}
+    self._skips: list[str] = []
 
   def add(self, path: str, error: str) -> None:
     with self._lock:
-      if path in self._paths:
-        return
-      self._paths[path] = None
-      count = len(self._paths)
-    logging.warning("Skipping undecodable image %s (%s); %d skipped so far", path, error, count)
+      first = path not in self._skips
+      self._skips.append(path)
+      count = len(set(self._skips))
+    if first:
+      logging.warning("Skipping undecodable image %s (%s); %d skipped so far", path, error, count)
 
-  def paths(self) -> list[str]:
+  def since(self, mark: int) -> list[str]:
+    """The distinct paths skipped after `mark` (a `len()` taken earlier), in the order met."""
     with self._lock:
-      return list(self._paths)
+      return list(dict.fromkeys(self._skips[mark:]))
 
   def __len__(self) -> int:
     with self._lock:
-      return len(self._paths)
+      return len(self._skips)
 
 
 SKIPPED_FILES = _SkippedFiles()

@@ -1,5 +1,6 @@
 """The benchmark's own plumbing (timing, peaks, report, flags, contender processes, input side)."""
 
+import os
 import types
 
 import numpy as np
@@ -60,6 +61,9 @@ def test_markdown_names_the_machine_and_the_winner():
   report["input_pipeline"] = {
       "what": "decode", "images": 64, "cores": 2, "batch": 32, "model": "cvt-13", "res": 224,
       "img_per_s_one_process": 300.0, "img_per_s_all_cores": 550.0, "img_per_s_train_batches": 500.0,
+      "decode_scaling": [{"workers": 1, "img_per_s": 300.0, "img_per_s_per_core": 300.0},
+                         {"workers": 2, "img_per_s": 550.0, "img_per_s_per_core": 275.0}],
+      "scaling_efficiency": 550 / 600,
       "img_per_s_device_augment": 90.0, "img_per_s_bare_step": 4.0, "img_per_s_loop": 3.0, "loop_steps": 2}
   report["failed_cases"] = [{"model": "cvt-13", "res": 384, "batch": 32, "mode": "infer",
                              "error": "torch-eager failed in its bench process:\nTraceback\nMemoryError: big"}]
@@ -69,6 +73,7 @@ def test_markdown_names_the_machine_and_the_winner():
   assert "4.566" in text and "0.200 TFLOP/s" in text and "best of 0.150, 0.200" in text
   assert "| 50% |  |" in text and "| 42% | 1.20x |" in text  # 12 and 10 img/s of a 24 img/s roofline
   assert "alone 90 img/s" in text and "3.00 img/s vs 4.00 img/s" in text and "= 0.75x" in text
+  assert "2: 550 img/s (275 per core); 92% of linear scaling, so about 4400 img/s on a 16-core host" in text
 
 
 def test_help_describes_the_options(capsys):
@@ -108,6 +113,7 @@ def test_input_pipeline_bench_times_the_loop_between_two_bare_blocks():
   bare = (np.median(result["step_s"]["bare_before"]) + np.median(result["step_s"]["bare_after"])) / 2
   assert result["img_per_s_bare_step"] == pytest.approx(4 / bare)
   assert result["img_per_s_all_cores"] > 0 and result["img_per_s_device_augment"] > 0
+  assert [r["workers"] for r in result["decode_scaling"]] == sorted({1, os.cpu_count() // 2, os.cpu_count()} - {0})
 
 
 def test_each_framework_is_timed_in_a_process_of_its_own():

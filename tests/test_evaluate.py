@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 
 import finetuned_tiny
+from cvt_jax import cli
 from cvt_jax import evaluate
 from cvt_jax import input_pipeline
 from cvt_jax import weights
@@ -121,3 +123,32 @@ def test_command_line(finetuned, tmp_path):
       f"cvt-jax eval: error: checkpoint {tmp_path / 'gone.npz'} does not exist (expected a training workdir, "
       "a converted .npz, a PyTorch .pth/.pt/.bin/.ckpt/.safetensors file or a Hugging Face hub name)")
   assert "Traceback" not in missing.stderr
+
+
+def test_unreadable_images_are_skipped_and_listed_unless_strict(finetuned, tmp_path):
+  tree = tmp_path / "tree"
+  tree.mkdir()
+  os.symlink(os.path.join(finetuned.tree, "train"), tree / "train")
+  for name in finetuned_tiny.CLASSES:
+    shutil.copytree(os.path.join(finetuned.tree, "val", name), tree / "val" / name)
+  broken = tree / "val" / "5" / "broken.jpg"
+  broken.write_bytes(b"\xff\xd8\xff not a jpeg")
+  config = finetuned_tiny.config(str(tree))
+  summary = evaluate.evaluate_checkpoint(config, finetuned.npz, str(tmp_path / "eval.json"))
+  assert summary["skipped"] == [str(broken)]
+  assert summary["count"] == summary["images"] - 1 == finetuned.train_eval["count"]
+  assert summary["top1"] == pytest.approx(finetuned.train_eval["top1"], abs=1e-6)
+  with pytest.raises(ValueError, match=f"1 of the {summary['images']} images of .* are unreadable "
+                                       rf"\(--strict\), e.g. {broken}"):
+    evaluate.evaluate_checkpoint(config, finetuned.npz, str(tmp_path / "strict.json"), strict=True)
+  assert not (tmp_path / "strict.json").exists()
+
+
+@pytest.mark.parametrize("command", list(cli.COMMANDS))
+def test_help_exits_zero_and_describes_the_flags(command, capsys):
+  with pytest.raises(SystemExit) as exit_:
+    cli.main(["cvt-jax", command, "--help"])
+  out = capsys.readouterr().out
+  assert exit_.value.code == 0 and "flags:" in out and "--debug" in out
+  if command in ("train", "eval", "compile"):
+    assert "--config.optim.lr=" in out and "configs (--config NAME" in out

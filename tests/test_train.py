@@ -110,9 +110,11 @@ def test_loss_is_finite_and_decreases_on_a_learnable_set():
 
 def test_resume_after_a_stop_equals_an_uninterrupted_run(tree, tmp_path, caplog):
   """Stopped at step 4, the latest checkpoint damaged on disk: the run resumes from step 2, bit-identical."""
-  config = tiny_config(tree)
+  config = tiny_config(tree, profile_steps=1)  # profiling changes nothing
   straight, straight_eval = train_lib.train_and_evaluate(config, str(tmp_path / "straight"))
   assert int(straight.step) == 6  # 48 // 16 steps per epoch x 2 epochs
+  traces = list((tmp_path / "straight" / "profile").glob("plugins/profile/*/*.xplane.pb"))
+  assert len(traces) == 1 and traces[0].stat().st_size > 0
 
   stopped, _ = train_lib.train_and_evaluate(config, str(tmp_path / "resumed"), interrupt_at_step=4)
   assert int(stopped.step) == 4

@@ -1,0 +1,322 @@
+"""`cvt-jax COMMAND [ARGS]`: the project's commands behind one entry point, with one way to fail and to log.
+
+Every command takes absl flags and prints `--help` (exit status 0). A user error (a bad flag or config
+value, a missing file, an output that cannot be written) ends the command with one line,
+`cvt-jax <command>: error: <what and where>`, and exit status 2 (bad arguments) or 1 (the work failed);
+`--debug` or CVT_JAX_DEBUG=1 shows the traceback as well, for a bug report. The console shows the
+command's own log lines, warnings and errors; library INFO lines (orbax, clu, ...) go to the run's log
+file only (`<workdir>/train.log` for training).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+import os
+import sys
+import tempfile
+import textwrap
+import traceback
+from typing import Any, Callable, Iterator, NoReturn, Sequence
+
+from absl import flags
+from absl import logging as absl_logging
+
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+# TensorFlow's C++ INFO lines (oneDNN notices, ...) are not the run's: warnings and errors only.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+CONFIGS_DIR = os.path.join(PACKAGE_DIR, "configs")
+
+# command -> (module with `main(argv)` and its flags, one-line description)
+COMMANDS = {
+    "train": ("cvt_jax.train", "train and evaluate from a config; rerun the same command to resume"),
+    "eval": ("cvt_jax.evaluate", "top-1/top-5 of a checkpoint over every image of a split"),
+    "predict": ("cvt_jax.predict", "top classes of image files"),
+    "convert": ("cvt_jax.convert", "any checkpoint (PyTorch, workdir, hub name) to a cvt_jax .npz"),
+    "summary": ("cvt_jax.summary", "parameters and MACs of a variant"),
+    "compile": ("cvt_jax.compile", "compile the train and eval steps for a TPU slice or this host; "
+                                   "report memory and fit"),
+    "bench": ("cvt_jax.bench", "cvt_jax against PyTorch on this machine"),
+    "demo": ("cvt_jax.demo", "train a small CvT on offline digit images and print its top-1"),
+}
+
+
+class UsageError(ValueError):
+  """Bad command-line arguments: reported in one line with exit status 2."""
+
+
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+  """The `cvt-jax` console script."""
+  argv = list(sys.argv if argv is None else argv)
+  if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
+    print(usage())
+    sys.exit(0 if len(argv) >= 2 else 2)
+  command = argv[1]
+  if command not in COMMANDS:
+    _fail("cvt-jax", f"unknown command {command!r}; choose one of {', '.join(COMMANDS)}", 2)
+  module = importlib.import_module(COMMANDS[command][0])
+  module.run([f"cvt-jax {command}", *argv[2:]])
+
+
+def usage() -> str:
+  width = max(map(len, COMMANDS))
+  lines = [f"  {name:{width}}  {description}" for name, (_, description) in COMMANDS.items()]
+  return ("usage: cvt-jax COMMAND [ARGS]   (cvt-jax COMMAND --help for its flags)\n\ncommands:\n"
+          + "\n".join(lines))
+
+
+def run(main_fn: Callable[[list[str]], int | None], argv: Sequence[str] | None, doc: str,
+        flag_values: flags.FlagValues, extra_help: Callable[[], str] | None = None) -> NoReturn:
+  """Parses `flag_values` from `argv` and runs `main_fn(remaining args)` with the project's error policy.
+
+  Args:
+    main_fn: the command; returns an exit status (None = 0). Its user errors are exceptions (ValueError,
+      OSError, ...), reported in one line; anything else is reported the same way with a hint to --debug.
+    argv: [program name, args...]; None takes sys.argv.
+    doc: the command's description (its module docstring), printed by --help.
+    flag_values: the command's own flags (each command has a `FlagValues` of its own, so that commands
+      can be imported side by side).
+    extra_help: more --help text (e.g. the config fields).
+  """
+  argv = list(sys.argv if argv is None else argv)
+  prog = argv[0] if argv[0].startswith("cvt-jax") else os.path.basename(argv[0])
+  debug = "--debug" in argv or os.environ.get("CVT_JAX_DEBUG", "") not in ("", "0")
+  argv = [a for a in argv if a != "--debug"]
+  if any(a in ("-h", "--help", "--helpshort", "--helpfull") for a in argv[1:]):
+    print(_help(doc, flag_values, extra_help))
+    sys.exit(0)
+  saved_argv = sys.argv
+  try:
+    argv = resolve_config_args(argv)
+    sys.argv = argv  # ml_collections reads the --config.<field> overrides off sys.argv
+    if flag_values.is_parsed():  # a second run in the same process (tests): forget the first one's
+      flag_values.unparse_flags()
+      for name in [n for n in flag_values if "." in n]:  # ml_collections' --config.<field> overrides
+        delattr(flag_values, name)
+    remaining = flag_values(argv)
+  except (AttributeError, KeyError) as e:  # ml_collections: an override of a field the config lacks
+    _report(prog, _unknown_config_field(e, argv), 2, debug)
+  except Exception as e:  # pylint: disable=broad-except  # config files run code while they are parsed
+    _report(prog, e, 2, debug)
+  finally:
+    sys.argv = saved_argv
+  setup_logging()
+  try:
+    status = main_fn(remaining)
+  except UsageError as e:
+    _report(prog, e, 2, debug)
+  except KeyboardInterrupt:
+    _fail(prog, "interrupted", 130)
+  except Exception as e:  # pylint: disable=broad-except  # the policy: one line, traceback on --debug
+    _report(prog, e, 1, debug)
+  sys.exit(status or 0)
+
+
+def _unknown_config_field(error: BaseException, argv: Sequence[str]) -> UsageError:
+  """ml_collections' "'lrr'\\nDid you mean "lr"...?" as '--config.optim.lrr: no such config field (...)'."""
+  while error.args and isinstance(error.args[0], BaseException):
+    error = error.args[0]
+  text = str(error.args[0] if error.args else error)
+  key, _, hint = text.partition("\n")
+  key = key.strip("'\"")
+  flag = next((a.split("=")[0] for a in argv if a.startswith("--config.") and
+               a.split("=")[0].rsplit(".", 1)[-1] == key), f"--config...{key}")
+  return UsageError(f"{flag}: no such config field" + (f" ({hint.strip()})" if hint else ""))
+
+
+def _report(prog: str, error: BaseException, status: int, debug: bool) -> NoReturn:
+  if debug:
+    traceback.print_exception(error)
+  _fail(prog, one_line(error, debug), status)
+
+
+# Errors whose message is the whole story; anything else is reported with its type (likely a bug).
+_USER_ERRORS = (ValueError, OSError, FloatingPointError, flags.Error)
+
+
+def one_line(error: BaseException, debug: bool = True) -> str:
+  """An exception as one line: its message (whitespace collapsed); a likely bug also names its type."""
+  text = str(error)
+  if "Traceback (most recent call last)" in text:  # absl quotes a config file's traceback: keep its verdict
+    text = f"{text.split(':', 1)[0]}: {text.strip().splitlines()[-1]}"
+  text = " ".join(text.split()) or type(error).__name__
+  if isinstance(error, OSError) and error.strerror and error.filename:
+    text = f"{error.filename}: {error.strerror}"
+  if isinstance(error, _USER_ERRORS):
+    return text
+  return f"{type(error).__name__}: {text}" + ("" if debug else " (rerun with --debug for the traceback)")
+
+
+def _fail(prog: str, message: str, status: int) -> NoReturn:
+  print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+  sys.exit(status)
+
+
+def _help(doc: str, flag_values: flags.FlagValues, extra_help: Callable[[], str] | None) -> str:
+  text = textwrap.dedent(doc).strip() + "\n\nflags:\n"
+  text += "\n".join(flag_values.module_help(m) for m in flag_values.flags_by_module_dict()) or "  (none)"
+  text += "\n  --debug: show the traceback of an error (or set CVT_JAX_DEBUG=1)"
+  if extra_help:
+    text += "\n\n" + extra_help()
+  return text
+
+
+class _HeadsParser(flags.ArgumentParser):
+  """'1,2,3' -> (1, 2, 3): attention heads per stage."""
+
+  syntactic_help = "three positive integers, e.g. 1,3,6"
+
+  def parse(self, argument: Any) -> tuple[int, int, int]:
+    if isinstance(argument, tuple):
+      return argument
+    try:
+      heads = tuple(int(h) for h in str(argument).split(","))
+    except ValueError:
+      heads = ()
+    if len(heads) != 3 or min(heads) <= 0:
+      raise ValueError(f"expected three positive integers such as 1,3,6, got {argument!r}")
+    return heads
+
+  def flag_type(self) -> str:
+    return "heads"
+
+
+def define_heads_flag(flag_values: flags.FlagValues) -> flags.FlagHolder:
+  """--heads H0,H1,H2 for custom-width PyTorch checkpoints (heads cannot be read off the tensors)."""
+  return flags.DEFINE(_HeadsParser(), "heads", None, "Attention heads per stage of a custom-width PyTorch "
+                      "checkpoint (widths not multiples of 64); named variants need none.",
+                      flag_values=flag_values)
+
+
+def check_output(path: str, suffix: str | None = None) -> None:
+  """Fails before any work if `path` cannot be written as a file (a folder, a read-only or missing parent
+  that cannot be made, a wrong suffix). Object-store paths are only checked for the suffix."""
+  if suffix and not path.endswith(suffix):
+    raise UsageError(f"output {path}: expected a {suffix} file name")
+  if "://" in path:
+    return
+  if os.path.isdir(path):
+    raise UsageError(f"output {path} is a folder; give a file name")
+  parent = os.path.dirname(os.path.abspath(path))
+  existing = parent
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise UsageError(f"output {path}: {existing} is not a folder")
+  try:  # a real write: permissions, read-only mounts and quotas all count
+    with tempfile.TemporaryFile(dir=existing):
+      pass
+    if os.path.exists(path):
+      with open(path, "ab"):
+        pass
+  except OSError as e:
+    raise UsageError(f"output {path}: {e.filename or existing} is not writable ({e.strerror})") from None
+
+
+def resolve_config_args(argv: list[str]) -> list[str]:
+  """`--config cvt13[:args]` -> the packaged config file; paths (configs/cvt13.py) are kept as given."""
+  out = list(argv)
+  for i, arg in enumerate(out):
+    if arg == "--config" and i + 1 < len(out):
+      out[i + 1] = resolve_config(out[i + 1])
+    elif arg.startswith("--config="):
+      out[i] = "--config=" + resolve_config(arg[len("--config="):])
+  return out
+
+
+def resolve_config(value: str) -> str:
+  """'cvt13:res=384' -> '<package>/configs/cvt13.py:res=384' when no such path exists as given."""
+  path, sep, arg = value.partition(":")
+  if os.path.exists(path):
+    return value
+  name = os.path.basename(path)
+  name = name if name.endswith(".py") else name + ".py"
+  packaged = os.path.join(CONFIGS_DIR, name)
+  if not os.path.isfile(packaged):
+    raise UsageError(f"--config {path}: no such file, and no packaged config of that name "
+                     f"({', '.join(packaged_configs())})")
+  return packaged + sep + arg
+
+
+def packaged_configs() -> list[str]:
+  """Names of the configs shipped in cvt_jax/configs ('cvt13', 'demo', ...)."""
+  return sorted(f[:-3] for f in os.listdir(CONFIGS_DIR)
+                if f.endswith(".py") and not f.startswith("_") and f != "common.py")
+
+
+def config_fields_help() -> str:
+  """--help text listing every config field with its default (configs/common.py)."""
+  from cvt_jax.configs import common  # pylint: disable=g-import-not-at-top
+
+  def walk(node: Any, prefix: str) -> list[str]:
+    lines = []
+    for key in sorted(node.keys()):
+      value = node[key]
+      if hasattr(value, "keys"):
+        lines += walk(value, f"{prefix}{key}.")
+      else:
+        lines.append(f"  --config.{prefix}{key}={value!r}")
+    return lines
+
+  return ("configs (--config NAME[:arg=value,...] or a path): " + ", ".join(packaged_configs())
+          + "\nconfig fields, with configs/common.py's defaults (override any of them):\n"
+          + "\n".join(walk(common.get_config(), "")))
+
+
+# `logging.info(..., extra=LOG_FILE_ONLY)`: a line for the log file, not the console (e.g. the whole config).
+LOG_FILE_ONLY = {"console": False}
+
+
+def _ours(record: logging.LogRecord) -> bool:
+  return record.pathname.startswith(PACKAGE_DIR)
+
+
+class _ConsoleFilter(logging.Filter):
+  """INFO lines of cvt_jax itself (unless marked LOG_FILE_ONLY), and WARNING and above from everyone."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.levelno >= logging.WARNING:
+      return True
+    return _ours(record) and getattr(record, "console", True)
+
+
+class _ConsoleFormatter(absl_logging.PythonFormatter):
+  """absl's format; a library's warning or error shows its first line only (the log file has the rest)."""
+
+  def format(self, record: logging.LogRecord) -> str:
+    if _ours(record) or not (record.exc_info or "\n" in record.getMessage()):
+      return super().format(record)
+    first = record.getMessage().strip().splitlines()
+    short = logging.makeLogRecord({**record.__dict__, "msg": (first[0] if first else "") + " [...]",
+                                   "args": None, "exc_info": None, "exc_text": None, "stack_info": None})
+    return super().format(short)
+
+
+def setup_logging() -> None:
+  """absl-formatted logs on the console: the command's INFO lines and everyone's warnings."""
+  flags.FLAGS.mark_as_parsed()  # absl's own flags (log settings) keep their defaults: no pre-parse warning
+  handler = absl_logging.get_absl_handler()
+  if not any(isinstance(f, _ConsoleFilter) for f in handler.filters):
+    handler.addFilter(_ConsoleFilter())
+    handler.setFormatter(_ConsoleFormatter())
+  absl_logging.use_absl_handler()
+  absl_logging.set_verbosity(absl_logging.INFO)
+  logging.root.setLevel(logging.INFO)
+
+
+@contextlib.contextmanager
+def logging_to(log_file: str) -> Iterator[None]:
+  """Everything logged at INFO and above, libraries included, is also appended to `log_file`."""
+  handler = logging.FileHandler(log_file)
+  handler.setFormatter(absl_logging.PythonFormatter())
+  logging.root.addHandler(handler)
+  try:
+    yield
+  finally:
+    logging.root.removeHandler(handler)
+    handler.close()
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,203 @@
+r"""Evaluate a checkpoint over every image of a split: `cvt-jax eval --config cvt13 --checkpoint X`.
+
+  cvt-jax eval --config cvt13 --checkpoint CvT-13-224x224-IN-1k.pth \
+      --config.data.data_dir=~/tensorflow_datasets
+  cvt-jax eval --config cvt13:res=384 --checkpoint cvt13_384.npz --data ~/imagenet   # a folder tree
+  cvt-jax eval --config finetune:... --checkpoint out/finetune                       # a training workdir
+
+The checkpoint is anything `cvt-jax convert` reads (a workdir, a converted .npz, a PyTorch file, a hub
+name); its own architecture and head are used, and the config supplies the data, the resolution (224:
+resize 256 + centre crop, 384: squash), the eval batch size and the compute dtype (model.eval_dtype,
+float32 as the official evaluation; bfloat16 is faster on GPU/TPU). The dataset's classes are checked
+against the head and the output is checked writable before any image is read. Unreadable images are
+skipped, listed in the output and reported (--strict: fail instead). The result is printed and written as
+JSON (--output, default next to the checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any, Sequence
+
+import jax
+from absl import flags
+from absl import logging
+from etils import epath
+from ml_collections import config_flags
+
+from cvt_jax import cli
+from cvt_jax import input_pipeline
+from cvt_jax import model as model_lib
+from cvt_jax import parallel
+from cvt_jax import train_lib
+from cvt_jax import weights
+
+_PROGRESS_SECONDS = 10.0
+_WNID = re.compile(r"n\d{8}")
+
+
+class ClassMismatchError(ValueError):
+  """The dataset's classes do not match the checkpoint's head."""
+
+
+def check_classes(checkpoint: weights.Checkpoint, info: input_pipeline.DatasetInfo, source: str,
+                  where: str) -> None:
+  """Fails unless the dataset's label order is the one the head was trained with.
+
+  The class count must equal the head size. The names are compared with the checkpoint's stored class
+  names (fine-tuned runs) or, for a 1000-class head without them, with the sorted ImageNet WNIDs of
+  `imagenet_classes.tsv`: always for a folder tree (`source` 'folder'), for TFDS when its names are WNIDs.
+
+  Raises:
+    ClassMismatchError: naming the dataset, both counts or the first label that differs.
+  """
+  if info.num_classes != checkpoint.num_classes:
+    raise ClassMismatchError(
+        f"{where} has {info.num_classes} classes ({_preview(info.class_names)}) but the head of "
+        f"{checkpoint.source} has {checkpoint.num_classes}; evaluate on the dataset it was trained for.")
+  expected, kind = checkpoint.class_names, "the classes stored with the checkpoint"
+  if expected is None and checkpoint.num_classes == 1000:
+    if source != "folder" and not all(_WNID.fullmatch(name) for name in info.class_names):
+      logging.info("%s does not name its classes by WNID; only the class count was checked.", where)
+      return
+    expected = tuple(wnid for wnid, _ in weights.imagenet_classes())
+    kind = "the sorted ImageNet WNIDs of imagenet_classes.tsv"
+  if expected is None or tuple(info.class_names) == tuple(expected):
+    return
+  first = next(i for i, (a, b) in enumerate(zip(info.class_names, expected)) if a != b)
+  message = (f"the class order of {where} differs from {kind} from label "
+             f"{first} on: dataset {info.class_names[first]!r} vs checkpoint {expected[first]!r}. "
+             "Labels are the sorted folder names; a different order gives near-chance accuracy.")
+  if sorted(info.class_names) == sorted(expected) or checkpoint.class_names is None:
+    raise ClassMismatchError(message)
+  logging.warning("Class names differ (%s); evaluating by label index.", message)
+
+
+def _preview(names: tuple[str, ...], count: int = 3) -> str:
+  shown = ", ".join(names[:count])
+  return shown + (", ..." if len(names) > count else "")
+
+
+def _with_progress(batches: Iterable[input_pipeline.Batch], total: int) -> Iterator[input_pipeline.Batch]:
+  """Passes batches through, logging images loaded / total and img/s every few seconds."""
+  started = last = time.time()
+  seen = 0
+  for batch in batches:
+    yield batch
+    seen = min(total, seen + int(batch["mask"].shape[0]) * jax.process_count())
+    now = time.time()
+    if now - last >= _PROGRESS_SECONDS or seen == total:
+      rate = seen / max(now - started, 1e-9)
+      logging.info("eval: %d/%d images (%.0f%%), %.1f img/s, ETA %.0fs", seen, total, 100 * seen / total,
+                   rate, (total - seen) / max(rate, 1e-9))
+      last = now
+
+
+def default_output(checkpoint: weights.Checkpoint, split: str, image_size: int) -> str:
+  """`<workdir>/eval_<split>_<res>_step<N>.json`, `<file stem>.eval_<split>_<res>.json` beside a file, or
+  `eval_<hub name>_<split>_<res>.json` in the current folder for a hub checkpoint."""
+  name = f"eval_{split.replace('/', '_').replace(':', '_')}_{image_size}"
+  source = checkpoint.source
+  if checkpoint.step is not None:
+    return os.path.join(source, f"{name}_step{checkpoint.step}.json")
+  if weights.is_hub_name(source.split(" ")[0]):
+    return f"eval_{source.split(' ')[0].replace('/', '_')}_{name[len('eval_'):]}.json"
+  return f"{source.rsplit('.', 1)[0]}.{name}.json"
+
+
+def evaluate_checkpoint(config: Any, checkpoint_path: str, output: str | None = None,
+                        heads: tuple[int, int, int] | None = None, strict: bool = False) -> dict[str, Any]:
+  """Evaluates `checkpoint_path` on `config.data`'s eval split; writes and returns the JSON summary.
+
+  Raises:
+    FileNotFoundError: a missing checkpoint or data path.
+    ClassMismatchError: the dataset's classes do not fit the head.
+    ValueError: an output that cannot be written; with `strict`, unreadable images.
+  """
+  parallel.check_global_batch_size(config.eval_batch_size, "eval_batch_size")
+  variant = model_lib.variant_from_config(config.model)  # used only by a workdir without model_info.json
+  checkpoint = weights.load(checkpoint_path, variant=variant, heads=heads)
+  spec = input_pipeline.DataSpec.from_config(config.data)
+  where = spec.where(spec.eval_split)
+  output = output or default_output(checkpoint, spec.eval_split, spec.image_size)
+  cli.check_output(output, ".json")
+  info = input_pipeline.dataset_info(spec)
+  check_classes(checkpoint, info, spec.source, where)
+  if checkpoint.image_size and checkpoint.image_size != spec.image_size:
+    logging.info("Trained at %d px, evaluating at %d px.", checkpoint.image_size, spec.image_size)
+
+  mesh = parallel.make_mesh()
+  model = checkpoint.model(dtype=model_lib.compute_dtype(config.model.eval_dtype, parallel.platform(mesh)),
+                           kernels=config.model.kernels)
+  variables = jax.device_put(checkpoint.variables, parallel.replicated(mesh))
+  eval_step = train_lib.shard_eval_step(train_lib.make_eval_step(model), mesh)
+  logging.info("Evaluating %s (%s, %d classes) on %s: %d images at %d px, batch %d on %d devices, %s.",
+               checkpoint.source, checkpoint.variant.name, checkpoint.num_classes, where,
+               info.num_eval_examples, spec.image_size, config.eval_batch_size, jax.device_count(),
+               config.model.eval_dtype)
+  started = time.time()
+  skipped_before = len(input_pipeline.SKIPPED_FILES)
+  batches = _with_progress(input_pipeline.eval_batches(spec, config.eval_batch_size), info.num_eval_examples)
+  result = train_lib.evaluate_batches(eval_step, variables, batches, mesh)
+  seconds = time.time() - started
+  skipped = input_pipeline.SKIPPED_FILES.since(skipped_before)
+  missing = info.num_eval_examples - result["count"]
+  if missing and strict:
+    raise ValueError(f"{missing} of the {info.num_eval_examples} images of {where} are unreadable (--strict)"
+                     + (f", e.g. {skipped[0]}" if skipped else ""))
+  if missing:
+    logging.warning("%d of the %d images of %s are unreadable: top-1/top-5 are over the %d others.",
+                    missing, info.num_eval_examples, where, result["count"])
+  summary = {"checkpoint": checkpoint.source, "step": checkpoint.step, "variant": checkpoint.variant.name,
+             "dataset": where, "image_size": spec.image_size, "dtype": config.model.eval_dtype,
+             "top1": result["top1"], "top5": result["top5"], "loss": result["loss"],
+             "count": result["count"], "images": info.num_eval_examples, "skipped": skipped,
+             "seconds": round(seconds, 2), "images_per_second": round(result["count"] / max(seconds, 1e-9), 1)}
+  if jax.process_index() == 0:
+    path = epath.Path(output)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(summary, indent=1))
+  summary["output"] = output
+  return summary
+
+
+FLAGS = flags.FlagValues()
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config name or file (data, resolution, eval batch), e.g. cvt13:res=384.",
+    lock_config=True, flag_values=FLAGS)
+_CHECKPOINT = flags.DEFINE_string(
+    "checkpoint", None, "Training workdir, converted .npz, PyTorch .pth/.bin/.safetensors or hub name.",
+    flag_values=FLAGS)
+_DATA = flags.DEFINE_string("data", None, "Shortcut for a folder tree: sets data.source=folder and "
+                            "data.data_dir (the root holding train/ and val/).", flag_values=FLAGS)
+_OUTPUT = flags.DEFINE_string("output", None, "JSON summary path (default: next to the checkpoint).",
+                              flag_values=FLAGS)
+_STRICT = flags.DEFINE_bool("strict", False, "Fail if any image of the split is unreadable (default: "
+                            "skip, list and report them).", flag_values=FLAGS)
+_HEADS = cli.define_heads_flag(FLAGS)
+flags.mark_flags_as_required(["config", "checkpoint"], flag_values=FLAGS)
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise cli.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  config = _CONFIG.value
+  if _DATA.value:
+    config.data.source, config.data.data_dir = "folder", os.path.expanduser(_DATA.value)
+  summary = evaluate_checkpoint(config, _CHECKPOINT.value, _OUTPUT.value, _HEADS.value, _STRICT.value)
+  skipped = f", {len(summary['skipped'])} unreadable skipped" if summary["skipped"] else ""
+  print(f"top-1 {summary['top1']:.2f}%  top-5 {summary['top5']:.2f}%  loss {summary['loss']:.4f}  "
+        f"images {summary['count']}{skipped}  ({summary['images_per_second']:.1f} img/s)  -> "
+        f"{summary['output']}")
+
+
+def run(argv: Sequence[str] | None = None) -> None:
+  cli.run(main, argv, __doc__, FLAGS, cli.config_fields_help)
+
+
+if __name__ == "__main__":
+  run()

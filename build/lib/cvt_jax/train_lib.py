@@ -1,0 +1,496 @@
+"""The trainer: one jitted, sharded train step, padded evaluation, and the resumable training loop.
+
+Data parallel over a ('data',) mesh of every device of every process: each process loads its slice of the
+global batch, `parallel.global_batch` makes one sharded `jax.Array`; parameters and optimiser state are
+replicated, or split over 'data' with `config.fsdp`. Under jit, BatchNorm statistics are computed over the
+whole global batch (synchronised BN), where the official code used per-GPU statistics; it only touches the
+small conv-projection BNs. Mixup/cutmix pair images within each device's part of the batch, as the
+official per-GPU code does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from typing import Any, Callable, Iterable, Iterator
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from etils import epath
+
+from cvt_jax import augment
+from cvt_jax import checkpointing
+from cvt_jax import input_pipeline
+from cvt_jax import model as model_lib
+from cvt_jax import ops
+from cvt_jax import optim
+from cvt_jax import parallel
+from cvt_jax import weights
+from cvt_jax import workdir as workdir_lib
+
+Batch = dict[str, jax.Array]
+Metrics = dict[str, jax.Array]
+Variables = dict[str, Any]
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a resumed run needs besides the config (the data position is a function of `step`)."""
+
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+
+  @property
+  def variables(self) -> Variables:
+    return {"params": self.params, "batch_stats": self.batch_stats}
+
+
+def soft_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """Per-example cross entropy against soft targets (mixup/cutmix/smoothing), in fp32."""
+  return -jnp.sum(targets.astype(jnp.float32) * jax.nn.log_softmax(logits.astype(jnp.float32)), axis=-1)
+
+
+def make_train_step(model: model_lib.CvT, tx: optax.GradientTransformation, schedule: optim.Schedule,
+                    num_classes: int, augment_config: Any, base_rng: jax.Array, shards: int = 1,
+                    grad_accum_steps: int = 1) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+  """The pure train step (jit it): augment on device, forward/backward, AdamW update, metrics.
+
+  Args:
+    model, tx, schedule: the model, the optimiser and its learning-rate schedule (for the metrics).
+    num_classes: size of the soft targets.
+    augment_config: `config.augment`.
+    base_rng: the run's rng; step k uses `fold_in(base_rng, k)`.
+    shards: mixup/cutmix pair images within this many equal parts of the batch (the device count).
+    grad_accum_steps: split the batch into this many micro-batches, each holding an equal part of every
+      shard, and average their gradients: the same update from less memory. BatchNorm then normalises each
+      micro-batch with its own statistics (as the official per-GPU BatchNorm normalised per GPU batch), and
+      the running averages move once per step, by the mean of the micro-batches' statistics. With micro-
+      batches of identical statistics the step equals the plain one up to fp32 rounding.
+  """
+
+  def loss_fn(params, batch_stats, images, targets, drop_rng):
+    logits, updates = model.apply({"params": params, "batch_stats": batch_stats}, images, train=True,
+                                  mutable=["batch_stats"], rngs={"drop_path": drop_rng})
+    return soft_cross_entropy(logits, targets).mean(), updates["batch_stats"]
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  kernels = ops.resolve_kernels(model.kernels)  # the augmentation's formulation follows the model's
+
+  def accumulated(params, batch_stats, images, targets, drop_rng):
+    """grad_fn over `grad_accum_steps` micro-batches (a scan, so memory holds one at a time)."""
+    k = grad_accum_steps
+
+    def micro(x):  # (B, ...) -> (k, B/k, ...), micro-batch m = the m-th part of every shard
+      per = x.shape[0] // (shards * k)
+      return x.reshape(shards, k, per, *x.shape[1:]).swapaxes(0, 1).reshape(k, shards * per, *x.shape[1:])
+
+    def body(carry, inputs):
+      m, images_m, targets_m = inputs
+      (loss, stats), grads = grad_fn(params, batch_stats, images_m, targets_m, jax.random.fold_in(drop_rng, m))
+      loss_sum, stats_sum, grads_sum = carry
+      add = lambda a, b: jax.tree.map(jnp.add, a, b)
+      return (loss_sum + loss, add(stats_sum, stats), add(grads_sum, grads)), None
+
+    zeros = lambda tree: jax.tree.map(jnp.zeros_like, tree)
+    init = (jnp.zeros((), jnp.float32), zeros(batch_stats), zeros(params))
+    (loss, stats, grads), _ = jax.lax.scan(body, init, (jnp.arange(k), micro(images), micro(targets)))
+    mean = lambda tree: jax.tree.map(lambda x: x / k, tree)
+    return (loss / k, mean(stats)), mean(grads)
+
+  def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+    # The rng depends only on (seed, step), so a resumed run draws exactly what an uninterrupted one would.
+    aug_rng, drop_rng = jax.random.split(jax.random.fold_in(base_rng, state.step))
+    images, targets = augment.train_augment(aug_rng, batch["image"], batch["label"], num_classes,
+                                            augment_config, shards, kernels)
+    compute = grad_fn if grad_accum_steps == 1 else accumulated
+    (loss, batch_stats), grads = compute(state.params, state.batch_stats, images, targets, drop_rng)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    new_state = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                           batch_stats=batch_stats, opt_state=opt_state)
+    metrics = {"loss": loss, "lr": schedule(state.step), "grad_norm": optax.tree.norm(grads)}
+    return new_state, metrics
+
+  return train_step
+
+
+def abstract_train_state(model: model_lib.CvT, tx: optax.GradientTransformation, image_size: int) -> TrainState:
+  """The train state's shapes and dtypes, without computing anything."""
+  images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+  variables = jax.eval_shape(model.init, jax.random.key(0), images)
+  return jax.eval_shape(lambda v: _fresh_state(v, tx), variables)
+
+
+def _fresh_state(variables: Variables, tx: optax.GradientTransformation) -> TrainState:
+  return TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
+                    batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"]))
+
+
+def create_train_state(variables: Variables, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh,
+                       fsdp: bool = False) -> TrainState:
+  """Step 0 with fresh AdamW moments, replicated over the mesh (or FSDP-split)."""
+  shardings = parallel.state_shardings(jax.eval_shape(lambda v: _fresh_state(v, tx), variables), mesh, fsdp)
+  return jax.jit(lambda v: _fresh_state(v, tx), out_shardings=shardings)(variables)
+
+
+def shard_train_step(train_step: Callable[[TrainState, Batch], tuple[TrainState, Metrics]],
+                     mesh: jax.sharding.Mesh, state_sharding: Any = None,
+                     ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+  """`train_step` jitted data-parallel: state donated (replicated unless `state_sharding` says otherwise),
+  the batch split over 'data', metrics replicated."""
+  state_sharding = parallel.replicated(mesh) if state_sharding is None else state_sharding
+  return jax.jit(train_step, in_shardings=(state_sharding, parallel.batch_sharding(mesh)),
+                 out_shardings=(state_sharding, parallel.replicated(mesh)), donate_argnums=0)
+
+
+def make_eval_step(model: model_lib.CvT) -> Callable[[Variables, Batch], Metrics]:
+  """Sums of loss, top-1 and top-5 hits and the example count over the real (mask=1) rows of a batch."""
+
+  def eval_step(variables: Variables, batch: Batch) -> Metrics:
+    logits = model.apply(variables, augment.normalize(batch["image"]), train=False)
+    labels, mask = batch["label"], batch["mask"].astype(bool)
+    loss = soft_cross_entropy(logits, jax.nn.one_hot(labels, logits.shape[-1]))
+    top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
+    hits = top5 == labels[:, None]
+    return {"loss": jnp.sum(jnp.where(mask, loss, 0.0)),
+            "top1": jnp.sum(hits[:, 0] & mask, dtype=jnp.int32),
+            "top5": jnp.sum(hits.any(axis=-1) & mask, dtype=jnp.int32),
+            "count": jnp.sum(mask, dtype=jnp.int32)}
+
+  return eval_step
+
+
+def shard_eval_step(eval_step: Callable[[Variables, Batch], Metrics], mesh: jax.sharding.Mesh,
+                    variables_sharding: Any = None) -> Callable[[Variables, Batch], Metrics]:
+  """`eval_step` jitted with the batch split over 'data' (variables replicated unless said otherwise)."""
+  variables_sharding = parallel.replicated(mesh) if variables_sharding is None else variables_sharding
+  return jax.jit(eval_step, in_shardings=(variables_sharding, parallel.batch_sharding(mesh)),
+                 out_shardings=parallel.replicated(mesh))
+
+
+def evaluate_batches(eval_step: Callable[[Variables, Batch], Metrics], variables: Variables,
+                     batches: Iterable[input_pipeline.Batch], mesh: jax.sharding.Mesh) -> dict[str, float]:
+  """top-1/top-5 (%) and mean loss over every real example of one padded pass; 'count' = examples seen."""
+  totals = None
+  prefetch = input_pipeline.Prefetcher(batches, mesh)
+  try:
+    for batch in prefetch:
+      sums = eval_step(variables, batch)
+      totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  finally:
+    prefetch.close()
+  totals = jax.device_get(totals)
+  count = 0 if totals is None else int(totals["count"])
+  if count == 0:
+    raise ValueError("the evaluation split yielded no readable examples")
+  return {"top1": 100.0 * float(totals["top1"]) / count, "top5": 100.0 * float(totals["top5"]) / count,
+          "loss": float(totals["loss"]) / count, "count": count}
+
+
+def _make_writer(workdir: epath.Path):
+  """TensorBoard scalars via clu on process 0; without TensorFlow, the scalars are logged instead."""
+  if jax.process_index() > 0:
+    return _LoggingWriter(enabled=False)
+  try:
+    from clu import metric_writers  # pylint: disable=g-import-not-at-top
+    return metric_writers.AsyncWriter(metric_writers.SummaryWriter(os.fspath(workdir / "tensorboard")))
+  except ImportError:
+    logging.info("No TensorBoard summaries: clu's SummaryWriter needs TensorFlow "
+                 "(pip install 'cvt-jax[tfds]').")
+    return _LoggingWriter(enabled=True)
+
+
+class _LoggingWriter:
+  """The subset of clu's MetricWriter used here, for hosts without TensorFlow: scalars go to the log."""
+
+  def __init__(self, enabled: bool):
+    self._enabled = enabled
+
+  def write_scalars(self, step: int, scalars: dict[str, float]) -> None:
+    if self._enabled:
+      logging.debug("[%d] %s", step, ", ".join(f"{k}={v:.6g}" for k, v in scalars.items()))
+
+  def flush(self) -> None:
+    pass
+
+  def close(self) -> None:
+    pass
+
+
+def _first_non_finite(history: list[tuple[int, Metrics]]) -> tuple[int, dict[str, float]] | None:
+  """The first (step, metrics) whose loss or grad norm is NaN/inf; fetching waits for those steps."""
+  for step, metrics in jax.device_get(history):
+    if not (np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])):
+      return step, metrics
+  return None
+
+
+def validate_config(config: Any) -> None:
+  """Checks the values a run depends on, before any data or device work, with messages naming the key."""
+  def require(ok: bool, message: str) -> None:
+    if not ok:
+      raise ValueError(f"invalid config: {message}")
+
+  model_lib.variant_from_config(config.model)
+  model_lib.compute_dtype(config.model.dtype)
+  model_lib.compute_dtype(config.model.eval_dtype)
+  require(config.model.num_classes > 0, f"model.num_classes={config.model.num_classes} must be positive")
+  require(config.model.drop_path_rate is None or 0.0 <= config.model.drop_path_rate < 1.0,
+          f"model.drop_path_rate={config.model.drop_path_rate} must be in [0, 1)")
+  require(config.model.kernels in ("auto", "plain", "cpu"),
+          f"model.kernels={config.model.kernels!r}; use 'auto', 'plain' or 'cpu'")
+  require(config.model.remat in model_lib.REMAT_CHOICES,
+          f"model.remat={config.model.remat!r}; use one of {model_lib.REMAT_CHOICES}")
+  data = config.data
+  require(data.source in ("tfds", "folder"), f"data.source={data.source!r}; use 'tfds' or 'folder'")
+  require(data.image_size >= 32, f"data.image_size={data.image_size} must be >= 32")
+  require(data.num_workers >= 0, f"data.num_workers={data.num_workers} must be >= 0 (0: automatic)")
+  if data.source == "folder":
+    require(bool(data.data_dir), "data.source='folder' needs data.data_dir=<root with train/ and val/>")
+  if data.data_dir:
+    require(epath.Path(os.path.expanduser(data.data_dir)).is_dir(),
+            f"data.data_dir={data.data_dir!r} is not a directory")
+  lo, hi = data.crop_scale
+  require(0 < lo <= hi <= 1, f"data.crop_scale={tuple(data.crop_scale)} must satisfy 0 < min <= max <= 1")
+  lo, hi = data.crop_ratio
+  require(0 < lo <= hi, f"data.crop_ratio={tuple(data.crop_ratio)} must satisfy 0 < min <= max")
+  require(data.interpolation in ("bicubic", "bilinear"),
+          f"data.interpolation={data.interpolation!r}; use 'bicubic' or 'bilinear'")
+  require(data.repeated_augmentation >= 1,
+          f"data.repeated_augmentation={data.repeated_augmentation} must be >= 1 (1: off)")
+  optim_config = config.optim
+  for key in ("lr", "weight_decay"):
+    require(math.isfinite(optim_config[key]), f"optim.{key}={optim_config[key]} must be finite")
+  require(optim_config.lr > 0, f"optim.lr={optim_config.lr} must be positive")
+  require(optim_config.lr_batch_size > 0, f"optim.lr_batch_size={optim_config.lr_batch_size} must be positive")
+  require(optim_config.weight_decay >= 0, f"optim.weight_decay={optim_config.weight_decay} must be >= 0")
+  require(optim_config.grad_accum_steps >= 1,
+          f"optim.grad_accum_steps={optim_config.grad_accum_steps} must be >= 1")
+  require(config.num_epochs > 0, f"num_epochs={config.num_epochs} must be positive")
+  require(0 <= config.schedule.warmup_epochs < config.num_epochs,
+          f"schedule.warmup_epochs={config.schedule.warmup_epochs} must be in [0, num_epochs)")
+  for key in ("eval_every_epochs", "checkpoint_every_steps", "keep_checkpoints", "log_every_steps"):
+    require(config[key] > 0, f"{key}={config[key]} must be positive")
+  require(config.profile_steps >= 0, f"profile_steps={config.profile_steps} must be >= 0")
+  parallel.check_global_batch_size(config.global_batch_size, "global_batch_size")
+  parallel.check_global_batch_size(config.eval_batch_size, "eval_batch_size")
+  per_device = config.global_batch_size // jax.device_count()
+  require(per_device % optim_config.grad_accum_steps == 0,
+          f"optim.grad_accum_steps={optim_config.grad_accum_steps} must divide the per-device batch "
+          f"({config.global_batch_size} / {jax.device_count()} devices = {per_device})")
+  if config.init_from:
+    require(epath.Path(os.path.expanduser(config.init_from)).exists()
+            or weights.is_hub_name(config.init_from), f"init_from={config.init_from!r} does not exist")
+
+
+def _format_seconds(seconds: float) -> str:
+  minutes, secs = divmod(int(seconds), 60)
+  hours, minutes = divmod(minutes, 60)
+  return f"{hours}:{minutes:02d}:{secs:02d}"
+
+
+class _Profiler:
+  """Traces `steps` training steps (from the 3rd after the start, past compilation) into <workdir>/profile."""
+
+  def __init__(self, workdir: epath.Path, first_step: int, steps: int):
+    self._dir, self._start, self._stop = workdir / "profile", first_step + 2, first_step + 2 + steps
+    self._active = False
+
+  def before(self, step: int) -> None:
+    if self._start < self._stop and step == self._start:
+      jax.profiler.start_trace(os.fspath(self._dir))
+      self._active = True
+
+  def after(self, step: int, result: Any) -> None:
+    if self._active and step + 1 == self._stop:
+      jax.block_until_ready(result)
+      jax.profiler.stop_trace()
+      self._active = False
+      logging.info("Wrote a profile of steps %d-%d to %s (open it with TensorBoard or Perfetto).",
+                   self._start, step, self._dir)
+
+
+def _model_info(config: Any, spec: input_pipeline.DataSpec,
+                info: input_pipeline.DatasetInfo) -> workdir_lib.ModelInfo:
+  """What a run of `config` on this data writes into its workdir's model_info.json."""
+  return workdir_lib.ModelInfo(
+      model_lib.variant_from_config(config.model), info.num_classes, info.class_names, config.data.image_size,
+      workdir_lib.data_fingerprint(spec.source, spec.data_dir or spec.name, info.num_train_examples,
+                                   info.num_eval_examples, info.class_names))
+
+
+def check_workdir(config: Any, workdir: str | epath.PathLike) -> None:
+  """Raises `WorkdirError` if `workdir` belongs to a run of another model or other classes; writes nothing."""
+  spec = input_pipeline.DataSpec.from_config(config.data)
+  workdir_lib.check_resumable(workdir, _model_info(config, spec, input_pipeline.dataset_info(spec)))
+
+
+def train_and_evaluate(config: Any, workdir: str | epath.PathLike, *, interrupt_at_step: int | None = None
+                       ) -> tuple[TrainState, dict[str, float] | None]:
+  """Trains per `config` in `workdir`, resuming from its latest checkpoint, evaluating every N epochs.
+
+  Args:
+    config: a config from `cvt_jax/configs` (see `configs/common.py`).
+    workdir: checkpoints, TensorBoard logs and model_info.json, local or `gs://`; running again resumes.
+    interrupt_at_step: behave as if preempted after this step (save, then return): tests, time boxes.
+
+  Returns:
+    The final train state and the last evaluation ({'top1','top5','loss','count'}; None if none ran).
+  """
+  validate_config(config)
+  workdir = epath.Path(workdir)
+  with contextlib.ExitStack() as stack:
+    if workdir_lib.is_local(workdir):
+      workdir_lib.check_writable(workdir)
+      if jax.process_index() == 0:
+        stack.enter_context(workdir_lib.Lock(workdir))
+    return _train(config, workdir, interrupt_at_step)
+
+
+def _train(config: Any, workdir: epath.Path, interrupt_at_step: int | None
+           ) -> tuple[TrainState, dict[str, float] | None]:
+  mesh = parallel.make_mesh()
+  platform = parallel.platform(mesh)
+  spec = input_pipeline.DataSpec.from_config(config.data)
+  info = input_pipeline.dataset_info(spec)
+  if info.num_classes != config.model.num_classes:
+    raise ValueError(f"model.num_classes={config.model.num_classes} but dataset {spec.name!r} has "
+                     f"{info.num_classes} classes")
+  steps_per_epoch = info.num_train_examples // config.global_batch_size
+  if steps_per_epoch == 0:
+    raise ValueError(f"global_batch_size={config.global_batch_size} exceeds the {info.num_train_examples} "
+                     "training examples (batches drop the remainder)")
+  total_steps = steps_per_epoch * config.num_epochs
+  eval_every = steps_per_epoch * config.eval_every_epochs
+
+  model = model_lib.from_config(config.model, info.num_classes, platform)
+  model_info = _model_info(config, spec, info)
+  stored_info = workdir_lib.check_resumable(workdir, model_info)  # before anything is written
+
+  base_lr = optim.scaled_lr(config.optim.lr, config.optim.lr_batch_size, config.global_batch_size)
+  schedule = optim.make_schedule(config.schedule, base_lr, config.num_epochs, steps_per_epoch)
+  tx = optim.make_optimizer(config.optim, schedule)
+  init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
+  state_sharding = parallel.state_shardings(abstract_train_state(model, tx, config.data.image_size), mesh,
+                                            config.fsdp)
+
+  dummy = jnp.zeros((1, config.data.image_size, config.data.image_size, 3), jnp.float32)
+  variables = jax.jit(model.init, out_shardings=parallel.replicated(mesh))(init_rng, dummy)
+  if config.init_from:
+    checkpoint = weights.load(os.path.expanduser(config.init_from))
+    variables = jax.device_put(weights.init_from(checkpoint, jax.device_get(variables), model.variant,
+                                                 info.num_classes, log=logging.info),
+                               parallel.replicated(mesh))
+  state = create_train_state(variables, tx, mesh, config.fsdp)
+  del variables
+
+  ckpt = checkpointing.Checkpointer(workdir, config.checkpoint_every_steps, config.keep_checkpoints)
+  try:
+    restored = ckpt.restore_latest(state)
+    start_step = 0
+    if restored:
+      start_step, state = restored
+      logging.info("Resuming from step %d of %d (%s).", start_step, total_steps, ckpt.directory)
+    elif config.init_from:
+      logging.info("Starting from the weights in %s.", config.init_from)
+    if jax.process_index() == 0 and stored_info != model_info:
+      workdir_lib.write_model_info(workdir, model_info)  # state exists now: the workdir describes it
+    return _loop(config, workdir, mesh, model, tx, schedule, train_rng, state, state_sharding, ckpt, spec,
+                 info, start_step, total_steps, steps_per_epoch, eval_every, base_lr, interrupt_at_step)
+  finally:
+    ckpt.close()
+
+
+def _loop(config, workdir, mesh, model, tx, schedule, train_rng, state, state_sharding, ckpt, spec, info,
+          start_step, total_steps, steps_per_epoch, eval_every, base_lr, interrupt_at_step):
+  """The training loop proper (see `train_and_evaluate`)."""
+  count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+  logging.info("%s: %s parameters; %d train / %d eval examples, %d classes; %d steps/epoch x %d epochs = %d "
+               "steps; global batch %d on %d devices (%d processes); lr %.3g.", model.variant
+               if isinstance(model.variant, str) else model.variant.name, f"{count:,}", info.num_train_examples,
+               info.num_eval_examples, info.num_classes, steps_per_epoch, config.num_epochs, total_steps,
+               config.global_batch_size, jax.device_count(), jax.process_count(), base_lr)
+  shards = mesh.shape[parallel.DATA_AXIS]
+  train_step = shard_train_step(
+      make_train_step(model, tx, schedule, info.num_classes, config.augment, train_rng, shards,
+                      config.optim.grad_accum_steps), mesh, state_sharding)
+  eval_model = model.clone(dtype=model_lib.compute_dtype(config.model.eval_dtype, parallel.platform(mesh)),
+                           remat="none")
+  eval_step = shard_eval_step(make_eval_step(eval_model), mesh,
+                              {"params": state_sharding.params, "batch_stats": state_sharding.batch_stats})
+
+  def run_eval(step: int) -> dict[str, float]:
+    started = time.time()
+    result = evaluate_batches(eval_step, state.variables, input_pipeline.eval_batches(
+        spec, config.eval_batch_size), mesh)
+    if result["count"] != info.num_eval_examples:  # e.g. undecodable files, masked out by the pipeline
+      logging.warning("Evaluation counted %d examples but split %r has %d.", result["count"],
+                      spec.eval_split, info.num_eval_examples)
+    logging.info("eval @ step %d (epoch %.2f): top-1 %.2f%%, top-5 %.2f%%, loss %.4f over %d/%d images "
+                 "(%.1fs)", step, step / steps_per_epoch, result["top1"], result["top5"], result["loss"],
+                 result["count"], info.num_eval_examples, time.time() - started)
+    writer.write_scalars(step, {f"eval/{k}": v for k, v in result.items()})
+    writer.flush()
+    return result
+
+  writer = _make_writer(workdir)
+  profiler = _Profiler(workdir, start_step, config.profile_steps)
+  last_eval = None
+  history: list[tuple[int, Metrics]] = []
+  train_batches = input_pipeline.Prefetcher(
+      input_pipeline.train_batches(spec, config.global_batch_size, config.seed, start_step=start_step), mesh)
+  try:
+    with checkpointing.StopFlag() as stop:
+      last_log_time, last_log_step = time.time(), start_step
+      for step in range(start_step + 1, total_steps + 1):
+        profiler.before(step)
+        state, metrics = train_step(state, next(train_batches))
+        profiler.after(step, state)
+        history.append((step, metrics))
+        stop_now = step == interrupt_at_step or stop.is_set() or ckpt.reached_preemption(step)
+        log_now = step % config.log_every_steps == 0 or step == total_steps or stop_now
+        save_now = ckpt.should_save(step) or step == total_steps or stop_now
+        if log_now or save_now:
+          # Fetching the metrics waits for these steps; a NaN here must never reach a checkpoint.
+          bad = _first_non_finite(history)
+          if bad is not None:
+            raise FloatingPointError(
+                f"non-finite training loss at step {bad[0]} (loss={bad[1]['loss']}, grad_norm="
+                f"{bad[1]['grad_norm']}, lr={bad[1]['lr']:.3g}); stopped without saving it. The last good "
+                f"checkpoint is step {ckpt.latest_step()} in {ckpt.directory}. Lower optim.lr or check "
+                "the data, then rerun the command to resume from it.")
+        if log_now:
+          host = jax.device_get([m for _, m in history])
+          elapsed = time.time() - last_log_time
+          steps_per_sec = (step - last_log_step) / max(elapsed, 1e-9)
+          scalars = {"train/loss": float(np.mean([m["loss"] for m in host])), "train/lr": float(host[-1]["lr"]),
+                     "train/grad_norm": float(np.mean([m["grad_norm"] for m in host])),
+                     "train/img_per_sec": steps_per_sec * config.global_batch_size,
+                     "train/epoch": step / steps_per_epoch}
+          writer.write_scalars(step, scalars)
+          logging.info("step %d/%d (epoch %.2f): loss %.4f, lr %.3g, %.1f img/s, ETA %s", step, total_steps,
+                       step / steps_per_epoch, scalars["train/loss"], scalars["train/lr"],
+                       scalars["train/img_per_sec"], _format_seconds((total_steps - step) / steps_per_sec))
+          history.clear()
+          last_log_time, last_log_step = time.time(), step
+        if save_now:
+          ckpt.save(step, state)
+        if stop_now and step < total_steps:
+          logging.warning("Stopped at step %d; checkpoint saved, rerun the same command to resume.", step)
+          return state, last_eval
+        if step % eval_every == 0 or step == total_steps:
+          last_eval = run_eval(step)
+          last_log_time = time.time()  # keep eval time out of the img/s figure
+    if start_step == total_steps:
+      last_eval = run_eval(total_steps)
+    return state, last_eval
+  finally:
+    train_batches.close()
+    writer.close()

@@ -1,0 +1,37 @@
+"""`pip install` of a wheel built from this checkout gives a working `cvt-jax` anywhere, without TensorFlow."""
+
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(*args: str, cwd: str, timeout: int = 900) -> subprocess.CompletedProcess:
+  env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+  result = subprocess.run(args, cwd=cwd, env={**env, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True,
+                          timeout=timeout)
+  assert result.returncode == 0, f"{' '.join(args)}:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
+  return result
+
+
+def test_a_wheel_installs_into_a_fresh_venv_and_runs_from_another_folder(tmp_path):
+  wheels, venv, elsewhere = tmp_path / "wheels", tmp_path / "venv", tmp_path / "elsewhere"
+  elsewhere.mkdir()
+  run(sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(wheels), ROOT, cwd=str(tmp_path))
+  (wheel,) = wheels.glob("cvt_jax-*.whl")
+  run(sys.executable, "-m", "venv", str(venv), cwd=str(tmp_path))
+  run(str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", str(wheel), cwd=str(tmp_path))
+
+  summary = run(str(venv / "bin" / "cvt-jax"), "summary", "cvt-13", cwd=str(elsewhere))
+  assert "| cvt-13 | 224x224 | 19,997,480 | 4.566 |" in summary.stdout
+  # The packaged configs and class names, and no TensorFlow (it is the `tfds` extra).
+  check = run(str(venv / "bin" / "python"), "-c",
+              "import importlib.util, cvt_jax; from cvt_jax.configs import cvt13; from cvt_jax import weights;"
+              "assert cvt13.get_config().model.variant == 'cvt-13';"
+              "assert weights.imagenet_classes()[0][0] == 'n01440764';"
+              "assert importlib.util.find_spec('tensorflow') is None;"
+              "print(cvt_jax.__file__)", cwd=str(elsewhere))
+  assert check.stdout.strip().startswith(str(venv))
+  help_text = run(str(venv / "bin" / "cvt-jax"), "train", "--help", cwd=str(elsewhere)).stdout
+  assert "configs (--config NAME[:arg=value,...] or a path): cvt13, cvt21, cvtw24, demo, finetune" in help_text
