@@ -1,6 +1,7 @@
 """`pip install` of a wheel built from this checkout gives a working `cvt-jax` anywhere, without TensorFlow."""
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -16,9 +17,16 @@ def run(*args: str, cwd: str, timeout: int = 900) -> subprocess.CompletedProcess
 
 
 def test_a_wheel_installs_into_a_fresh_venv_and_runs_from_another_folder(tmp_path):
-  wheels, venv, elsewhere = tmp_path / "wheels", tmp_path / "venv", tmp_path / "elsewhere"
+  source, wheels, venv, elsewhere = (tmp_path / name for name in ("source", "wheels", "venv", "elsewhere"))
   elsewhere.mkdir()
-  run(sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(wheels), ROOT, cwd=str(tmp_path))
+  # The checkout's tracked files (setuptools writes build/ beside its input, and nothing else may count).
+  files = run("git", "ls-files", "-z", cwd=ROOT).stdout.split("\0")
+  for name in filter(None, files):
+    if os.path.isfile(os.path.join(ROOT, name)):
+      os.makedirs(os.path.dirname(source / name), exist_ok=True)
+      shutil.copy2(os.path.join(ROOT, name), source / name)
+  run(sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(wheels), str(source),
+      cwd=str(tmp_path))
   (wheel,) = wheels.glob("cvt_jax-*.whl")
   run(sys.executable, "-m", "venv", str(venv), cwd=str(tmp_path))
   run(str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", str(wheel), cwd=str(tmp_path))
