@@ -182,7 +182,8 @@ def affine_transform(planes: jax.Array, matrix: jax.Array, kernels: ops.Kernels 
   # PIL truncates a double; a float32 sum lands just below an exact integer (e.g. on flat regions), so
   # nudge it up by far less than the spacing of distinct results.
   value = jnp.floor(jnp.clip(value + 1e-3, 0, 255))
-  return jnp.where(inside[:, None], value, jnp.asarray(fill, jnp.float32)[None, :, None, None]).astype(jnp.uint8)
+  fill = jnp.asarray(fill, jnp.float32)[None, :, None, None]
+  return jnp.where(inside[:, None], value, fill).astype(jnp.uint8)
 
 
 def _cubic_weights(t: jax.Array) -> list[jax.Array]:
@@ -307,10 +308,12 @@ def _pixel_map(planes: jax.Array, index: jax.Array, level: jax.Array, kernels: o
   hi = jnp.max(pixels, axis=(2, 3), keepdims=True)
   scale = 255.0 / jnp.maximum(hi - lo, 1)
   autocontrast = jnp.where(hi > lo, jnp.clip((pixels * scale - lo * scale).astype(jnp.int32), 0, 255), pixels)
-  hist = jnp.sum(pixels.reshape(batch, channels, 1, height * width) == values[:, None], axis=-1, dtype=jnp.int32)
+  flat = pixels.reshape(batch, channels, 1, height * width)
+  hist = jnp.sum(flat == values[:, None], axis=-1, dtype=jnp.int32)
   lut = _equalize_lut(hist)
   equalize = jnp.sum(jnp.where(pixels[..., None] == values, lut[:, :, None, None, :], 0), axis=-1)
-  maps = [autocontrast, equalize, 255 - pixels, pixels & mask, jnp.where(pixels < threshold, pixels, 255 - pixels),
+  maps = [autocontrast, equalize, 255 - pixels, pixels & mask,
+          jnp.where(pixels < threshold, pixels, 255 - pixels),
           jnp.where(pixels < 128, jnp.minimum(pixels + add, 255), pixels)]
   return _select(index[:, None, None, None], maps).astype(jnp.uint8)
 

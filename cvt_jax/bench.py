@@ -593,7 +593,8 @@ def markdown(report: dict[str, Any]) -> str:
               f"on a 16-core host and {96 * per_core:.0f} on a 96-core one if it stays linear (an estimate); "
               f"{p['img_per_s_train_batches']:.0f} img/s through `input_pipeline.train_batches` "
               f"(folder tree, batch {p['batch']}, the training loop's own process included); on-device "
-              f"augmentation (RandAugment, erasing, mixup/cutmix) alone {p['img_per_s_device_augment']:.0f} img/s."]
+              "augmentation (RandAugment, erasing, mixup/cutmix) alone "
+              f"{p['img_per_s_device_augment']:.0f} img/s."]
     if "img_per_s_loop" in p:
       lines += ["", f"Training loop on those JPEGs ({p['model']} @{p['res']}, batch {p['batch']}, "
                 f"the trainer's sharded step with augmentation; median of {p['loop_steps']} steps per block): "

@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterator, NoReturn, Sequence
 
 from absl import flags
 from absl import logging as absl_logging
+from ml_collections import config_flags
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 # TensorFlow's C++ INFO lines (oneDNN notices, ...) are not the run's: warnings and errors only.
@@ -160,6 +161,11 @@ def _help(doc: str, flag_values: flags.FlagValues, extra_help: Callable[[], str]
   if extra_help:
     text += "\n\n" + extra_help()
   return text
+
+
+def define_config_flag(flag_values: flags.FlagValues, help_text: str) -> flags.FlagHolder:
+  """--config NAME[:arg] or a config file, its fields overridable with --config.<field>=<value>."""
+  return config_flags.DEFINE_config_file("config", None, help_text, lock_config=True, flag_values=flag_values)
 
 
 class _HeadsParser(flags.ArgumentParser):

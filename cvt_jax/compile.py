@@ -31,7 +31,6 @@ from typing import Any, Callable, Sequence
 
 from absl import flags
 from etils import epath
-from ml_collections import config_flags
 
 from cvt_jax import cli
 from cvt_jax.configs import cvt13, cvt21, cvtw24
@@ -48,9 +47,8 @@ _OOM = re.compile(r"RESOURCE_EXHAUSTED.*?\(([\d.]+)([KMGT])\).*?HBM \(([\d.]+)([
 _UNITS = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 FLAGS = flags.FlagValues()
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config name or file with its argument: cvtw24:res=384.", lock_config=True,
-    flag_values=FLAGS)
+_CONFIG = cli.define_config_flag(
+    FLAGS, "Config name or file with its argument: cvtw24:res=384.")
 _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU topology to compile for (v4:2x2x2, v5e:16x16, "
                                 "v5p:4x4x4, ...); default: this host's devices.", flag_values=FLAGS)
 _PER_CHIP_BATCH = flags.DEFINE_integer("per_chip_batch", None, "Images per chip per step (default: the "

@@ -27,7 +27,6 @@ import jax
 from absl import flags
 from absl import logging
 from etils import epath
-from ml_collections import config_flags
 
 from cvt_jax import cli
 from cvt_jax import input_pipeline
@@ -166,9 +165,8 @@ def evaluate_checkpoint(config: Any, checkpoint_path: str, output: str | None = 
 
 
 FLAGS = flags.FlagValues()
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config name or file (data, resolution, eval batch), e.g. cvt13:res=384.",
-    lock_config=True, flag_values=FLAGS)
+_CONFIG = cli.define_config_flag(
+    FLAGS, "Config name or file (data, resolution, eval batch), e.g. cvt13:res=384.")
 _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", None, "Training workdir, converted .npz, PyTorch .pth/.bin/.safetensors or hub name.",
     flag_values=FLAGS)

@@ -184,9 +184,7 @@ class ConvProjection(nn.Module):
 class Attention(nn.Module):
   """Multi-head attention whose q/k/v come from convolutional projections of the token grid."""
 
-  dim: int
-  heads: int
-  cls_token: bool
+  spec: StageSpec
   kernels: ops.Kernels
   dtype: Dtype = jnp.float32
 
@@ -194,8 +192,9 @@ class Attention(nn.Module):
   def __call__(self, x: jax.Array, grid_hw: tuple[int, int], train: bool) -> jax.Array:
     b, _, c = x.shape
     h, w = grid_hw
+    dim, heads = self.spec.dim, self.spec.heads
     # The cls token bypasses the convolutional projection and is prepended to q, k and v afterwards.
-    cls, tokens = (x[:, :1], x[:, 1:]) if self.cls_token else (None, x)
+    cls, tokens = (x[:, :1], x[:, 1:]) if self.spec.cls_token else (None, x)
     grid = tokens.reshape(b, h, w, c)
 
     def project(name: str, stride: int) -> jax.Array:
@@ -203,13 +202,13 @@ class Attention(nn.Module):
       y = y.reshape(b, -1, c)
       if cls is not None:
         y = jnp.concatenate([cls.astype(y.dtype), y], axis=1)
-      y = _dense(self.dim, self.kernels, self.dtype, f"proj_{name}")(y)
-      return y.reshape(b, -1, self.heads, self.dim // self.heads)
+      y = _dense(dim, self.kernels, self.dtype, f"proj_{name}")(y)
+      return y.reshape(b, -1, heads, dim // heads)
 
     q, k, v = project("q", 1), project("k", 2), project("v", 2)
     # Official scale is dim_out ** -0.5 with the full stage width, not head_dim ** -0.5.
-    out = ops.attention(q, k, v, self.dim**-0.5, self.kernels).reshape(b, -1, self.dim)
-    return _dense(self.dim, self.kernels, self.dtype, "proj")(out)
+    out = ops.attention(q, k, v, dim**-0.5, self.kernels).reshape(b, -1, dim)
+    return _dense(dim, self.kernels, self.dtype, "proj")(out)
 
 
 class Mlp(nn.Module):
@@ -226,11 +225,9 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-  """Pre-norm transformer block; one drop-path rate for both residual branches."""
+  """Pre-norm transformer block of a stage; one drop-path rate for both residual branches."""
 
-  dim: int
-  heads: int
-  cls_token: bool
+  spec: StageSpec
   drop_path_rate: float
   kernels: ops.Kernels
   dtype: Dtype = jnp.float32
@@ -239,11 +236,10 @@ class Block(nn.Module):
   def __call__(self, x: jax.Array, grid_hw: tuple[int, int], train: bool) -> jax.Array:
     drop_path = DropPath(self.drop_path_rate, name="drop_path")
     y = _layer_norm("norm1")(x).astype(self.dtype)
-    y = Attention(self.dim, self.heads, self.cls_token, self.kernels, self.dtype, name="attn")(
-        y, grid_hw, train)
+    y = Attention(self.spec, self.kernels, self.dtype, name="attn")(y, grid_hw, train)
     x = x + drop_path(y, train)
     y = _layer_norm("norm2")(x).astype(self.dtype)
-    return x + drop_path(Mlp(self.dim, self.kernels, self.dtype, name="mlp")(y), train)
+    return x + drop_path(Mlp(self.spec.dim, self.kernels, self.dtype, name="mlp")(y), train)
 
 
 _REMAT_POLICIES = {"block": jax.checkpoint_policies.nothing_saveable,
@@ -301,8 +297,7 @@ class Stage(nn.Module):
     rates = np.linspace(0.0, self.drop_path_rate, s.depth)
     block = _block_class(self.remat)
     for i in range(s.depth):
-      tokens = block(s.dim, s.heads, s.cls_token, float(rates[i]), self.kernels, self.dtype,
-                     name=f"blocks_{i}")(tokens, (h, w), train)
+      tokens = block(s, float(rates[i]), self.kernels, self.dtype, name=f"blocks_{i}")(tokens, (h, w), train)
     cls_out = tokens[:, 0] if s.cls_token else None
     grid = (tokens[:, 1:] if s.cls_token else tokens).reshape(b, h, w, c)
     return grid, cls_out

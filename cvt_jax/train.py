@@ -20,7 +20,6 @@ from typing import Sequence
 import jax
 from absl import flags
 from absl import logging
-from ml_collections import config_flags
 
 from cvt_jax import cli
 from cvt_jax import parallel
@@ -28,9 +27,8 @@ from cvt_jax import train_lib
 from cvt_jax import workdir as workdir_lib
 
 FLAGS = flags.FlagValues()
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config name or file, optionally with an argument: cvt13:res=384.", lock_config=True,
-    flag_values=FLAGS)
+_CONFIG = cli.define_config_flag(
+    FLAGS, "Config name or file, optionally with an argument: cvt13:res=384.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, logs and model_info.json (local or gs://); "
                                "reused to resume.", flag_values=FLAGS)
 _JAX_DISTRIBUTED = flags.DEFINE_bool("jax_distributed", False, "Call jax.distributed.initialize() "

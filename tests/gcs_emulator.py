@@ -44,9 +44,9 @@ def _free_port() -> int:
 
 def _make_certificate(folder: Path) -> tuple[Path, Path]:
   cert, key = folder / "cert.pem", folder / "key.pem"
+  names = "DNS:www.googleapis.com,DNS:storage.googleapis.com,DNS:*.storage.googleapis.com"
   subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-keyout", str(key),
-                  "-out", str(cert), "-subj", "/CN=gcs-emulator", "-addext",
-                  "subjectAltName=DNS:www.googleapis.com,DNS:storage.googleapis.com,DNS:*.storage.googleapis.com"],
+                  "-out", str(cert), "-subj", "/CN=gcs-emulator", "-addext", f"subjectAltName={names}"],
                  check=True, capture_output=True)
   return cert, key
 

@@ -109,7 +109,8 @@ PREDICT = ["predict", "--checkpoint", "{workdir}", "{image}"]
 
 # (id, argv, exit status, text the one-line message must contain)
 CASES = [
-    ("train/typo", [*TRAIN, "--config.optim.lrr=1"], 2, "--config.optim.lrr: no such config field (Did you mean"),
+    ("train/typo", [*TRAIN, "--config.optim.lrr=1"], 2,
+     "--config.optim.lrr: no such config field (Did you mean"),
     ("train/no config file", ["train", "--config", "cvt99", "--workdir", "{out}/run"], 2,
      "--config cvt99: no such file"),
     ("train/config file is not python", ["train", "--config", "{file}", "--workdir", "{out}/run"], 2,

@@ -118,7 +118,8 @@ def test_fsdp_gives_the_replicated_step_and_restores_onto_fewer_devices(tmp_path
 
 def test_fsdp_splits_a_divisible_axis_and_keeps_small_arrays_whole():
   mesh = parallel.make_mesh()
-  assert parallel.fsdp_sharding((3, 3, 1, 2048), mesh).spec == jax.sharding.PartitionSpec(None, None, None, "data")
-  assert parallel.fsdp_sharding((1536, 384), mesh).spec == jax.sharding.PartitionSpec("data")
+  spec = jax.sharding.PartitionSpec
+  assert parallel.fsdp_sharding((3, 3, 1, 2048), mesh).spec == spec(None, None, None, "data")
+  assert parallel.fsdp_sharding((1536, 384), mesh).spec == spec("data")
   assert parallel.fsdp_sharding((384,), mesh).is_fully_replicated  # small
   assert parallel.fsdp_sharding((7, 9999), mesh).is_fully_replicated  # no axis divides
