@@ -5,7 +5,7 @@ r"""Compile the train and eval steps for a TPU slice (or this host), and report 
   cvt-jax compile --config cvt13 --topology v5e:2x2 --per_chip_batch 128
   cvt-jax compile --config cvt13 --topology v5e:2x2 --find_batch --config.model.remat=block
   cvt-jax compile --config cvt13                                  # this host's devices (a GPU, say)
-  cvt-jax compile --table bench/results/fit-table                 # every variant, v4 / v5e / v5p
+  cvt-jax compile --table bench/results/fit-table --jobs 2        # every variant, v4 / v5e / v5p
 
 Nothing runs and no data is read: the real sharded train step (on-device augmentation, forward, backward,
 AdamW) and eval step are lowered with abstract inputs and compiled ahead of time (as MaxText's
@@ -20,10 +20,12 @@ exits 1 naming the biggest consumer and the switches that help. Memory is linear
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import datetime
 import json
 import math
+import multiprocessing
 import os
 import re
 import time
@@ -59,6 +61,8 @@ _FIND_BATCH = flags.DEFINE_bool("find_batch", False, "Find the largest per-chip 
 _JSON = flags.DEFINE_string("json", None, "Also write the report to this .json file.", flag_values=FLAGS)
 _TABLE = flags.DEFINE_string("table", None, "Write the fit table of every variant at 224 and 384 on v4, v5e "
                              "and v5p to <this>.json and .md (hours on a small CPU host).", flag_values=FLAGS)
+_JOBS = flags.DEFINE_integer("jobs", 1, "With --table: compiles at a time, one process and core each.",
+                             lower_bound=1, flag_values=FLAGS)
 
 
 class DoesNotFit(ValueError):
@@ -334,46 +338,67 @@ class Results:
     self.path = epath.Path(prefix + ".json")
     self.data = json.loads(self.path.read_text()) if self.path.exists() else {}
 
-  def compile(self, key: str, config: Any, topology: str, per_chip: int, with_eval: bool) -> list[dict]:
-    if key not in self.data:
-      print(f"{key}: compiling {per_chip} per chip for {topology}", flush=True)
-      reports = compile_steps(config, Target(topology), per_chip, with_eval)
-      self.data[key] = [{**dataclasses.asdict(r), "total": r.total} for r in reports]
-      self.data["updated"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-      self.path.write_text(json.dumps(self.data, indent=1))
-    return self.data[key]
+  def run(self, jobs: dict[str, tuple], workers: int) -> None:
+    """Compiles every job (key: `_compile_job` arguments) not yet in the file, `workers` at a time, each in
+    its own process (a compile uses one core), saving each report as it comes."""
+    todo = {key: job for key, job in jobs.items() if key not in self.data}
+    if not todo:
+      return
+    for key, job in todo.items():
+      print(f"{key}: compiling {job[3]} per chip for {job[2]}", flush=True)
+    if workers == 1:
+      for key, job in todo.items():
+        self._save(key, _compile_job(*job))
+      return
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+      running = {pool.submit(_compile_job, *job): key for key, job in todo.items()}
+      for done in concurrent.futures.as_completed(running):
+        self._save(running[done], done.result())
+
+  def _save(self, key: str, reports: list[dict]) -> None:
+    self.data[key] = reports
+    self.data["updated"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    self.path.write_text(json.dumps(self.data, indent=1))
 
 
-def write_table(prefix: str) -> None:
+def _compile_job(model: str, res: int, topology: str, per_chip: int, switch: str,
+                 with_eval: bool) -> list[dict]:
+  reports = compile_steps(config_for(model, res, switch), Target(topology), per_chip, with_eval)
+  return [{**dataclasses.asdict(r), "total": r.total} for r in reports]
+
+
+def write_table(prefix: str, workers: int = 1) -> None:
   """Runs (or resumes) every compile of the table and writes PREFIX.json and PREFIX.md."""
   epath.Path(prefix).parent.mkdir(parents=True, exist_ok=True)
   results = Results(prefix)
+  cells = [(model, res) for model in MODELS for res in RESOLUTIONS]
+  results.run({f"{model}@{res} {switch} {FIT_TOPOLOGY} b{b}": (model, res, FIT_TOPOLOGY, b, switch, False)
+               for model, res in cells for switch in SWITCHES
+               for b in PROBES.get((model, res), DEFAULT_PROBES)}, workers)
   rows = []
-  for model in MODELS:
-    for res in RESOLUTIONS:
-      fits = {}
-      for switch in SWITCHES:
-        config = config_for(model, res, switch)
-        probes = [results.compile(f"{model}@{res} {switch} {FIT_TOPOLOGY} b{b}", config, FIT_TOPOLOGY, b,
-                                  with_eval=False)[0] for b in PROBES.get((model, res), DEFAULT_PROBES)]
-        fits[switch] = MemoryModel.fit(*[_report(p) for p in probes])
-      row = {"model": model, "res": res, "fits": {k: dataclasses.asdict(v) for k, v in fits.items()},
-             "largest": {}, "official": {}}
-      for chip, slices in SLICES.items():
-        hbm = TPU_CHIPS[CHIP_KINDS[chip]][0]
-        largest = {switch: fit.largest_batch(hbm) for switch, fit in fits.items()}
-        row["largest"][chip] = largest
-        choice = next(((topology, chips, switch) for topology, chips in slices for switch in SWITCHES
-                       if OFFICIAL_BATCH // chips <= largest[switch]), None)
-        if choice:
-          topology, chips, switch = choice
-          reports = results.compile(f"{model}@{res} {switch} {topology} official",
-                                    config_for(model, res, switch), topology, OFFICIAL_BATCH // chips,
-                                    with_eval=True)
-          row["official"][chip] = {"topology": topology, "switch": switch, "per_chip": OFFICIAL_BATCH // chips,
-                                   "train": reports[0], "eval": reports[1], "hbm": hbm}
-      rows.append(row)
-      epath.Path(prefix + ".md").write_text(markdown(rows))
+  for model, res in cells:
+    fits = {switch: MemoryModel.fit(*[_report(results.data[f"{model}@{res} {switch} {FIT_TOPOLOGY} b{b}"][0])
+                                      for b in PROBES.get((model, res), DEFAULT_PROBES)])
+            for switch in SWITCHES}
+    row = {"model": model, "res": res, "fits": {k: dataclasses.asdict(v) for k, v in fits.items()},
+           "largest": {}, "official": {}}
+    for chip, slices in SLICES.items():
+      hbm = TPU_CHIPS[CHIP_KINDS[chip]][0]
+      largest = {switch: fit.largest_batch(hbm) for switch, fit in fits.items()}
+      row["largest"][chip] = largest
+      choice = next(((topology, chips, switch) for topology, chips in slices for switch in SWITCHES
+                     if OFFICIAL_BATCH // chips <= largest[switch]), None)
+      if choice:
+        topology, chips, switch = choice
+        row["official"][chip] = {"key": f"{model}@{res} {switch} {topology} official", "topology": topology,
+                                 "switch": switch, "per_chip": OFFICIAL_BATCH // chips, "hbm": hbm}
+    rows.append(row)
+  results.run({o["key"]: (row["model"], row["res"], o["topology"], o["per_chip"], o["switch"], True)
+               for row in rows for o in row["official"].values()}, workers)
+  for row in rows:
+    for official in row["official"].values():
+      official["train"], official["eval"] = results.data[official["key"]]
   results.data["rows"] = rows
   results.path.write_text(json.dumps(results.data, indent=1))
   epath.Path(prefix + ".md").write_text(markdown(rows))
@@ -389,7 +414,7 @@ def markdown(rows: list[dict]) -> str:
   lines = [
       "# Fit table: CvT on TPU v4 (32 GiB), v5e (16 GiB), v5p (95 GiB), compiled for each chip on a CPU host",
       "",
-      "`cvt-jax compile --table` (cvt_jax/fit_table.py). Per-chip train-step memory = fixed + per image x "
+      "`cvt-jax compile --table` (cvt_jax/compile.py). Per-chip train-step memory = fixed + per image x "
       f"batch, fitted from two compiles on {FIT_TOPOLOGY} (bf16, full augmentation, AdamW, replicated "
       "state); 'remat' = `--config.model.remat=block`. Largest batch = the largest multiple of 8 under the "
       "chip's HBM by that fit (v4 and v5p: predicted from the v5e compiles). Official recipe = global batch "
@@ -417,7 +442,7 @@ def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise cli.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   if _TABLE.value:
-    write_table(_TABLE.value)
+    write_table(_TABLE.value, _JOBS.value)
     return
   if _CONFIG.value is None:
     raise cli.UsageError("--config is required (or --table)")

@@ -19,6 +19,8 @@ import io
 import multiprocessing
 import os
 import sys
+import threading
+import time
 from multiprocessing import shared_memory
 from typing import Any, Iterator, Sequence
 
@@ -149,12 +151,25 @@ class DecodePool:
 @functools.cache
 def _workers(count: int) -> concurrent.futures.ProcessPoolExecutor:
   """One pool of `count` worker processes per process, shared by every `DecodePool` (starting is slow)."""
-  pool = concurrent.futures.ProcessPoolExecutor(count, mp_context=multiprocessing.get_context("spawn"))
+  pool = concurrent.futures.ProcessPoolExecutor(count, mp_context=multiprocessing.get_context("spawn"),
+                                                initializer=_exit_with_parent, initargs=(os.getpid(),))
   with _main_module_hidden():
     # Workers start on demand, one per submission while none is idle: start them all now, main hidden.
     concurrent.futures.wait([pool.submit(os.getpid) for _ in range(count)])
   atexit.register(pool.shutdown, wait=False, cancel_futures=True)
   return pool
+
+
+def _exit_with_parent(parent: int) -> None:
+  """A worker waits on its task queue forever, so a parent killed outright (SIGKILL, a dead host's abort)
+  would leave it behind: each restart on the host would add a pool. It leaves within a second instead."""
+
+  def watch() -> None:
+    while os.getppid() == parent:
+      time.sleep(1)
+    os._exit(0)  # pylint: disable=protected-access
+
+  threading.Thread(target=watch, daemon=True).start()
 
 
 @contextlib.contextmanager

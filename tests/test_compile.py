@@ -71,3 +71,36 @@ def test_without_a_topology_this_host_is_compiled_for(capsys):
 def test_a_bad_topology_is_one_line(capsys):
   status, _, err = compile_cli(capsys, *TINY, "--topology", "v5e:3x7x9")
   assert status == 1 and len(err.strip().splitlines()) == 1 and "--topology v5e:3x7x9" in err
+
+
+def test_the_fit_table_picks_the_smallest_slice_that_fits_and_resumes(monkeypatch, tmp_path):
+  """The table's bookkeeping, with a fake compile: memory = 1 GiB + 100 MiB per image (remat: 40 MiB)."""
+  from cvt_jax import compile as compile_lib  # pylint: disable=g-import-not-at-top
+
+  calls = []
+
+  def fake_compile(model, res, topology, per_chip, switch, with_eval):
+    calls.append((model, res, topology, per_chip, switch, with_eval))
+    total = 2**30 + per_chip * (100 if switch == "plain" else 40) * 2**20
+    hbm = compile_lib.TPU_CHIPS[compile_lib.CHIP_KINDS[topology.split(":")[0]]][0]
+    names = ["train step", "eval step"] if with_eval else ["train step"]
+    return [{"name": name, "per_chip_batch": per_chip, "fits": total <= hbm, "arguments": total,
+             "temporaries": 0, "total": total} for name in names]
+
+  monkeypatch.setattr(compile_lib, "_compile_job", fake_compile)
+  compile_lib.write_table(str(tmp_path / "table"))
+  probes = [c for c in calls if not c[5]]
+  assert len(probes) == 6 * 2 * 2 and len(calls) == len(probes) + 6 * 3
+  table = json.loads((tmp_path / "table.json").read_text())
+  row = table["rows"][0]
+  assert (row["model"], row["res"]) == ("cvt-13", 224)
+  # v5e: (16 GiB - 1 GiB) / 100 MiB = 153 plain -> 152; remat 384. 2048 images need 16 chips plain (128
+  # per chip) or 8 chips with remat (256): the smallest slice wins, with remat.
+  assert row["largest"]["v5e"] == {"plain": 152, "remat": 384}
+  assert row["official"]["v5e"]["topology"] == "v5e:2x4" and row["official"]["v5e"]["switch"] == "remat"
+  assert row["official"]["v5e"]["per_chip"] == 256
+  markdown = (tmp_path / "table.md").read_text()
+  assert markdown.count("| cvt-") == 6 and "v5e:2x4 (remat): 256/chip, train 11.00 GiB" in markdown
+  calls.clear()
+  compile_lib.write_table(str(tmp_path / "table"))
+  assert not calls

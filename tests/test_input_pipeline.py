@@ -4,6 +4,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 
 import jax
 import ml_collections
@@ -195,6 +196,31 @@ def test_folder_path_and_train_step_import_no_tensorflow(tree):
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   subprocess.run([sys.executable, "-c", code], check=True, cwd=root,
                  env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+
+
+def test_decode_workers_leave_when_their_process_is_killed():
+  """A run killed outright (SIGKILL, a dead peer's abort) must not leave its decode workers behind."""
+  code = ("import os, sys; from cvt_jax import host_decode; pool = host_decode._workers(2); "
+          "print(' '.join(map(str, pool._processes)), flush=True); sys.stdin.read()")
+  parent = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  workers = [int(pid) for pid in parent.stdout.readline().split()]
+  assert len(workers) == 2 and all(os.path.exists(f"/proc/{pid}") for pid in workers)
+  parent.kill()
+  parent.wait()
+  deadline = time.time() + 10
+  while time.time() < deadline and any(_alive(pid) for pid in workers):
+    time.sleep(0.2)
+  assert not any(_alive(pid) for pid in workers)
+
+
+def _alive(pid: int) -> bool:
+  try:
+    with open(f"/proc/{pid}/stat") as stat:
+      return stat.read().split(")")[-1].split()[0] != "Z"  # a zombie has exited
+  except FileNotFoundError:
+    return False
 
 
 # ------------------------------------------------------------------------------------------- TFDS --
