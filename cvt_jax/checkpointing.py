@@ -25,6 +25,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from cvt_jax import trees
+from cvt_jax import workdir as workdir_lib
 
 CHECKPOINTS = "checkpoints"
 _WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES)
@@ -51,7 +52,7 @@ class Checkpointer:
         preservation_policy=policies.LatestN(keep),
         enable_async_checkpointing=True,
         create=True)
-    self.directory = epath.Path(workdir) / CHECKPOINTS
+    self.directory = _checkpoints(workdir)
     self._manager = ocp.CheckpointManager(self.directory, options=options)
 
   def latest_step(self) -> int | None:
@@ -171,13 +172,19 @@ def _mismatches(step_dir: epath.Path, abstract: Any) -> str:
   return trees.mismatches(trees.shapes(trees.flatten(abstract)), stored)
 
 
+def _checkpoints(workdir: str | epath.PathLike) -> epath.Path:
+  """The checkpoints folder of a workdir, absolute: orbax refuses relative paths."""
+  path = epath.Path(workdir)
+  return (epath.Path(os.path.abspath(path)) if workdir_lib.is_local(path) else path) / CHECKPOINTS
+
+
 def read_variables(workdir: str | epath.PathLike) -> tuple[int, dict[str, Any]]:
   """(step, {'params', 'batch_stats'} as numpy) of a workdir's newest readable step, for inference.
 
   Raises:
     FileNotFoundError: no checkpoints folder, or no committed step in it.
   """
-  directory = epath.Path(workdir) / CHECKPOINTS
+  directory = _checkpoints(workdir)
   if not directory.is_dir():
     raise FileNotFoundError(f"{workdir} holds no {CHECKPOINTS}/ folder: not a training workdir")
   with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False)) as manager:

@@ -189,6 +189,7 @@ def reference(tree, jax_cache, tmp_path_factory) -> tuple[train_lib.TrainState, 
   run = Run(workdir, tree, jax_cache)
   assert run.finish() == 0, run.tail()
   assert re.search(rf"eval @ step {TOTAL_STEPS} .* over {2 * CLASSES}/{2 * CLASSES} images", run.log)
+  assert ".cc:" not in run.log, "native libraries' notices belong in train.log, not on the console"
   return final_state(workdir, _zero_state(make_config(tree))), workdir
 
 
@@ -344,6 +345,7 @@ def test_two_processes_preempt_together_resume_bit_identically_and_stop_when_one
   assert finish_all(runs) == [0, 0], runs[0].tail() + runs[1].tail()
   for run in runs:  # each process reports the global result: every one of the 8 eval images, once
     assert re.search(rf"eval @ step {TOTAL_STEPS} .* over {2 * CLASSES}/{2 * CLASSES} images", run.log)
+  assert ".cc:" not in run.log, "native libraries' notices belong in train.log, not on the console"
 
   workdir = str(tmp_path / "work")
   runs = start_processes(workdir, tree, quiet)

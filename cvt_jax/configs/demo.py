@@ -30,7 +30,7 @@ def get_config(arg: str | None = None):
 
   config.optim.lr = 2e-3
   config.optim.lr_batch_size = 64
-  config.schedule.warmup_epochs = 2
+  config.schedule.warmup_epochs = min(2, args.epochs - 1)  # `epochs=1` trains without warm-up
   config.schedule.per_step = True
   config.num_epochs = args.epochs
   config.eval_batch_size = 128  # does not divide the 359 val images: the last batch is padded and masked
