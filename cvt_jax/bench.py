@@ -418,10 +418,10 @@ def _pool_rate(paths: list[str], workers: int, size: int, batch: int) -> float:
     pool.submit(batches[0])
     pool.result()
     start = time.perf_counter()
-    for i, jobs_ in enumerate(batches[1:]):
-      pool.submit(jobs_)
-      if i % 2:  # keep two batches in flight, as the pipeline does
+    for jobs_ in batches[1:]:
+      if len(pool) == 2:  # two batches in flight, as the pipeline keeps them
         pool.result()
+      pool.submit(jobs_)
     while len(pool):
       pool.result()
     return batch * (len(batches) - 1) / (time.perf_counter() - start)
