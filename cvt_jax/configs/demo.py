@@ -37,5 +37,5 @@ def get_config(arg: str | None = None):
   config.eval_every_epochs = 10
   config.checkpoint_every_steps = 200
   config.keep_checkpoints = 2
-  config.log_every_steps = 20
+  config.log_every_steps = 44  # every second epoch: the whole run fits on one screen
   return common.finalize(config)
