@@ -369,20 +369,44 @@ def _compile_job(model: str, res: int, topology: str, per_chip: int, switch: str
 
 
 def write_table(prefix: str, workers: int = 1) -> None:
-  """Runs (or resumes) every compile of the table and writes PREFIX.json and PREFIX.md."""
+  """Runs (or resumes) every compile of the table and writes PREFIX.json and PREFIX.md.
+
+  Ctrl-C stops it and still writes the table of what has been compiled; a rerun compiles the rest.
+  """
   epath.Path(prefix).parent.mkdir(parents=True, exist_ok=True)
   results = Results(prefix)
   cells = [(model, res) for model in MODELS for res in RESOLUTIONS]
-  results.run({f"{model}@{res} {switch} {FIT_TOPOLOGY} b{b}": (model, res, FIT_TOPOLOGY, b, switch, False)
-               for model, res in cells for switch in SWITCHES
-               for b in PROBES.get((model, res), DEFAULT_PROBES)}, workers)
+  try:
+    results.run({_probe_key(model, res, switch, b): (model, res, FIT_TOPOLOGY, b, switch, False)
+                 for model, res in cells for switch in SWITCHES for b in PROBES.get((model, res), DEFAULT_PROBES)},
+                workers)
+    results.run({o["key"]: (row["model"], row["res"], o["topology"], o["per_chip"], o["switch"], True)
+                 for row in _rows(results.data, cells) for o in row["official"].values()}, workers)
+  except KeyboardInterrupt:
+    print("interrupted: the table below holds what was compiled; rerun the same command to compile the rest")
+  rows = _rows(results.data, cells)
+  results.data["rows"] = rows
+  results.path.write_text(json.dumps(results.data, indent=1))
+  epath.Path(prefix + ".md").write_text(markdown(rows))
+
+
+def _probe_key(model: str, res: int, switch: str, per_chip: int) -> str:
+  return f"{model}@{res} {switch} {FIT_TOPOLOGY} b{per_chip}"
+
+
+def _rows(data: dict, cells: list[tuple[str, int]]) -> list[dict]:
+  """One row per variant and resolution: its memory fits, largest batches and official-recipe compiles, as
+  far as `data` holds the compiles they need."""
   rows = []
   for model, res in cells:
-    fits = {switch: MemoryModel.fit(*[_report(results.data[f"{model}@{res} {switch} {FIT_TOPOLOGY} b{b}"][0])
-                                      for b in PROBES.get((model, res), DEFAULT_PROBES)])
-            for switch in SWITCHES}
-    row = {"model": model, "res": res, "fits": {k: dataclasses.asdict(v) for k, v in fits.items()},
-           "largest": {}, "official": {}}
+    row = {"model": model, "res": res, "fits": {}, "largest": {}, "official": {}}
+    rows.append(row)
+    probes = {switch: [data.get(_probe_key(model, res, switch, b)) for b in PROBES.get((model, res), DEFAULT_PROBES)]
+              for switch in SWITCHES}
+    if not all(all(probes[switch]) for switch in SWITCHES):
+      continue
+    fits = {switch: MemoryModel.fit(*[_report(p[0]) for p in probes[switch]]) for switch in SWITCHES}
+    row["fits"] = {k: dataclasses.asdict(v) for k, v in fits.items()}
     for chip, slices in SLICES.items():
       hbm = TPU_CHIPS[CHIP_KINDS[chip]][0]
       largest = {switch: fit.largest_batch(hbm) for switch, fit in fits.items()}
@@ -391,21 +415,25 @@ def write_table(prefix: str, workers: int = 1) -> None:
                      if OFFICIAL_BATCH // chips <= largest[switch]), None)
       if choice:
         topology, chips, switch = choice
-        row["official"][chip] = {"key": f"{model}@{res} {switch} {topology} official", "topology": topology,
-                                 "switch": switch, "per_chip": OFFICIAL_BATCH // chips, "hbm": hbm}
-    rows.append(row)
-  results.run({o["key"]: (row["model"], row["res"], o["topology"], o["per_chip"], o["switch"], True)
-               for row in rows for o in row["official"].values()}, workers)
-  for row in rows:
-    for official in row["official"].values():
-      official["train"], official["eval"] = results.data[official["key"]]
-  results.data["rows"] = rows
-  results.path.write_text(json.dumps(results.data, indent=1))
-  epath.Path(prefix + ".md").write_text(markdown(rows))
+        key = f"{model}@{res} {switch} {topology} official"
+        row["official"][chip] = {"key": key, "topology": topology, "switch": switch,
+                                 "per_chip": OFFICIAL_BATCH // chips, "hbm": hbm}
+        if key in data:
+          row["official"][chip]["train"], row["official"][chip]["eval"] = data[key]
+  return rows
 
 
 def _report(data: dict) -> StepReport:
   return StepReport(**{k: v for k, v in data.items() if k != "total"})
+
+
+def _official_cell(official: dict) -> str:
+  head = f"{official['topology']} ({official['switch']}): {official['per_chip']}/chip"
+  if "train" not in official:
+    return f"{head}, not compiled yet"
+  train = official["train"]
+  verdict = "" if train["fits"] and train["total"] <= official["hbm"] else " (does NOT fit)"
+  return f"{head}, train {train['total'] / 2**30:.2f} GiB{verdict}, eval {official['eval']['total'] / 2**30:.2f} GiB"
 
 
 def markdown(rows: list[dict]) -> str:
@@ -426,15 +454,15 @@ def markdown(rows: list[dict]) -> str:
   ]
   for row in rows:
     fits, largest = row["fits"], row["largest"]
-    official = "; ".join(
-        f"{o['topology']} ({o['switch']}): {o['per_chip']}/chip, train {gib(o['train']['total'])} GiB"
-        f"{'' if o['train']['fits'] and o['train']['total'] <= o['hbm'] else ' (does NOT fit)'}, eval "
-        f"{gib(o['eval']['total'])} GiB" for o in row["official"].values())
+    if not fits:
+      lines.append(f"| {row['model']} @{row['res']} | not compiled yet | | | | |")
+      continue
     lines.append(
         f"| {row['model']} @{row['res']} | {fits['plain']['per_image'] / 2**20:.0f} / "
         f"{fits['remat']['per_image'] / 2**20:.0f} | {gib(fits['plain']['fixed'])} | "
         + " / ".join(str(largest[c]["plain"]) for c in SLICES) + " | "
-        + " / ".join(str(largest[c]["remat"]) for c in SLICES) + f" | {official} |")
+        + " / ".join(str(largest[c]["remat"]) for c in SLICES) + " | "
+        + "; ".join(_official_cell(o) for o in row["official"].values()) + " |")
   return "\n".join(lines) + "\n"
 
 
