@@ -66,19 +66,30 @@ def test_fresh_removes_only_what_runs_write(tmp_path):
 
 @pytest.fixture
 def small_disk(tmp_path):
-  """A 4 MiB filesystem: one checkpoint of the tiny model (2.9 MB) fits, a second does not."""
+  """A 16 MiB filesystem of its own, so that filling it fills nothing else."""
   folder = tmp_path / "small_disk"
   os.makedirs(folder)
   if os.geteuid() != 0:
     pytest.fail("the full-disk test mounts a small tmpfs: run the suite as root (as CI does)")
-  subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(folder)], check=True)
+  subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(folder)], check=True)
   yield str(folder)
   subprocess.run(["umount", str(folder)], check=True)
 
 
-def test_a_full_disk_ends_with_one_line_and_keeps_the_previous_checkpoint(tree, small_disk):
+def test_a_full_disk_ends_with_one_line_and_keeps_the_previous_checkpoint(tree, small_disk, monkeypatch):
   workdir = os.path.join(small_disk, "run")
   config = tiny_config(tree, keep_checkpoints=3)
+  save = checkpointing.Checkpointer.save
+
+  def save_onto_a_filling_disk(self, step, state):
+    if step == 4:  # the first checkpoint (2.9 MB) is written; leave half a MiB for the next one
+      self._manager.wait_until_finished()  # pylint: disable=protected-access
+      free = os.statvfs(small_disk)
+      with open(os.path.join(small_disk, "filler"), "wb") as filler:
+        filler.write(bytes(free.f_bavail * free.f_frsize - 2**19))
+    save(self, step, state)
+
+  monkeypatch.setattr(checkpointing.Checkpointer, "save", save_onto_a_filling_disk)
   with pytest.raises(checkpointing.CheckpointWriteError) as error:
     train_lib.train_and_evaluate(config, workdir)
   message = str(error.value)
