@@ -377,11 +377,12 @@ def write_table(prefix: str, workers: int = 1) -> None:
   results = Results(prefix)
   cells = [(model, res) for model in MODELS for res in RESOLUTIONS]
   try:
-    results.run({_probe_key(model, res, switch, b): (model, res, FIT_TOPOLOGY, b, switch, False)
-                 for model, res in cells for switch in SWITCHES for b in PROBES.get((model, res), DEFAULT_PROBES)},
-                workers)
-    results.run({o["key"]: (row["model"], row["res"], o["topology"], o["per_chip"], o["switch"], True)
-                 for row in _rows(results.data, cells) for o in row["official"].values()}, workers)
+    for model, res in cells:  # row by row, so that a partial table has whole rows
+      results.run({_probe_key(model, res, switch, b): (model, res, FIT_TOPOLOGY, b, switch, False)
+                   for switch in SWITCHES for b in PROBES.get((model, res), DEFAULT_PROBES)}, workers)
+      [row] = _rows(results.data, [(model, res)])
+      results.run({o["key"]: (model, res, o["topology"], o["per_chip"], o["switch"], True)
+                   for o in row["official"].values()}, workers)
   except KeyboardInterrupt:
     print("interrupted: the table below holds what was compiled; rerun the same command to compile the rest")
   rows = _rows(results.data, cells)

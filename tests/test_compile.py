@@ -75,7 +75,7 @@ def test_a_bad_topology_is_one_line(capsys):
 
 def test_the_fit_table_picks_the_smallest_slice_that_fits_and_resumes(monkeypatch, tmp_path):
   """The table's bookkeeping, with a fake compile: memory = 1 GiB + 100 MiB per image (remat: 40 MiB);
-  interrupted after four compiles, then resumed."""
+  interrupted after the first row's seven compiles, then resumed."""
   from cvt_jax import compile as compile_lib  # pylint: disable=g-import-not-at-top
 
   calls = []
@@ -89,14 +89,14 @@ def test_the_fit_table_picks_the_smallest_slice_that_fits_and_resumes(monkeypatc
              "temporaries": 0, "total": total} for name in names]
 
   def interrupted_compile(*job):
-    if len(calls) == 4:  # Ctrl-C during the fifth compile
+    if len(calls) == 7:  # Ctrl-C during the eighth compile: the first row's probes and officials are done
       raise KeyboardInterrupt
     return fake_compile(*job)
 
   monkeypatch.setattr(compile_lib, "_compile_job", interrupted_compile)
   compile_lib.write_table(str(tmp_path / "table"))
   markdown = (tmp_path / "table.md").read_text()
-  assert "| cvt-13 @224 | 100 / 40 |" in markdown and "v5e:2x4 (remat): 256/chip, not compiled yet" in markdown
+  assert "| cvt-13 @224 | 100 / 40 |" in markdown and "v5e:2x4 (remat): 256/chip, train 11.00 GiB" in markdown
   assert "| cvt-13 @384 | not compiled yet |" in markdown
   monkeypatch.setattr(compile_lib, "_compile_job", fake_compile)
   compile_lib.write_table(str(tmp_path / "table"))
