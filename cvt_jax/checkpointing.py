@@ -126,12 +126,28 @@ def _reporting_write_errors(directory: epath.Path) -> Iterator[None]:
     problem = _write_problem(error)
     if problem is None:
       raise
-    for partial in directory.glob(f"*{_TMP_MARKER}*"):
-      partial.rmtree()
+    _remove_half_written_steps(directory)
     raise CheckpointWriteError(
         f"cannot write a checkpoint to {directory}: {problem}{_disk_space(directory)}; the previous "
         "checkpoint is intact and the half-written one was removed. Free some space and rerun to resume."
     ) from error
+
+
+def _remove_half_written_steps(directory: epath.Path, attempts: int = 20) -> None:
+  """Removes the temporary folders of failed saves. orbax reports the first failed write while its other
+  writer threads are still finishing theirs, so a folder can gain files as it is removed: retry a while."""
+  for attempt in range(attempts):
+    partials = list(directory.glob(f"*{_TMP_MARKER}*"))
+    if not partials:
+      return
+    for partial in partials:
+      try:
+        partial.rmtree()
+      except OSError:
+        pass
+    time.sleep(0.05 * attempt)
+  logging.warning("Could not remove the half-written checkpoint(s) %s; delete them by hand.",
+                  ", ".join(str(p) for p in directory.glob(f"*{_TMP_MARKER}*")))
 
 
 def _write_problem(error: BaseException) -> str | None:
