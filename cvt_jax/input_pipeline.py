@@ -181,12 +181,14 @@ class _SkippedFiles:
   def __init__(self):
     self._lock = threading.Lock()
     self._skips: list[str] = []
+    self._distinct: set[str] = set()
 
   def add(self, path: str, error: str) -> None:
     with self._lock:
-      first = path not in self._skips
+      first = path not in self._distinct
       self._skips.append(path)
-      count = len(set(self._skips))
+      self._distinct.add(path)
+      count = len(self._distinct)
     if first:
       logging.warning("Skipping undecodable image %s (%s); %d skipped so far", path, error, count)
 
