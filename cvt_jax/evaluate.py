@@ -1,17 +1,9 @@
-r"""Evaluate a checkpoint over every image of a split: `cvt-jax eval --config cvt13 --checkpoint X`.
+"""Evaluation of a checkpoint over every image of a split (`cvt-jax eval` is its command).
 
-  cvt-jax eval --config cvt13 --checkpoint CvT-13-224x224-IN-1k.pth \
-      --config.data.data_dir=~/tensorflow_datasets
-  cvt-jax eval --config cvt13:res=384 --checkpoint cvt13_384.npz --data ~/imagenet   # a folder tree
-  cvt-jax eval --config finetune:... --checkpoint out/finetune                       # a training workdir
-
-The checkpoint is anything `cvt-jax convert` reads (a workdir, a converted .npz, a PyTorch file, a hub
-name); its own architecture and head are used, and the config supplies the data, the resolution (224:
-resize 256 + centre crop, 384: squash), the eval batch size and the compute dtype (model.eval_dtype,
-float32 as the official evaluation; bfloat16 is faster on GPU/TPU). The dataset's classes are checked
-against the head and the output is checked writable before any image is read. Unreadable images are
-skipped, listed in the output and reported (--strict: fail instead). The result is printed and written as
-JSON (--output, default next to the checkpoint).
+The checkpoint is anything `weights.load` reads (a workdir, a converted .npz, a PyTorch file, a hub name);
+its own architecture and head are used, and the config supplies the data, the eval batch size and the
+compute dtype (model.eval_dtype, float32 as the official evaluation). The dataset's classes are checked
+against the head and the output is checked writable before any image is read.
 """
 
 from __future__ import annotations
@@ -21,19 +13,19 @@ import os
 import re
 import time
 from collections.abc import Iterable, Iterator
-from typing import Any, Sequence
+from typing import Any
 
 import jax
-from absl import flags
 from absl import logging
 from etils import epath
 
-from cvt_jax import cli
-from cvt_jax import input_pipeline
 from cvt_jax import model as model_lib
 from cvt_jax import parallel
 from cvt_jax import train_lib
 from cvt_jax import weights
+from cvt_jax import workdir as workdir_lib
+from cvt_jax.data import input_pipeline
+from cvt_jax.data import labels
 
 _PROGRESS_SECONDS = 10.0
 _WNID = re.compile(r"n\d{8}")
@@ -63,7 +55,7 @@ def check_classes(checkpoint: weights.Checkpoint, info: input_pipeline.DatasetIn
     if source != "folder" and not all(_WNID.fullmatch(name) for name in info.class_names):
       logging.info("%s does not name its classes by WNID; only the class count was checked.", where)
       return
-    expected = tuple(wnid for wnid, _ in weights.imagenet_classes())
+    expected = tuple(wnid for wnid, _ in labels.imagenet_classes())
     kind = "the sorted ImageNet WNIDs of imagenet_classes.tsv"
   if expected is None or tuple(info.class_names) == tuple(expected):
     return
@@ -123,7 +115,7 @@ def evaluate_checkpoint(config: Any, checkpoint_path: str, output: str | None = 
   spec = input_pipeline.DataSpec.from_config(config.data)
   where = spec.where(spec.eval_split)
   output = output or default_output(checkpoint, spec.eval_split, spec.image_size)
-  cli.check_output(output, ".json")
+  workdir_lib.check_output(output, ".json")
   info = input_pipeline.dataset_info(spec)
   check_classes(checkpoint, info, spec.source, where)
   if checkpoint.image_size and checkpoint.image_size != spec.image_size:
@@ -162,40 +154,3 @@ def evaluate_checkpoint(config: Any, checkpoint_path: str, output: str | None = 
     path.write_text(json.dumps(summary, indent=1))
   summary["output"] = output
   return summary
-
-
-FLAGS = flags.FlagValues()
-_CONFIG = cli.define_config_flag(
-    FLAGS, "Config name or file (data, resolution, eval batch), e.g. cvt13:res=384.")
-_CHECKPOINT = flags.DEFINE_string(
-    "checkpoint", None, "Training workdir, converted .npz, PyTorch .pth/.bin/.safetensors or hub name.",
-    flag_values=FLAGS)
-_DATA = flags.DEFINE_string("data", None, "Shortcut for a folder tree: sets data.source=folder and "
-                            "data.data_dir (the root holding train/ and val/).", flag_values=FLAGS)
-_OUTPUT = flags.DEFINE_string("output", None, "JSON summary path (default: next to the checkpoint).",
-                              flag_values=FLAGS)
-_STRICT = flags.DEFINE_bool("strict", False, "Fail if any image of the split is unreadable (default: "
-                            "skip, list and report them).", flag_values=FLAGS)
-_HEADS = cli.define_heads_flag(FLAGS)
-flags.mark_flags_as_required(["config", "checkpoint"], flag_values=FLAGS)
-
-
-def main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    raise cli.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  config = _CONFIG.value
-  if _DATA.value:
-    config.data.source, config.data.data_dir = "folder", os.path.expanduser(_DATA.value)
-  summary = evaluate_checkpoint(config, _CHECKPOINT.value, _OUTPUT.value, _HEADS.value, _STRICT.value)
-  skipped = f", {len(summary['skipped'])} unreadable skipped" if summary["skipped"] else ""
-  print(f"top-1 {summary['top1']:.2f}%  top-5 {summary['top5']:.2f}%  loss {summary['loss']:.4f}  "
-        f"images {summary['count']}{skipped}  ({summary['images_per_second']:.1f} img/s)  -> "
-        f"{summary['output']}")
-
-
-def run(argv: Sequence[str] | None = None) -> None:
-  cli.run(main, argv, __doc__, FLAGS, cli.config_fields_help)
-
-
-if __name__ == "__main__":
-  run()

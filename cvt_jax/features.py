@@ -22,7 +22,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from cvt_jax import augment
 from cvt_jax import model as model_lib
 from cvt_jax import weights
 
@@ -50,7 +49,7 @@ class Backbone:
   @property
   def dims(self) -> tuple[int, int, int]:
     """Channels of stage0..stage2 (the last is also the cls embedding width)."""
-    return tuple(s.dim for s in model_lib.get_variant(self.model.variant).stages)
+    return tuple(s.dim for s in self.model.spec.stages)
 
   def __call__(self, images: jax.Array) -> dict[str, jax.Array]:
     """uint8 RGB NHWC images (normalised here with the ImageNet mean/std) -> features."""
@@ -62,4 +61,4 @@ class Backbone:
 @functools.partial(jax.jit, static_argnums=0)
 def _features_of_uint8(model: model_lib.CvT, variables: dict[str, Any], images: jax.Array
                        ) -> dict[str, jax.Array]:
-  return extract(model, variables, augment.normalize(images))
+  return extract(model, variables, model_lib.normalize(images))

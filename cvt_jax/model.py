@@ -2,13 +2,15 @@
 
 The module names mirror the official PyTorch model (`stage{s}.blocks.{b}.attn.conv_proj_q.bn`, ...), so
 that the weight converter is a renaming plus layout transposes. Images are NHWC, normalised with the
-ImageNet mean/std; every stage works on tokens in row-major order (h outer, w inner) like the original.
+ImageNet mean/std (`normalize`); every stage works on tokens in row-major order (h outer, w inner) like the
+original.
 The layers' arithmetic comes from `cvt_jax.ops` in the formulation named by `kernels`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Literal
 
 import flax.linen as nn
@@ -17,10 +19,24 @@ import jax.numpy as jnp
 import numpy as np
 
 from cvt_jax import ops
+from cvt_jax import trees
 
 Dtype = Any
 Remat = Literal["none", "block", "dots"]
 REMAT_CHOICES = ("none", "block", "dots")
+
+# The model's input contract: RGB in [0, 255] normalised with the ImageNet mean and std.
+MEAN_RGB = (0.485, 0.456, 0.406)
+STD_RGB = (0.229, 0.224, 0.225)
+
+
+def normalize(images: jax.Array, channel_axis: int = -1) -> jax.Array:
+  """uint8 images -> float32 with the ImageNet mean/std (channels on `channel_axis`)."""
+  shape = [1] * images.ndim
+  shape[channel_axis] = 3
+  mean = jnp.asarray(MEAN_RGB, jnp.float32).reshape(shape) * 255
+  inv_std = 1 / (jnp.asarray(STD_RGB, jnp.float32).reshape(shape) * 255)
+  return (images.astype(jnp.float32) - mean) * inv_std
 
 
 @dataclasses.dataclass(frozen=True)
@@ -326,7 +342,7 @@ class CvT(nn.Module):
   def setup(self):
     if self.remat not in REMAT_CHOICES:
       raise ValueError(f"remat={self.remat!r}; use one of {REMAT_CHOICES}.")
-    specs = get_variant(self.variant).stages
+    specs = self.spec.stages
     kernels = ops.resolve_kernels(self.kernels)
     self.stages = [
         Stage(s, s.drop_path_rate if self.drop_path_rate is None or i < 2 else self.drop_path_rate,
@@ -354,16 +370,28 @@ class CvT(nn.Module):
     pre_logits = self.norm(self.features(images, train)["cls"])
     return self.head(pre_logits) if self.num_classes else pre_logits
 
+  @property
+  def spec(self) -> Variant:
+    """The architecture, whether `variant` names it or is it."""
+    return get_variant(self.variant)
+
   @classmethod
   def from_variant(cls, name: str | Variant, num_classes: int = 1000, **kwargs) -> CvT:
-    """`CvT.from_variant('cvt-21', num_classes=10, dtype=jnp.bfloat16)`."""
-    get_variant(name)
-    return cls(variant=name, num_classes=num_classes, **kwargs)
+    """`CvT.from_variant('cvt-21', num_classes=10, dtype=jnp.bfloat16)`; an unknown name fails here."""
+    return cls(variant=get_variant(name), num_classes=num_classes, **kwargs)
 
   def init_variables(self, rng: jax.Array, image_size: int = 224) -> dict[str, Any]:
     """Initialises `params` and `batch_stats` without running a real forward pass."""
     dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
     return jax.jit(self.init)(rng, dummy)
+
+
+@functools.lru_cache(maxsize=16)
+def variable_shapes(variant: Variant, num_classes: int) -> dict[str, trees.Shape]:
+  """Flat 'collection/module/.../leaf' -> shape of every variable of the model, without allocating it."""
+  model = CvT.from_variant(variant, num_classes=num_classes)
+  images = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)  # shapes do not depend on the resolution
+  return trees.shapes(trees.flatten(jax.eval_shape(model.init, jax.random.key(0), images)))
 
 
 # --------------------------------------------------------------------- building from a config --

@@ -98,9 +98,9 @@ def conv_as_matmul(lhs: jax.Array, rhs: jax.Array, window_strides: tuple[int, in
                    **unused) -> jax.Array:
   """NHWC x HWIO convolution as patches @ kernel, with `lax.conv_general_dilated`'s signature.
 
-  XLA:CPU computes the kernel gradient of the strided patch-embedding convs ~10x slower than the same
-  GEMM, so the forward and the kernel gradient are GEMMs over the patches. Only the arguments `nn.Conv`
-  passes for a plain strided conv are supported.
+  XLA:CPU computes the kernel gradient of the strided patch-embedding convs far slower than the same
+  GEMM (bench/README.md), so the forward and the kernel gradient are GEMMs over the patches. Only the
+  arguments `nn.Conv` passes for a plain strided conv are supported.
   """
   if unused.get("feature_group_count", 1) != 1 or unused.get("precision") is not None or any(
       d not in (None, 1, (1, 1)) for d in (unused.get("lhs_dilation"), unused.get("rhs_dilation"))):

@@ -8,13 +8,10 @@ API). Conversion is a renaming to the official key names, then a strict mapping 
 
 from __future__ import annotations
 
-import functools
 import json
 import re
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import safetensors
 import safetensors.numpy
@@ -22,7 +19,10 @@ from etils import epath
 
 from cvt_jax import pth
 from cvt_jax import trees
-from cvt_jax.model import VARIANTS, CvT, Variant, variant_from_architecture
+from cvt_jax.model import VARIANTS
+from cvt_jax.model import Variant
+from cvt_jax.model import variable_shapes
+from cvt_jax.model import variant_from_architecture
 
 # Suffixes of the PyTorch files this module reads (torch.save archives and safetensors).
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
@@ -39,14 +39,6 @@ class Converted(NamedTuple):
   variables: dict[str, Any]
   variant: Variant
   num_classes: int
-
-
-@functools.lru_cache(maxsize=16)
-def variable_shapes(variant: Variant, num_classes: int) -> dict[str, trees.Shape]:
-  """Flat 'collection/module/.../leaf' -> shape of every variable of the model, without allocating it."""
-  model = CvT.from_variant(variant, num_classes=num_classes)
-  images = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)  # shapes do not depend on the resolution
-  return trees.shapes(trees.flatten(jax.eval_shape(model.init, jax.random.PRNGKey(0), images)))
 
 
 _QKV = {"query": "q", "key": "k", "value": "v"}

@@ -11,10 +11,11 @@ official per-GPU code does.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import time
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, ContextManager, Iterable
 
 import flax
 import jax
@@ -24,15 +25,16 @@ import optax
 from absl import logging
 from etils import epath
 
-from cvt_jax import augment
 from cvt_jax import checkpointing
-from cvt_jax import input_pipeline
 from cvt_jax import model as model_lib
 from cvt_jax import ops
 from cvt_jax import optim
 from cvt_jax import parallel
+from cvt_jax import summary
 from cvt_jax import weights
 from cvt_jax import workdir as workdir_lib
+from cvt_jax.data import augment
+from cvt_jax.data import input_pipeline
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -154,7 +156,7 @@ def make_eval_step(model: model_lib.CvT) -> Callable[[Variables, Batch], Metrics
   """Sums of loss, top-1 and top-5 hits and the example count over the real (mask=1) rows of a batch."""
 
   def eval_step(variables: Variables, batch: Batch) -> Metrics:
-    logits = model.apply(variables, augment.normalize(batch["image"]), train=False)
+    logits = model.apply(variables, model_lib.normalize(batch["image"]), train=False)
     labels, mask = batch["label"], batch["mask"].astype(bool)
     loss = soft_cross_entropy(logits, jax.nn.one_hot(labels, logits.shape[-1]))
     top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
@@ -173,6 +175,22 @@ def shard_eval_step(eval_step: Callable[[Variables, Batch], Metrics], mesh: jax.
   variables_sharding = parallel.replicated(mesh) if variables_sharding is None else variables_sharding
   return jax.jit(eval_step, in_shardings=(variables_sharding, parallel.batch_sharding(mesh)),
                  out_shardings=parallel.replicated(mesh))
+
+
+def build_steps(config: Any, model: model_lib.CvT, tx: optax.GradientTransformation, schedule: optim.Schedule,
+                mesh: jax.sharding.Mesh, state_sharding: Any, base_rng: jax.Array
+                ) -> tuple[Callable[[TrainState, Batch], tuple[TrainState, Metrics]],
+                           Callable[[Variables, Batch], Metrics]]:
+  """The jitted, sharded train and eval steps of `config` for `model` on `mesh` (what training runs and
+  `cvt_jax.aot` compiles). The eval step computes in `config.model.eval_dtype`, without remat."""
+  train_step = shard_train_step(
+      make_train_step(model, tx, schedule, model.num_classes, config.augment, base_rng,
+                      mesh.shape[parallel.DATA_AXIS], config.optim.grad_accum_steps), mesh, state_sharding)
+  eval_model = model.clone(dtype=model_lib.compute_dtype(config.model.eval_dtype, parallel.platform(mesh)),
+                           remat="none")
+  eval_step = shard_eval_step(make_eval_step(eval_model), mesh,
+                              {"params": state_sharding.params, "batch_stats": state_sharding.batch_stats})
+  return train_step, eval_step
 
 
 def evaluate_batches(eval_step: Callable[[Variables, Batch], Metrics], variables: Variables,
@@ -244,8 +262,8 @@ def validate_config(config: Any) -> None:
   require(config.model.num_classes > 0, f"model.num_classes={config.model.num_classes} must be positive")
   require(config.model.drop_path_rate is None or 0.0 <= config.model.drop_path_rate < 1.0,
           f"model.drop_path_rate={config.model.drop_path_rate} must be in [0, 1)")
-  require(config.model.kernels in ("auto", "plain", "cpu"),
-          f"model.kernels={config.model.kernels!r}; use 'auto', 'plain' or 'cpu'")
+  require(config.model.kernels in ops.KERNEL_CHOICES,
+          f"model.kernels={config.model.kernels!r}; use one of {ops.KERNEL_CHOICES}")
   require(config.model.remat in model_lib.REMAT_CHOICES,
           f"model.remat={config.model.remat!r}; use one of {model_lib.REMAT_CHOICES}")
   data = config.data
@@ -317,47 +335,31 @@ class _Profiler:
                    self._start, step, self._dir)
 
 
-def _model_info(config: Any, spec: input_pipeline.DataSpec,
-                info: input_pipeline.DatasetInfo) -> workdir_lib.ModelInfo:
-  """What a run of `config` on this data writes into its workdir's model_info.json."""
-  return workdir_lib.ModelInfo(
-      model_lib.variant_from_config(config.model), info.num_classes, info.class_names, config.data.image_size,
-      workdir_lib.data_fingerprint(spec.source, spec.data_dir or spec.name, info.num_train_examples,
-                                   info.num_eval_examples, info.class_names))
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+  """What a run of a config in a workdir is, worked out before anything is written."""
+
+  spec: input_pipeline.DataSpec
+  info: input_pipeline.DatasetInfo
+  model_info: workdir_lib.ModelInfo
+  stored_info: workdir_lib.ModelInfo | None  # the workdir's model_info.json, if it has one
+  init: weights.Checkpoint | None  # config.init_from, loaded
+  steps_per_epoch: int
+  total_steps: int
 
 
-def check_workdir(config: Any, workdir: str | epath.PathLike) -> None:
-  """Raises `WorkdirError` if `workdir` belongs to a run of another model or other classes; writes nothing."""
-  spec = input_pipeline.DataSpec.from_config(config.data)
-  workdir_lib.check_resumable(workdir, _model_info(config, spec, input_pipeline.dataset_info(spec)))
+def _plan(config: Any, workdir: epath.Path, fresh: bool) -> _Plan:
+  """Checks everything that can refuse a run before it writes a file: the initial weights against the
+  config's architecture, the data against the config, and the workdir's model_info.json against both.
 
-
-def train_and_evaluate(config: Any, workdir: str | epath.PathLike, *, interrupt_at_step: int | None = None
-                       ) -> tuple[TrainState, dict[str, float] | None]:
-  """Trains per `config` in `workdir`, resuming from its latest checkpoint, evaluating every N epochs.
-
-  Args:
-    config: a config from `cvt_jax/configs` (see `configs/common.py`).
-    workdir: checkpoints, TensorBoard logs and model_info.json, local or `gs://`; running again resumes.
-    interrupt_at_step: behave as if preempted after this step (save, then return): tests, time boxes.
-
-  Returns:
-    The final train state and the last evaluation ({'top1','top5','loss','count'}; None if none ran).
+  Raises:
+    ValueError (WeightsError, WorkdirError, ...): naming what does not fit.
   """
-  validate_config(config)
-  workdir = epath.Path(workdir)
-  with contextlib.ExitStack() as stack:
-    if workdir_lib.is_local(workdir):
-      workdir_lib.check_writable(workdir)
-      if jax.process_index() == 0:
-        stack.enter_context(workdir_lib.Lock(workdir))
-    return _train(config, workdir, interrupt_at_step)
-
-
-def _train(config: Any, workdir: epath.Path, interrupt_at_step: int | None
-           ) -> tuple[TrainState, dict[str, float] | None]:
-  mesh = parallel.make_mesh()
-  platform = parallel.platform(mesh)
+  variant = model_lib.variant_from_config(config.model)
+  init = None
+  if config.init_from:
+    init = weights.load(os.path.expanduser(config.init_from))
+    weights.check_architecture(init, variant, "init_from")
   spec = input_pipeline.DataSpec.from_config(config.data)
   info = input_pipeline.dataset_info(spec)
   if info.num_classes != config.model.num_classes:
@@ -367,15 +369,73 @@ def _train(config: Any, workdir: epath.Path, interrupt_at_step: int | None
   if steps_per_epoch == 0:
     raise ValueError(f"global_batch_size={config.global_batch_size} exceeds the {info.num_train_examples} "
                      "training examples (batches drop the remainder)")
-  total_steps = steps_per_epoch * config.num_epochs
-  eval_every = steps_per_epoch * config.eval_every_epochs
+  model_info = workdir_lib.ModelInfo(
+      variant, info.num_classes, info.class_names, config.data.image_size,
+      workdir_lib.data_fingerprint(spec.source, spec.data_dir or spec.name, info.num_train_examples,
+                                   info.num_eval_examples, info.class_names))
+  stored = None if fresh else workdir_lib.check_resumable(workdir, model_info)
+  return _Plan(spec, info, model_info, stored, init, steps_per_epoch, steps_per_epoch * config.num_epochs)
 
-  model = model_lib.from_config(config.model, info.num_classes, platform)
-  model_info = _model_info(config, spec, info)
-  stored_info = workdir_lib.check_resumable(workdir, model_info)  # before anything is written
 
+def train_and_evaluate(config: Any, workdir: str | epath.PathLike, *,
+                       log_to: Callable[[str], ContextManager[Any]] | None = None, fresh: bool = False,
+                       interrupt_at_step: int | None = None) -> tuple[TrainState, dict[str, float] | None]:
+  """Trains per `config` in `workdir`, resuming from its latest checkpoint, evaluating every N epochs.
+
+  Everything that can refuse the run (the config, the initial weights, the data, a workdir of another
+  run) is checked before any file is written; a local workdir is then locked for the run.
+
+  Args:
+    config: a config from `cvt_jax/configs` (see `configs/common.py`).
+    workdir: checkpoints, TensorBoard logs and model_info.json, local or `gs://`; running again resumes.
+    log_to: opens the run's log file for the length of the run (`log_to(<workdir>/train.log)`; other
+      processes of a multi-host run log to train.process<N>.log); local workdirs only.
+    fresh: first delete what earlier runs wrote in `workdir` (refused, deleting nothing, if it holds
+      anything else).
+    interrupt_at_step: behave as if preempted after this step (save, then return): tests, time boxes.
+
+  Returns:
+    The final train state and the last evaluation ({'top1','top5','loss','count'}; None if none ran).
+  """
+  validate_config(config)
+  workdir = epath.Path(workdir)
+  local = workdir_lib.is_local(workdir)
+  if fresh and local:
+    workdir_lib.check_removable(workdir)
+  plan = _plan(config, workdir, fresh)
+  with contextlib.ExitStack() as stack:
+    if local:
+      workdir_lib.check_writable(workdir)
+      if jax.process_index() == 0:
+        stack.enter_context(workdir_lib.Lock(workdir))
+      if fresh:
+        workdir_lib.remove_run(workdir)
+      if log_to:
+        suffix = "" if jax.process_index() == 0 else f".process{jax.process_index()}"
+        stack.enter_context(log_to(os.fspath(workdir / f"train{suffix}.log")))
+    return _train(config, workdir, plan, interrupt_at_step)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Run:
+  """The parts of a run the training loop works with."""
+
+  config: Any
+  workdir: epath.Path
+  plan: _Plan
+  mesh: jax.sharding.Mesh
+  train_step: Callable[[TrainState, Batch], tuple[TrainState, Metrics]]
+  eval_step: Callable[[Variables, Batch], Metrics]
+  ckpt: checkpointing.Checkpointer
+
+
+def _train(config: Any, workdir: epath.Path, plan: _Plan, interrupt_at_step: int | None
+           ) -> tuple[TrainState, dict[str, float] | None]:
+  mesh = parallel.make_mesh()
+  info = plan.info
+  model = model_lib.from_config(config.model, info.num_classes, parallel.platform(mesh))
   base_lr = optim.scaled_lr(config.optim.lr, config.optim.lr_batch_size, config.global_batch_size)
-  schedule = optim.make_schedule(config.schedule, base_lr, config.num_epochs, steps_per_epoch)
+  schedule = optim.make_schedule(config.schedule, base_lr, config.num_epochs, plan.steps_per_epoch)
   tx = optim.make_optimizer(config.optim, schedule)
   init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
   state_sharding = parallel.state_shardings(abstract_train_state(model, tx, config.data.image_size), mesh,
@@ -383,13 +443,18 @@ def _train(config: Any, workdir: epath.Path, interrupt_at_step: int | None
 
   dummy = jnp.zeros((1, config.data.image_size, config.data.image_size, 3), jnp.float32)
   variables = jax.jit(model.init, out_shardings=parallel.replicated(mesh))(init_rng, dummy)
-  if config.init_from:
-    checkpoint = weights.load(os.path.expanduser(config.init_from))
-    variables = jax.device_put(weights.init_from(checkpoint, jax.device_get(variables), model.variant,
+  if plan.init:
+    variables = jax.device_put(weights.init_from(plan.init, jax.device_get(variables), model.spec,
                                                  info.num_classes, log=logging.info),
                                parallel.replicated(mesh))
   state = create_train_state(variables, tx, mesh, config.fsdp)
   del variables
+  logging.info("%s: %s parameters; %d train / %d eval examples, %d classes; %d steps/epoch x %d epochs = %d "
+               "steps; global batch %d on %s (%s); lr %.3g.", model.spec.name,
+               f"{summary.count_params(model.spec, info.num_classes):,}", info.num_train_examples,
+               info.num_eval_examples, info.num_classes, plan.steps_per_epoch, config.num_epochs,
+               plan.total_steps, config.global_batch_size, _plural(jax.device_count(), "device"),
+               _plural(jax.process_count(), "process"), base_lr)
 
   ckpt = checkpointing.Checkpointer(workdir, config.checkpoint_every_steps, config.keep_checkpoints)
   try:
@@ -397,61 +462,56 @@ def _train(config: Any, workdir: epath.Path, interrupt_at_step: int | None
     start_step = 0
     if restored:
       start_step, state = restored
-      logging.info("Resuming from step %d of %d (%s).", start_step, total_steps, ckpt.directory)
+      logging.info("Resuming from step %d of %d (%s).", start_step, plan.total_steps, ckpt.directory)
     elif config.init_from:
       logging.info("Starting from the weights in %s.", config.init_from)
-    if jax.process_index() == 0 and stored_info != model_info:
-      workdir_lib.write_model_info(workdir, model_info)  # state exists now: the workdir describes it
-    return _loop(config, workdir, mesh, model, tx, schedule, train_rng, state, state_sharding, ckpt, spec,
-                 info, start_step, total_steps, steps_per_epoch, eval_every, base_lr, interrupt_at_step)
+    if jax.process_index() == 0 and plan.stored_info != plan.model_info:
+      workdir_lib.write_model_info(workdir, plan.model_info)  # state exists now: the workdir describes it
+    train_step, eval_step = build_steps(config, model, tx, schedule, mesh, state_sharding, train_rng)
+    run = _Run(config, workdir, plan, mesh, train_step, eval_step, ckpt)
+    return _loop(run, state, start_step, interrupt_at_step)
   finally:
     ckpt.close()
 
 
-def _loop(config, workdir, mesh, model, tx, schedule, train_rng, state, state_sharding, ckpt, spec, info,
-          start_step, total_steps, steps_per_epoch, eval_every, base_lr, interrupt_at_step):
+def _plural(count: int, noun: str) -> str:
+  return f"{count} {noun}" + ("" if count == 1 else "es" if noun.endswith("s") else "s")
+
+
+def _loop(run: _Run, state: TrainState, start_step: int, interrupt_at_step: int | None
+          ) -> tuple[TrainState, dict[str, float] | None]:
   """The training loop proper (see `train_and_evaluate`)."""
-  count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
-  logging.info("%s: %s parameters; %d train / %d eval examples, %d classes; %d steps/epoch x %d epochs = %d "
-               "steps; global batch %d on %d devices (%d processes); lr %.3g.", model.variant
-               if isinstance(model.variant, str) else model.variant.name, f"{count:,}", info.num_train_examples,
-               info.num_eval_examples, info.num_classes, steps_per_epoch, config.num_epochs, total_steps,
-               config.global_batch_size, jax.device_count(), jax.process_count(), base_lr)
-  shards = mesh.shape[parallel.DATA_AXIS]
-  train_step = shard_train_step(
-      make_train_step(model, tx, schedule, info.num_classes, config.augment, train_rng, shards,
-                      config.optim.grad_accum_steps), mesh, state_sharding)
-  eval_model = model.clone(dtype=model_lib.compute_dtype(config.model.eval_dtype, parallel.platform(mesh)),
-                           remat="none")
-  eval_step = shard_eval_step(make_eval_step(eval_model), mesh,
-                              {"params": state_sharding.params, "batch_stats": state_sharding.batch_stats})
+  config, plan, ckpt = run.config, run.plan, run.ckpt
+  steps_per_epoch, total_steps = plan.steps_per_epoch, plan.total_steps
+  eval_every = steps_per_epoch * config.eval_every_epochs
 
   def run_eval(step: int) -> dict[str, float]:
     started = time.time()
-    result = evaluate_batches(eval_step, state.variables, input_pipeline.eval_batches(
-        spec, config.eval_batch_size), mesh)
-    if result["count"] != info.num_eval_examples:  # e.g. undecodable files, masked out by the pipeline
+    result = evaluate_batches(run.eval_step, state.variables, input_pipeline.eval_batches(
+        plan.spec, config.eval_batch_size), run.mesh)
+    if result["count"] != plan.info.num_eval_examples:  # e.g. undecodable files, masked out by the pipeline
       logging.warning("Evaluation counted %d examples but split %r has %d.", result["count"],
-                      spec.eval_split, info.num_eval_examples)
+                      plan.spec.eval_split, plan.info.num_eval_examples)
     logging.info("eval @ step %d (epoch %.2f): top-1 %.2f%%, top-5 %.2f%%, loss %.4f over %d/%d images "
                  "(%.1fs)", step, step / steps_per_epoch, result["top1"], result["top5"], result["loss"],
-                 result["count"], info.num_eval_examples, time.time() - started)
+                 result["count"], plan.info.num_eval_examples, time.time() - started)
     writer.write_scalars(step, {f"eval/{k}": v for k, v in result.items()})
     writer.flush()
     return result
 
-  writer = _make_writer(workdir)
-  profiler = _Profiler(workdir, start_step, config.profile_steps)
+  writer = _make_writer(run.workdir)
+  profiler = _Profiler(run.workdir, start_step, config.profile_steps)
   last_eval = None
   history: list[tuple[int, Metrics]] = []
   train_batches = input_pipeline.Prefetcher(
-      input_pipeline.train_batches(spec, config.global_batch_size, config.seed, start_step=start_step), mesh)
+      input_pipeline.train_batches(plan.spec, config.global_batch_size, config.seed, start_step=start_step),
+      run.mesh)
   try:
     with checkpointing.StopFlag() as stop:
       last_log_time, last_log_step = time.time(), start_step
       for step in range(start_step + 1, total_steps + 1):
         profiler.before(step)
-        state, metrics = train_step(state, next(train_batches))
+        state, metrics = run.train_step(state, next(train_batches))
         profiler.after(step, state)
         history.append((step, metrics))
         stop_now = step == interrupt_at_step or stop.is_set() or ckpt.reached_preemption(step)

@@ -15,7 +15,6 @@ source; the class names, when known, lie beside it in `<name>.classes.txt`. `cvt
 from __future__ import annotations
 
 import dataclasses
-import functools
 import io
 import json
 import re
@@ -24,19 +23,21 @@ from typing import Any, Callable, Sequence
 
 import huggingface_hub
 import numpy as np
-from huggingface_hub import errors as hub_errors
 from etils import epath
+from huggingface_hub import errors as hub_errors
 
 from cvt_jax import checkpointing
 from cvt_jax import torch_weights
 from cvt_jax import trees
 from cvt_jax import workdir as workdir_lib
-from cvt_jax.model import CvT, Variant
+from cvt_jax.data import labels
+from cvt_jax.model import CvT
+from cvt_jax.model import Variant
+from cvt_jax.model import variable_shapes
 
 FORMAT = "cvt_jax.weights/1"
 _META_KEY = "__meta__"
 _CLASSES_SUFFIX = ".classes.txt"
-_IMAGENET_TSV = epath.resource_path("cvt_jax") / "imagenet_classes.tsv"
 _HUB_NAME = re.compile(r"[\w.-]+/[\w.-]+")
 _HUB_FILES = ("model.safetensors", "pytorch_model.bin")
 
@@ -137,7 +138,7 @@ def _load_npz(path: epath.Path) -> Checkpoint:
   if meta.get("format") != FORMAT:
     raise WeightsError(f"{path}: format {meta.get('format')!r}, this version reads {FORMAT!r}")
   variant = Variant.from_json(meta)
-  trees.check(torch_weights.variable_shapes(variant, meta["num_classes"]), trees.shapes(flat),
+  trees.check(variable_shapes(variant, meta["num_classes"]), trees.shapes(flat),
               f"{path} does not fit {variant.describe()} with {meta['num_classes']} classes")
   return Checkpoint(trees.unflatten(flat), variant, meta["num_classes"], source=str(path))
 
@@ -150,7 +151,7 @@ def _load_workdir(path: epath.Path, variant: Variant | None) -> Checkpoint:
   step, variables = checkpointing.read_variables(path)
   params = variables["params"]
   num_classes = int(np.shape(params["head"]["kernel"])[-1]) if "head" in params else 0
-  trees.check(torch_weights.variable_shapes(variant, num_classes), trees.shapes(trees.flatten(variables)),
+  trees.check(variable_shapes(variant, num_classes), trees.shapes(trees.flatten(variables)),
               f"{path} step {step} does not fit {variant.describe()} with {num_classes} classes")
   return Checkpoint(variables, variant, num_classes, info.class_names if info else None,
                     info.image_size if info else None, str(path), step)
@@ -182,7 +183,7 @@ def save(checkpoint: Checkpoint, path: str | epath.PathLike) -> None:
   if not path.name.endswith(".npz"):
     raise WeightsError(f"{path}: converted weights are .npz files; name the output <something>.npz")
   flat = {k: np.asarray(v, np.float32) for k, v in trees.flatten(checkpoint.variables).items()}
-  trees.check(torch_weights.variable_shapes(checkpoint.variant, checkpoint.num_classes), trees.shapes(flat),
+  trees.check(variable_shapes(checkpoint.variant, checkpoint.num_classes), trees.shapes(flat),
               f"{path}: the variables do not fit {checkpoint.variant.describe()}")
   meta = {"format": FORMAT, **checkpoint.variant.to_json(), "num_classes": checkpoint.num_classes,
           "source": checkpoint.source}
@@ -194,6 +195,13 @@ def save(checkpoint: Checkpoint, path: str | epath.PathLike) -> None:
     workdir_lib.write_atomically(_classes_path(path), "".join(f"{n}\n" for n in checkpoint.class_names))
 
 
+def check_architecture(checkpoint: Checkpoint, variant: Variant, what: str) -> None:
+  """Raises `WeightsError` unless `checkpoint` holds the architecture `variant` (`what`: for the message)."""
+  if checkpoint.variant.architecture != variant.architecture:
+    raise WeightsError(f"{what} {checkpoint.source} holds a {checkpoint.variant.describe()} but the "
+                       f"config trains a {variant.describe()} (model.variant / dims / depths / heads)")
+
+
 def init_from(checkpoint: Checkpoint, target: dict[str, Any], variant: Variant,
               num_classes: int, log: Callable[[str], None] = print) -> dict[str, Any]:
   """`target` (fresh variables of the model to train) with every array taken from `checkpoint`, strictly.
@@ -203,9 +211,7 @@ def init_from(checkpoint: Checkpoint, target: dict[str, Any], variant: Variant,
   Raises:
     WeightsError: another architecture. TreeMismatchError: arrays that do not fit, each named.
   """
-  if checkpoint.variant.architecture != variant.architecture:
-    raise WeightsError(f"init_from {checkpoint.source} holds a {checkpoint.variant.describe()} but the "
-                       f"config trains a {variant.describe()} (model.variant / dims / depths / heads)")
+  check_architecture(checkpoint, variant, "init_from")
   replace_head = checkpoint.num_classes != num_classes
   if replace_head:
     log(f"init_from: the {checkpoint.num_classes}-class head of {checkpoint.source} is replaced by a fresh "
@@ -215,24 +221,10 @@ def init_from(checkpoint: Checkpoint, target: dict[str, Any], variant: Variant,
                      keep_target=is_head)
 
 
-@functools.cache
-def imagenet_classes() -> tuple[tuple[str, str], ...]:
-  """The 1000 ImageNet-1k classes in label order: (WNID, human-readable name)."""
-  rows = [line.split("\t") for line in _IMAGENET_TSV.read_text().splitlines()
-          if line.strip() and not line.startswith("#")]
-  return tuple((wnid, name) for wnid, name in rows)
-
-
-def read_labels(path: str | epath.PathLike) -> tuple[str, ...]:
-  """Class names, one per line in label order (blank lines and '#' comments ignored)."""
-  lines = epath.Path(path).read_text().splitlines()
-  return tuple(line.strip() for line in lines if line.strip() and not line.startswith("#"))
-
-
 def _classes_path(weights_path: epath.Path) -> epath.Path:
   return weights_path.parent / (weights_path.name.rsplit(".", 1)[0] + _CLASSES_SUFFIX)
 
 
 def _read_classes(weights_path: epath.Path) -> tuple[str, ...] | None:
   sidecar = _classes_path(weights_path)
-  return read_labels(sidecar) if sidecar.exists() else None
+  return labels.read_labels(sidecar) if sidecar.exists() else None

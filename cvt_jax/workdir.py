@@ -40,6 +40,10 @@ class WorkdirError(ValueError):
   """A workdir that belongs to another run, or holds something this run must not overwrite."""
 
 
+class OutputError(WorkdirError):
+  """An output path that cannot be written as asked (a bad argument: the commands exit with status 2)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelInfo:
   """What a workdir's checkpoints are: enough to evaluate, predict and export without a config."""
@@ -126,6 +130,31 @@ def check_writable(workdir: str | epath.PathLike) -> None:
       pass
   except OSError as e:
     raise WorkdirError(f"workdir {path} is not writable: {e.strerror or e} ({e.filename or path})") from e
+
+
+def check_output(path: str, suffix: str | None = None) -> None:
+  """Fails before any work if `path` cannot be written as a file (a folder, a read-only or missing parent
+  that cannot be made, a wrong suffix). Object-store paths are only checked for the suffix."""
+  if suffix and not path.endswith(suffix):
+    raise OutputError(f"output {path}: expected a {suffix} file name")
+  if "://" in path:
+    return
+  if os.path.isdir(path):
+    raise OutputError(f"output {path} is a folder; give a file name")
+  parent = os.path.dirname(os.path.abspath(path))
+  existing = parent
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise OutputError(f"output {path}: {existing} is not a folder")
+  try:  # a real write: permissions, read-only mounts and quotas all count
+    with tempfile.TemporaryFile(dir=existing):
+      pass
+    if os.path.exists(path):
+      with open(path, "ab"):
+        pass
+  except OSError as e:
+    raise OutputError(f"output {path}: {e.filename or existing} is not writable ({e.strerror})") from None
 
 
 def check_resumable(workdir: str | epath.PathLike, wanted: ModelInfo) -> ModelInfo | None:

@@ -14,11 +14,10 @@ import os
 
 import numpy as np
 
-from cvt_jax.configs import finetune
-from cvt_jax import demo_data
-from cvt_jax import finetune_demo
-from cvt_jax import weights
 from cvt_jax import train_lib
+from cvt_jax import weights
+from cvt_jax.configs import finetune
+from cvt_jax.data import digits as demo_data
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PTH_FIXTURE = os.path.join(HERE, "fixtures", "tiny", "hf", "model.safetensors")
@@ -53,7 +52,7 @@ def config(tree: str, init: str = "", arg: str = "epochs=3,batch=64,opt=adamw,lr
 @functools.cache
 def build(root: str) -> Finetuned:
   digits = demo_data.build_digits_tree(os.path.join(root, "digits"), image_size=IMAGE_SIZE)
-  tree = finetune_demo.subset_tree(digits, os.path.join(root, "digits_5-9"), CLASSES)
+  tree = demo_data.subset_tree(digits, os.path.join(root, "digits_5-9"), CLASSES)
   workdir = os.path.join(root, "finetuned")
   _, result = train_lib.train_and_evaluate(config(tree, PTH_FIXTURE), workdir)
   npz = os.path.join(root, "exported", "finetuned.npz")

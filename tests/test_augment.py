@@ -6,15 +6,17 @@ the pixel-map and enhance ops are exact except AutoContrast (PIL's double vs our
 <= 0.38 % of pixels measured, 1 % allowed (float32 vs double before PIL's truncation).
 """
 
-import numpy as np
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import pytest
 from PIL import Image, ImageEnhance, ImageOps
-from sklearn.datasets import load_digits, load_sample_images
+from sklearn.datasets import load_digits
+from sklearn.datasets import load_sample_images
 
-from cvt_jax import augment
+from cvt_jax import model as model_lib
+from cvt_jax.data import augment
 
 FILL = augment.FILL_RGB
 _f32 = np.float32
@@ -98,9 +100,9 @@ def test_rand_augment_batch_is_per_image_and_deterministic(photos):
 
 def test_normalize():
   x = np.random.default_rng(0).integers(0, 256, (2, 4, 4, 3), dtype=np.uint8)
-  expected = (x / 255.0 - np.array(augment.MEAN_RGB)) / np.array(augment.STD_RGB)
-  np.testing.assert_allclose(augment.normalize(jnp.asarray(x)), expected, atol=1e-5)
-  planar = augment.normalize(jnp.asarray(x.transpose(0, 3, 1, 2)), channel_axis=1)
+  expected = (x / 255.0 - np.array(model_lib.MEAN_RGB)) / np.array(model_lib.STD_RGB)
+  np.testing.assert_allclose(model_lib.normalize(jnp.asarray(x)), expected, atol=1e-5)
+  planar = model_lib.normalize(jnp.asarray(x.transpose(0, 3, 1, 2)), channel_axis=1)
   np.testing.assert_allclose(planar, expected.transpose(0, 3, 1, 2), atol=1e-5)
 
 
@@ -189,7 +191,7 @@ def test_train_augment_switches():
   off = ml_collections.ConfigDict({"randaugment": False, "erasing_prob": 0.0, "mixup_alpha": 0.0,
                                    "cutmix_alpha": 0.0, "label_smoothing": 0.0})
   x, y = jax.jit(lambda k: augment.train_augment(k, images, labels, 5, off))(jax.random.key(0))
-  np.testing.assert_allclose(x, augment.normalize(images))
+  np.testing.assert_allclose(x, model_lib.normalize(images))
   np.testing.assert_array_equal(y, np.eye(5)[:4])
   full = ml_collections.ConfigDict({"augment": augment.default_config()})
   x, y = jax.jit(lambda k: augment.train_augment(k, images, labels, 5, full))(jax.random.key(1))
@@ -198,7 +200,7 @@ def test_train_augment_switches():
   x_plain, y_plain = plain(jax.random.key(1))  # the same draws, the same pixels
   np.testing.assert_array_equal(y_plain, y)
   assert np.mean(np.asarray(x_plain) != np.asarray(x)) < 1e-3
-  assert not np.allclose(x, augment.normalize(images))
+  assert not np.allclose(x, model_lib.normalize(images))
   np.testing.assert_allclose(np.asarray(y).sum(1), 1.0, atol=1e-6)
   with pytest.raises(ValueError, match="mixup_prob"):
     augment.train_augment(jax.random.key(0), images, labels, 5,

@@ -16,11 +16,10 @@ import sys
 import textwrap
 import time
 
+import finetuned_tiny
 import pytest
 
-import finetuned_tiny
-from cvt_jax import cli
-
+from cvt_jax.cli import main as cli
 
 
 def tiny_arch(dims: str = "(8,16,24)", heads: str = "(1,2,3)") -> list[str]:

@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from cvt_jax import bench as run
+from cvt_jax import hardware
 from cvt_jax import model
-from cvt_jax import torch_reference
+from cvt_jax.cli import bench as run
+from cvt_jax.cli import bench_input
+from cvt_jax.cli import torch_reference
 
 
 def test_torch_reference_is_cvt13_with_quickgelu():
@@ -31,18 +33,18 @@ def test_interleaved_timing_rotates_the_order():
 
 def test_cpu_peak_is_cores_times_clock_times_fma_width():
   cpu = {"cores": 2, "mhz": 2500.0, "simd": "avx2+fma", "fp32_flops_per_cycle": 32}
-  peak, source = run.peak_flops("cpu", "float32", cpu)
+  peak, source = hardware.peak_flops("cpu", "float32", cpu)
   assert peak == 2 * 2500e6 * 32 and "2 cores" in source
-  assert run.peak_flops("NVIDIA H100 80GB HBM3", "bfloat16", {})[0] == 989e12
-  assert run.peak_flops("mystery accelerator", "bfloat16", {})[0] is None
+  assert hardware.peak_flops("NVIDIA H100 80GB HBM3", "bfloat16", {})[0] == 989e12
+  assert hardware.peak_flops("mystery accelerator", "bfloat16", {})[0] is None
 
 
 def test_fma_width_knows_that_zen4_splits_avx512():
-  assert run.fp32_flops_per_cycle("avx512", "AuthenticAMD", "25") == 32  # Zen 4: 512-bit as 2 x 256
-  assert run.fp32_flops_per_cycle("avx512", "AuthenticAMD", "26") == 64  # Zen 5: full-width FMAs
-  assert run.fp32_flops_per_cycle("avx512", "GenuineIntel", "6") == 64
-  assert run.fp32_flops_per_cycle("avx2+fma", "AuthenticAMD", "25") == 32
-  assert run.fp32_flops_per_cycle("unknown", "", "") is None
+  assert hardware.fp32_flops_per_cycle("avx512", "AuthenticAMD", "25") == 32  # Zen 4: 512-bit as 2 x 256
+  assert hardware.fp32_flops_per_cycle("avx512", "AuthenticAMD", "26") == 64  # Zen 5: full-width FMAs
+  assert hardware.fp32_flops_per_cycle("avx512", "GenuineIntel", "6") == 64
+  assert hardware.fp32_flops_per_cycle("avx2+fma", "AuthenticAMD", "25") == 32
+  assert hardware.fp32_flops_per_cycle("unknown", "", "") is None
 
 
 def test_markdown_names_the_machine_and_the_winner():
@@ -106,7 +108,8 @@ def test_batches_parse_to_int_lists():
 
 def test_input_pipeline_bench_times_the_loop_between_two_bare_blocks():
   tiny = model.make_variant("tiny", dims=(8, 16, 24), depths=(1, 1, 1), heads=(1, 1, 2), drop_path_rate=0.0)
-  result = run.bench_input_pipeline(num_images=16, batch=4, model=tiny, res=64, dtype="float32", loop_steps=2)
+  result = bench_input.bench_input_pipeline(num_images=16, batch=4, model=tiny, res=64, dtype="float32",
+                                            loop_steps=2)
   assert all(len(times) == 2 and min(times) > 0 for times in result["step_s"].values())
   assert set(result["step_s"]) == {"bare_before", "loop", "bare_after"}
   assert result["img_per_s_loop"] == pytest.approx(4 / np.median(result["step_s"]["loop"]))

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from cvt_jax import cli
+from cvt_jax.cli import main as cli
 
 LIBTPU = os.path.join(sys.prefix, "libtpu", "libtpu", "libtpu.so")
 TINY = ["--config", "demo:batch=32", "--config.data.data_dir=/unused", "--config.model.dims=(16,32,48)",
@@ -76,14 +76,15 @@ def test_a_bad_topology_is_one_line(capsys):
 def test_the_fit_table_picks_the_smallest_slice_that_fits_and_resumes(monkeypatch, tmp_path):
   """The table's bookkeeping, with a fake compile: memory = 1 GiB + 100 MiB per image (remat: 40 MiB);
   interrupted after the first row's seven compiles, then resumed."""
-  from cvt_jax import compile as compile_lib  # pylint: disable=g-import-not-at-top
+  from cvt_jax import hardware  # pylint: disable=g-import-not-at-top
+  from cvt_jax.cli import fit_table as compile_lib  # pylint: disable=g-import-not-at-top
 
   calls = []
 
   def fake_compile(model, res, topology, per_chip, switch, with_eval):
     calls.append((model, res, topology, per_chip, switch, with_eval))
     total = 2**30 + per_chip * (100 if switch == "plain" else 40) * 2**20
-    hbm = compile_lib.TPU_CHIPS[compile_lib.CHIP_KINDS[topology.split(":")[0]]][0]
+    hbm = hardware.TPU_CHIPS[compile_lib.CHIP_KINDS[topology.split(":")[0]]].hbm
     names = ["train step", "eval step"] if with_eval else ["train step"]
     return [{"name": name, "per_chip_batch": per_chip, "fits": total <= hbm, "arguments": total,
              "temporaries": 0, "total": total} for name in names]

@@ -6,7 +6,8 @@ import numpy as np
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from cvt_jax import demo_data, input_pipeline
+from cvt_jax.data import digits as demo_data
+from cvt_jax.data import input_pipeline
 
 
 def _files(root):

@@ -6,14 +6,15 @@ import shutil
 import subprocess
 import sys
 
+import finetuned_tiny
 import numpy as np
 import pytest
 
-import finetuned_tiny
-from cvt_jax import cli
 from cvt_jax import evaluate
-from cvt_jax import input_pipeline
 from cvt_jax import weights
+from cvt_jax.cli import main as cli
+from cvt_jax.data import input_pipeline
+from cvt_jax.data import labels
 from cvt_jax.model import get_variant
 
 ROOT = os.path.dirname(finetuned_tiny.HERE)
@@ -77,13 +78,13 @@ def _info(names) -> input_pipeline.DatasetInfo:
 
 
 def test_imagenet_heads_need_sorted_wnid_folders():
-  wnids = [w for w, _ in weights.imagenet_classes()]
+  wnids = [w for w, _ in labels.imagenet_classes()]
   assert len(wnids) == 1000 and wnids == sorted(wnids)
   evaluate.check_classes(_imagenet_checkpoint(), _info(wnids), "folder", "folder tree 'val'")
   shuffled = wnids[:10][::-1] + wnids[10:]
   with pytest.raises(evaluate.ClassMismatchError, match=r"from label 0 on: dataset 'n01518878'"):
     evaluate.check_classes(_imagenet_checkpoint(), _info(shuffled), "folder", "folder tree 'val'")
-  by_name = sorted(name for _, name in weights.imagenet_classes())
+  by_name = sorted(name for _, name in labels.imagenet_classes())
   with pytest.raises(evaluate.ClassMismatchError, match="sorted ImageNet WNIDs"):
     evaluate.check_classes(_imagenet_checkpoint(), _info(by_name), "folder", "folder tree 'val'")
   # A TFDS dataset with numbered classes can only be checked by count.
@@ -102,7 +103,7 @@ def test_stored_class_names_catch_a_reordered_tree():
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
   env = dict(os.environ, JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2")
-  return subprocess.run([sys.executable, "-m", "cvt_jax.cli", "eval", *args], cwd=ROOT, env=env,
+  return subprocess.run([sys.executable, "-m", "cvt_jax.cli.main", "eval", *args], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=600)
 
 

@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cvt_jax import augment
 from cvt_jax import features
+from cvt_jax import model as model_lib
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "tiny")
 
@@ -29,7 +29,7 @@ def test_backbone_takes_uint8_images_of_any_size():
   for key, stride, dim in zip(("stage0", "stage1", "stage2"), features.STAGE_STRIDES, backbone.dims):
     assert out[key].shape == (3, 64 // stride, 96 // stride, dim)
   assert out["cls"].shape == (3, 24)
-  direct = features.extract(backbone.model, backbone.variables, augment.normalize(images))
+  direct = features.extract(backbone.model, backbone.variables, model_lib.normalize(images))
   np.testing.assert_allclose(out["cls"], direct["cls"], atol=1e-4)
   with pytest.raises(ValueError, match=r"NHWC with 3 channels, got shape \(3, 64, 96\)"):
     backbone(images[..., 0])

@@ -2,6 +2,7 @@
 
 import os
 
+import finetuned_tiny
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -9,13 +10,12 @@ import numpy as np
 import optax
 import pytest
 
-import finetuned_tiny
-from cvt_jax.configs import finetune
 from cvt_jax import evaluate
 from cvt_jax import optim
 from cvt_jax import train_lib
 from cvt_jax import trees
 from cvt_jax import weights
+from cvt_jax.configs import finetune
 
 
 @pytest.fixture(scope="module")

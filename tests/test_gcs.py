@@ -8,17 +8,19 @@ import signal
 import subprocess
 import time
 
+import finetuned_tiny
 import jax
 import numpy as np
 import pytest
 from etils import epath
-
-import finetuned_tiny
-from cvt_jax import cli
-from cvt_jax import input_pipeline
-from cvt_jax import weights
 from gcs_emulator import GcsEmulator
-from test_reliability import TOTAL_STEPS, command, make_tree
+from test_reliability import TOTAL_STEPS
+from test_reliability import command
+from test_reliability import make_tree
+
+from cvt_jax import weights
+from cvt_jax.cli import main as cli
+from cvt_jax.data import input_pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cvt_jax import input_pipeline as ip
+from cvt_jax.data import input_pipeline as ip
 
 SIZE = 16
 

@@ -7,7 +7,10 @@ import numpy as np
 import pytest
 
 from cvt_jax import summary
-from cvt_jax.model import CvT, _layer_norm, get_variant, make_variant
+from cvt_jax.model import CvT
+from cvt_jax.model import _layer_norm
+from cvt_jax.model import get_variant
+from cvt_jax.model import make_variant
 
 TINY = make_variant("tiny", dims=(16, 32, 48), depths=(1, 1, 2), heads=(1, 2, 3), drop_path_rate=0.5)
 

@@ -35,9 +35,9 @@ def test_a_wheel_installs_into_a_fresh_venv_and_runs_from_another_folder(tmp_pat
   assert "| cvt-13 | 224x224 | 19,997,480 | 4.566 |" in summary.stdout
   # The packaged configs and class names, and no TensorFlow (it is the `tfds` extra).
   check = run(str(venv / "bin" / "python"), "-c",
-              "import importlib.util, cvt_jax; from cvt_jax.configs import cvt13; from cvt_jax import weights;"
+              "import importlib.util, cvt_jax; from cvt_jax.configs import cvt13; from cvt_jax.data import labels;"
               "assert cvt13.get_config().model.variant == 'cvt-13';"
-              "assert weights.imagenet_classes()[0][0] == 'n01440764';"
+              "assert labels.imagenet_classes()[0][0] == 'n01440764';"
               "assert importlib.util.find_spec('tensorflow') is None;"
               "print(cvt_jax.__file__)", cwd=str(elsewhere))
   assert check.stdout.strip().startswith(str(venv))

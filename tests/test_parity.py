@@ -27,9 +27,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from cvt_jax import torch_weights, weights  # noqa: E402
+from cvt_jax import torch_weights  # noqa: E402
+from cvt_jax import weights  # noqa: E402
+from cvt_jax.cli import torch_reference  # noqa: E402
 from cvt_jax.model import VARIANTS  # noqa: E402
-from cvt_jax import torch_reference  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

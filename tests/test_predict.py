@@ -6,16 +6,16 @@ import shutil
 import subprocess
 import sys
 
+import finetuned_tiny
 import jax
 import numpy as np
 import pytest
 from PIL import Image
 
-import finetuned_tiny
-from cvt_jax import augment
+from cvt_jax import model as model_lib
 from cvt_jax import predict
-from cvt_jax import preprocess
 from cvt_jax import weights
+from cvt_jax.data import preprocess
 from cvt_jax.model import get_variant
 
 ROOT = os.path.dirname(finetuned_tiny.HERE)
@@ -68,7 +68,7 @@ def test_top1_agrees_with_the_model_and_the_labels(finetuned):
   predictions, failed = predict.predict(predictor, paths, predict.class_names(ckpt))
   assert not failed and [p.path for p in predictions] == paths
   batch = np.stack([preprocess.eval_image(p, finetuned_tiny.IMAGE_SIZE) for p in paths])
-  logits = jax.jit(ckpt.model().apply)(ckpt.variables, augment.normalize(batch))
+  logits = jax.jit(ckpt.model().apply)(ckpt.variables, model_lib.normalize(batch))
   np.testing.assert_array_equal([p.labels[0] for p in predictions], np.argmax(logits, -1))
   np.testing.assert_allclose([p.probabilities[0] for p in predictions],
                              np.max(jax.nn.softmax(logits), -1), rtol=1e-5)
@@ -94,7 +94,7 @@ def test_pytorch_file_and_errors_on_the_command_line(finetuned, tmp_path):
   shutil.copy(finetuned_tiny.val_images(finetuned.tree, 1)[0], tmp_path / "digit.jpg")
   Image.open(tmp_path / "digit.jpg").save(image)
   env = dict(os.environ, JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2")
-  run = lambda *args: subprocess.run([sys.executable, "-m", "cvt_jax.cli", "predict", *args], cwd=ROOT, env=env,
+  run = lambda *args: subprocess.run([sys.executable, "-m", "cvt_jax.cli.main", "predict", *args], cwd=ROOT, env=env,
                                      capture_output=True, text=True, timeout=600)
   ok = run("--checkpoint", finetuned_tiny.PTH_FIXTURE, "--image_size", "40", str(image))
   assert ok.returncode == 0, ok.stderr[-3000:]

@@ -14,7 +14,7 @@ import scipy.stats
 import torch
 from PIL import Image, ImageDraw
 
-from cvt_jax import preprocess
+from cvt_jax.data import preprocess
 
 SIZES = (224, 384)
 PHOTOS = ("rgb_500x375.jpg", "rgb_1200x900.jpg", "rgb_2048x1536.jpg", "grey_1024x768.jpg",

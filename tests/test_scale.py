@@ -7,14 +7,15 @@ model.remat (recompute each block in the backward pass), optim.grad_accum_steps 
 import jax
 import numpy as np
 import pytest
+from test_train import NUM_CLASSES
+from test_train import colour_image
+from test_train import tiny_config
 
 from cvt_jax import checkpointing
 from cvt_jax import model as model_lib
 from cvt_jax import optim
 from cvt_jax import parallel
 from cvt_jax import train_lib
-from test_train import NUM_CLASSES, colour_image, tiny_config
-
 
 # Summed in another order (per micro-batch, reduce-scattered), a near-zero gradient's rounding differs, and
 # AdamW's normalisation makes that a difference of up to a few percent of one update (lr 1e-3).

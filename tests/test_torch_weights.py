@@ -10,7 +10,9 @@ import jax
 import numpy as np
 import pytest
 
-from cvt_jax import pth, torch_weights, trees
+from cvt_jax import pth
+from cvt_jax import torch_weights
+from cvt_jax import trees
 from cvt_jax.model import VARIANTS
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")

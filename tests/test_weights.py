@@ -11,7 +11,11 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from cvt_jax import convert, pth, torch_weights, trees, weights
+from cvt_jax import pth
+from cvt_jax import torch_weights
+from cvt_jax import trees
+from cvt_jax import weights
+from cvt_jax.cli import convert
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 TINY = os.path.join(FIXTURES, "tiny")
@@ -146,7 +150,7 @@ def test_save_is_atomic(tmp_path, converted, monkeypatch):
 def test_module_entry_point(tmp_path):
   dst = tmp_path / "w.npz"
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  run = subprocess.run([sys.executable, "-m", "cvt_jax.convert", HF_SAFETENSORS, str(dst)], env=env,
+  run = subprocess.run([sys.executable, "-m", "cvt_jax.cli.convert", HF_SAFETENSORS, str(dst)], env=env,
                        capture_output=True, text=True, check=False)
   assert run.returncode == 0, run.stderr
   assert "variant: custom (dims (8, 16, 24), depths (1, 2, 3), heads (1, 2, 3))" in run.stdout

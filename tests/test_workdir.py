@@ -5,6 +5,8 @@ import subprocess
 
 import jax
 import pytest
+from test_train import tiny_config
+from test_train import write_colour_tree
 
 from cvt_jax import checkpointing
 from cvt_jax import model as model_lib
@@ -12,7 +14,6 @@ from cvt_jax import optim
 from cvt_jax import parallel
 from cvt_jax import train_lib
 from cvt_jax import workdir as workdir_lib
-from test_train import tiny_config, write_colour_tree
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from cvt_jax import augment
+from cvt_jax.data import augment
 
 # The official yaml recipe (microsoft/CvT experiments/imagenet/cvt/*.yaml).
 OFFICIAL_BATCH = 2048
@@ -83,15 +83,15 @@ def get_config(variant: str = "cvt-13", image_size: int = 224, weight_decay: flo
   config.data.eval_split = ml_collections.config_dict.placeholder(str)
   config.data.image_size = image_size
   config.data.num_workers = 0  # host decode processes (folder) / tf.data calls (TFDS); 0: automatic
-  # Random-resized crop + flip on the host (cvt_jax.preprocess), torchvision's sampling: area fraction in
+  # Random-resized crop + flip on the host (cvt_jax.data.preprocess), torchvision's sampling: area fraction in
   # crop_scale, log-uniform aspect in crop_ratio, then resized with `interpolation` (timm's --scale,
   # --ratio, --interpolation). Fine-tuning on small or low-resolution data often wants a milder crop_scale.
   config.data.crop_scale = (0.08, 1.0)
   config.data.crop_ratio = (3 / 4, 4 / 3)
   config.data.interpolation = "bicubic"
   config.data.repeated_augmentation = 1  # >1: DeiT's repeated-augmentation sampler (CvT-21 @224 yaml: 3)
-  # Folder trees: decode large JPEGs at a reduced DCT scale when training (measured 1.9x faster on
-  # 1200x900 photos, 2.9x on 2048x1536, no gain at ImageNet's typical 500x375; pixels differ slightly).
+  # Decode large JPEGs at a reduced DCT scale when training: faster on large photos, none at ImageNet's
+  # typical 500x375 (bench/README.md), and the pixels differ slightly from the official pipeline's.
   config.data.reduced_jpeg_decode = False
 
   # RandAugment rand-m9-mstd0.5-inc1, erasing 0.25, mixup 0.8 / cutmix 1.0 / switch 0.5, smoothing 0.1.

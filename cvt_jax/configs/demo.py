@@ -5,8 +5,8 @@ Command (builds the JPEG folder tree under demo_data/digits, trains into demo_ou
   cvt-jax train --config demo --workdir demo_out --config.data.data_dir=demo_data/digits
 
 The architecture is CvT's (conv embeddings, conv projections, cls token in stage 3) at widths (32, 64, 128)
-and depths (1, 1, 2), at 32x32 pixels: CvT-13 trains at ~28 img/s at this size on 2 shared CPU cores,
-too slow for the 10-minute budget, the narrow one at ~200 img/s. Expected val top-1: >= 90 % (see README).
+and depths (1, 1, 2), at 32x32 pixels: CvT-13 trains too slowly at this size on a laptop CPU for a demo
+of minutes (README, "The demo", has the measured figures). Expected val top-1: >= 90 %.
 Augmentation is the recipe's chain minus the parts that hurt 8x8 digit scans (mixup/cutmix, erasing).
 """
 

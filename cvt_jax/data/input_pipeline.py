@@ -1,7 +1,7 @@
 """Host input pipeline: per-process uint8 batches from TFDS (tf.data) or a folder tree (PIL, no TF).
 
-The host only decodes, crops and flips (`cvt_jax.preprocess`); RandAugment, erasing, normalisation and
-mixup/cutmix run on the device inside the jitted step (`cvt_jax.augment`). `Prefetcher` moves the next
+The host only decodes, crops and flips (`cvt_jax.data.preprocess`); RandAugment, erasing, normalisation and
+mixup/cutmix run on the device inside the jitted step (`cvt_jax.data.augment`). `Prefetcher` moves the next
 batches onto the devices while the current step runs.
 
 Label order. A folder tree `<root>/train/<class>/*`, `<root>/val/<class>/*` (the official CvT README layout)
@@ -39,11 +39,10 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from cvt_jax import host_decode
 from cvt_jax import parallel
-from cvt_jax import preprocess
+from cvt_jax.data import decode
+from cvt_jax.data import preprocess
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 _PREFETCH_BATCHES = 2
 _TFDS_SHUFFLE_BUFFER = 16_384
 # Folder-path training: how many later examples of the epoch may stand in for an undecodable one.
@@ -302,16 +301,16 @@ def _list_folder(root: str, split: str, class_names: tuple[str, ...] | None = No
   for name in found:
     class_dir = os.path.join(split_dir, name)
     files = sorted(f for f, is_dir in _listdir(class_dir)
-                   if not is_dir and f.lower().endswith(IMAGE_EXTENSIONS))
+                   if not is_dir and f.lower().endswith(decode.IMAGE_EXTENSIONS))
     if not files:
-      raise FileNotFoundError(f"class folder {class_dir} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+      raise FileNotFoundError(f"class folder {class_dir} holds no images ({', '.join(decode.IMAGE_EXTENSIONS)})")
     paths.extend(os.path.join(class_dir, f) for f in files)
     labels.extend([index[name]] * len(files))
   logging.info("Found %d images in %d classes under %s", len(paths), len(found), split_dir)
   return _FolderSplit(tuple(paths), np.asarray(labels, np.int32), class_names)
 
 
-def _decoded(pool: host_decode.DecodePool, submit: Any, first: int, count: int | None
+def _decoded(pool: decode.DecodePool, submit: Any, first: int, count: int | None
              ) -> Iterator[tuple[np.ndarray, np.ndarray, Any]]:
   """Runs `submit(k) -> (jobs, extra)` for k = first, first + 1, ... (`count` of them, None: forever) a few
   batches ahead of the consumer; yields (images, path index used per row or -1, extra) in order."""
@@ -348,18 +347,18 @@ def _folder_train(spec: DataSpec, global_batch: int, local: int, seed: int,
     perm = np.random.default_rng(_epoch_seed(seed, epoch)).permutation(n)
     return np.repeat(perm, spec.repeats)[:n] if spec.repeats > 1 else perm
 
-  def submit(step: int) -> tuple[list[host_decode.Job], np.ndarray]:
+  def submit(step: int) -> tuple[list[decode.Job], np.ndarray]:
     epoch, i = divmod(step, steps_per_epoch)
     examples = order(epoch)
     positions = np.arange(i * global_batch + offset, i * global_batch + offset + local)
     # A bad file is replaced by the next example of the epoch, so batches keep their size.
     candidates = examples[(positions[:, None] + np.arange(_STAND_INS)) % n]
-    jobs = [host_decode.Job(tuple(split.paths[c] for c in row), (seed, epoch, int(p)))
+    jobs = [decode.Job(tuple(split.paths[c] for c in row), (seed, epoch, int(p)))
             for row, p in zip(candidates, positions)]
     return jobs, candidates
 
   def batches() -> Iterator[Batch]:
-    pool = host_decode.DecodePool(spec.num_workers, local, spec.image_size,
+    pool = decode.DecodePool(spec.num_workers, local, spec.image_size,
                                   {**spec.crop, "draft": spec.reduced_jpeg_decode})
     for images, used, candidates in _decoded(pool, submit, start_step, None):
       if (used < 0).any():
@@ -377,13 +376,13 @@ def _folder_eval(spec: DataSpec, global_batch: int, local: int) -> Iterator[Batc
   num_batches = -(-n // global_batch)
   offset = jax.process_index() * local
 
-  def submit(b: int) -> tuple[list[host_decode.Job], np.ndarray]:
+  def submit(b: int) -> tuple[list[decode.Job], np.ndarray]:
     indices = np.arange(b * global_batch + offset, b * global_batch + offset + local)
-    return [host_decode.Job((split.paths[i],) if i < n else ()) for i in indices], indices
+    return [decode.Job((split.paths[i],) if i < n else ()) for i in indices], indices
 
   def batches() -> Iterator[Batch]:
     skipped = 0
-    pool = host_decode.DecodePool(spec.num_workers, local, spec.image_size, {})
+    pool = decode.DecodePool(spec.num_workers, local, spec.image_size, {})
     for images, used, indices in _decoded(pool, submit, 0, num_batches):
       ok = used == 0
       real = indices < n

@@ -3,7 +3,7 @@
 PIL's header parsing and the crop arithmetic hold the GIL, so threads of one process top out at a few
 thousand images per second; worker processes do not. Workers write decoded rows straight into a batch in
 shared memory and report only which rows failed, so nothing large is pickled. They import numpy, PIL and
-`cvt_jax.preprocess` only (no JAX), and are started with 'spawn' (forking a process that runs JAX's
+`cvt_jax.data.preprocess` only (no JAX), and are started with 'spawn' (forking a process that runs JAX's
 threads is unsafe). Every image is a pure function of its job (path, size, seed), so results do not depend
 on the number of workers or on timing.
 """
@@ -27,8 +27,9 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
-from cvt_jax import preprocess
+from cvt_jax.data import preprocess
 
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 _CHUNK = 8  # images per worker task: amortises the task's messages, keeps every worker busy
 

@@ -29,7 +29,6 @@ import pathlib
 import platform
 import signal
 import statistics
-import tempfile
 import time
 import types
 from typing import Any, Callable, Sequence
@@ -37,20 +36,13 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from absl import flags
 
-from cvt_jax import cli
+from cvt_jax import hardware
+from cvt_jax import ops
+from cvt_jax.cli import bench_input
+from cvt_jax.cli import runner
 
 FRAMEWORKS = ("jax", "torch-eager", "torch-compile")
 RESULTS_DIR = pathlib.Path("bench") / "results" / "local"
-
-# Dense peak FLOP/s by device-kind substring (first match wins) and compute dtype; MFU divides by these.
-GPU_PEAKS = (
-    ("H100 PCIe", {"bfloat16": 756e12, "float32": 51.2e12}),
-    ("H100", {"bfloat16": 989e12, "float32": 66.9e12}),
-    ("H200", {"bfloat16": 989e12, "float32": 66.9e12}),
-    ("A100", {"bfloat16": 312e12, "float32": 19.5e12}),
-    ("L4", {"bfloat16": 121e12, "float32": 30.3e12}),
-)
-
 
 @dataclasses.dataclass(frozen=True)
 class Case:
@@ -63,49 +55,6 @@ class Case:
 # ----------------------------------------------------------------------------------------------- machine
 
 
-def cpu_info() -> dict[str, Any]:
-  """CPU model, cores, clock and SIMD width from /proc/cpuinfo (Linux); best effort elsewhere."""
-  info = {"model": platform.processor() or platform.machine(), "cores": os.cpu_count(), "mhz": None,
-          "simd": "unknown", "fp32_flops_per_cycle": None}
-  try:
-    text = pathlib.Path("/proc/cpuinfo").read_text()
-  except OSError:
-    return info
-  fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
-  fields = {k.strip(): v.strip() for k, v in fields.items()}
-  info["model"] = fields.get("model name", info["model"])
-  info["mhz"] = float(fields["cpu MHz"]) if "cpu MHz" in fields else None
-  flags = fields.get("flags", "").split()
-  info["simd"] = "avx512" if "avx512f" in flags else "avx2+fma" if "fma" in flags else "sse"
-  info["fp32_flops_per_cycle"] = fp32_flops_per_cycle(info["simd"], fields.get("vendor_id", ""),
-                                                      fields.get("cpu family", ""))
-  return info
-
-
-def fp32_flops_per_cycle(simd: str, vendor: str, family: str) -> int | None:
-  """fp32 FLOP per cycle and core: two FMA pipes x vector lanes x 2.
-
-  AMD Zen 4 (family 25) has AVX-512 but runs each 512-bit FMA as two 256-bit halves: AVX2's rate.
-  """
-  if simd == "avx512" and not (vendor == "AuthenticAMD" and family == "25"):
-    return 64
-  return {"avx512": 32, "avx2+fma": 32, "sse": 8}.get(simd)
-
-
-def peak_flops(device_kind: str, dtype: str, cpu: dict[str, Any]) -> tuple[float | None, str]:
-  """(peak FLOP/s, where the number comes from) for MFU; CPU peaks are cores x clock x FMA width."""
-  if device_kind.lower() == "cpu":
-    per_cycle = cpu.get("fp32_flops_per_cycle")
-    if not cpu["mhz"] or not per_cycle:
-      return None, "unknown CPU clock or SIMD width"
-    peak = cpu["cores"] * cpu["mhz"] * 1e6 * per_cycle
-    return peak, f"{cpu['cores']} cores x {cpu['mhz']:.0f} MHz x {per_cycle} fp32 FLOP/cycle ({cpu['simd']})"
-  for key, peaks in GPU_PEAKS:
-    if key.lower() in device_kind.lower():
-      return peaks.get(dtype), f"datasheet dense {dtype} peak of {key}"
-  return None, f"no peak known for {device_kind!r}"
-
-
 def machine_info() -> dict[str, Any]:
   import flax
   import jax
@@ -116,7 +65,7 @@ def machine_info() -> dict[str, Any]:
   dev = jax.devices()[0]
   return {
       "host": platform.node(), "os": platform.platform(), "python": platform.python_version(),
-      "cpu": cpu_info(), "backend": jax.default_backend(), "device_kind": dev.device_kind,
+      "cpu": hardware.cpu_info(), "backend": jax.default_backend(), "device_kind": dev.device_kind,
       "device_count": jax.device_count(),
       "torch_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
       "torch_threads": torch.get_num_threads(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
@@ -125,26 +74,6 @@ def machine_info() -> dict[str, Any]:
                    "optax": optax.__version__, "torch": torch.__version__,
                    "transformers": transformers.__version__, "numpy": np.__version__},
   }
-
-
-def gemm_ceiling(dtype: str) -> float:
-  """FLOP/s of a large square matmul in jax on the default device, best of 5.
-
-  No model can run its FLOPs faster than its GEMMs, so this bounds every contender from above; on a CPU
-  it is the honest peak (the nominal clock in /proc/cpuinfo ignores boost).
-  """
-  import jax
-  import jax.numpy as jnp
-  n = 4096 if jax.default_backend() == "cpu" else 16384
-  a = jnp.ones((n, n), getattr(jnp, dtype))
-  matmul = jax.jit(jnp.dot)
-  matmul(a, a).block_until_ready()
-  best = float("inf")
-  for _ in range(5):
-    start = time.perf_counter()
-    matmul(a, a).block_until_ready()
-    best = min(best, time.perf_counter() - start)
-  return 2 * n**3 / best
 
 
 # ----------------------------------------------------------------------------------------------- timing
@@ -166,9 +95,8 @@ class Contender:
 class ContenderProcess:
   """A `Contender` built and stepped in a process of its own.
 
-  Sharing one process (threads, heap), cvt_jax measured 12-15 % slower and torch.compile's training step
-  12 % slower than in processes of their own (bench/README.md, fourth round); here each framework has its
-  own and sits idle while another steps.
+  Sharing one process (threads, heap) slowed both frameworks measurably (bench/README.md, fourth round);
+  here each framework has its own and sits idle while another steps.
   """
 
   def __init__(self, framework: str, case: Case, dtype: str, kernels: str):
@@ -279,7 +207,7 @@ def jax_contender(case: Case, dtype: str, kernels: str) -> Contender:
 def torch_contender(case: Case, dtype: str, compiled: bool) -> Contender:
   import torch
 
-  from cvt_jax.torch_reference import build_torch_cvt
+  from cvt_jax.cli.torch_reference import build_torch_cvt
   device = "cuda" if torch.cuda.is_available() else "cpu"
   model = build_torch_cvt(case.model).to(device)
   images = torch.randn(case.batch, 3, case.res, case.res, device=device)
@@ -357,7 +285,7 @@ def largest_batch(case: Case, frameworks: list[str], dtype: str, kernels: str, l
   return batch
 
 
-def run_case(case: Case, args: argparse.Namespace, macs: int, peak: float | None) -> dict[str, Any]:
+def run_case(case: Case, args: types.SimpleNamespace, macs: int, peak: float | None) -> dict[str, Any]:
   print(f"\n== {case.model} @{case.res} {case.mode} batch {case.batch}", flush=True)
   contenders = {}
   try:
@@ -392,164 +320,6 @@ def run_case(case: Case, args: argparse.Namespace, macs: int, peak: float | None
   return result
 
 
-# --------------------------------------------------------------------------------------- input pipeline
-
-
-def _write_jpeg_tree(root: pathlib.Path, count: int, classes: int = 4) -> None:
-  """`count` photo-like 500x375 JPEGs (ImageNet's median size, quality 90) under root/train/<class>/."""
-  from PIL import Image
-  rng = np.random.default_rng(0)
-  yy, xx = np.mgrid[0:375, 0:500]
-  for i in range(count):
-    base = np.stack([np.sin(xx / (20 + 7 * c + i % 5)) * np.cos(yy / (30 + 5 * c)) for c in range(3)], -1)
-    pixels = np.clip(127 + 90 * base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
-    folder = root / "train" / f"class{i % classes}"
-    folder.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(pixels).save(folder / f"{i:05d}.jpg", quality=90)
-
-
-def _pool_rate(paths: list[str], workers: int, size: int, batch: int) -> float:
-  """img/s of `host_decode.DecodePool` with `workers` processes: decode + random-resized crop + flip of
-  `paths` in batches, as the folder pipeline submits them (after one untimed batch)."""
-  from cvt_jax import host_decode
-  jobs = [host_decode.Job((path,), (0, 0, i)) for i, path in enumerate(paths)]
-  batches = [jobs[i:i + batch] for i in range(0, len(jobs) - batch + 1, batch)]
-  with host_decode.DecodePool(workers, batch, size, {}) as pool:
-    pool.submit(batches[0])
-    pool.result()
-    start = time.perf_counter()
-    for jobs_ in batches[1:]:
-      if len(pool) == 2:  # two batches in flight, as the pipeline keeps them
-        pool.result()
-      pool.submit(jobs_)
-    while len(pool):
-      pool.result()
-    return batch * (len(batches) - 1) / (time.perf_counter() - start)
-
-
-def _host_decode_rates(root: pathlib.Path, spec: Any, batch: int) -> dict[str, Any]:
-  """The folder path's decode processes on 1..all cores, its scaling, and `train_batches` end to end."""
-  from cvt_jax import input_pipeline
-  paths = [str(p) for p in sorted(root.glob("train/*/*.jpg"))]
-  cores = os.cpu_count() or 1
-  scaling = []
-  for workers in sorted({1, cores // 2, cores} - {0}):
-    rate = _pool_rate(paths, workers, spec.image_size, batch)
-    scaling.append({"workers": workers, "img_per_s": rate, "img_per_s_per_core": rate / workers})
-  efficiency = scaling[-1]["img_per_s"] / (scaling[-1]["workers"] * scaling[0]["img_per_s"])
-  batches = input_pipeline.train_batches(spec, batch, seed=0)
-  next(batches)
-  steps = max(1, len(paths) // batch - 1)
-  start = time.perf_counter()
-  for _ in range(steps):
-    next(batches)
-  folder = steps * batch / (time.perf_counter() - start)
-  batches.close()
-  return {"decode_scaling": scaling, "scaling_efficiency": efficiency, "img_per_s_train_batches": folder,
-          "img_per_s_one_process": scaling[0]["img_per_s"], "img_per_s_all_cores": scaling[-1]["img_per_s"]}
-
-
-def _device_augment_rate(batch: int, res: int, rounds: int) -> float:
-  """img/s of the on-device training augmentation alone (RandAugment, erasing, mixup/cutmix, smoothing)."""
-  import jax
-  import jax.numpy as jnp
-
-  from cvt_jax import augment
-  rng = np.random.default_rng(0)
-  images = jnp.asarray(rng.integers(0, 256, (batch, res, res, 3), dtype=np.uint8))
-  labels = jnp.asarray(rng.integers(0, 1000, batch).astype(np.int32))
-  chain = jax.jit(lambda key, x, y: augment.train_augment(key, x, y, 1000, augment.default_config()))
-  jax.block_until_ready(chain(jax.random.key(0), images, labels))
-  times = []
-  for r in range(rounds):
-    start = time.perf_counter()
-    jax.block_until_ready(chain(jax.random.key(r + 1), images, labels))
-    times.append(time.perf_counter() - start)
-  return batch / statistics.median(times)
-
-
-def _training_loop_rates(spec: Any, model_name: str, dtype: str, batch: int, steps: int) -> dict[str, Any]:
-  """Step times of the trainer's own sharded step (on-device augmentation included) fed one fixed batch
-  ('bare') and fed by the real loop: folder tree of JPEGs -> `train_batches` -> `Prefetcher` ('loop').
-
-  Blocks of `steps` steps run bare, loop, bare again (each after untimed steps), every step timed alone:
-  the rates come from median step times, and the loop is compared with the mean of the two bare blocks,
-  so a machine whose speed drifts, or that stalls for a step, cannot make either side look better.
-  """
-  import jax
-  import jax.numpy as jnp
-  import optax
-
-  from cvt_jax import augment, input_pipeline, parallel, train_lib
-  from cvt_jax.model import CvT
-  mesh = parallel.make_mesh()
-  model = CvT.from_variant(model_name, dtype=getattr(jnp, dtype))
-  schedule = optax.constant_schedule(1e-3)
-  tx = optax.adamw(schedule, weight_decay=0.05)
-  state = train_lib.create_train_state(model.init_variables(jax.random.key(0), spec.image_size), tx, mesh)
-  step = train_lib.shard_train_step(
-      train_lib.make_train_step(model, tx, schedule, 1000, augment.default_config(), jax.random.key(1)), mesh)
-  first = input_pipeline.train_batches(spec, batch, seed=1)
-  fixed = parallel.global_batch(next(first), mesh)
-  first.close()
-
-  def step_times(feed: Callable[[], Any], untimed: int) -> list[float]:
-    nonlocal state
-    times = []
-    for i in range(untimed + steps):  # untimed: compilation, the pipeline's first batches, heap growth
-      start = time.perf_counter()
-      state, metrics = step(state, feed())
-      jax.block_until_ready(metrics)
-      if i >= untimed:
-        times.append(time.perf_counter() - start)
-    return times
-
-  bare_before = step_times(lambda: fixed, untimed=2)
-  batches = input_pipeline.Prefetcher(input_pipeline.train_batches(spec, batch, seed=0), mesh)
-  try:
-    loop = step_times(lambda: next(batches), untimed=2)
-  finally:
-    batches.close()
-  bare_after = step_times(lambda: fixed, untimed=1)
-  bare_s = (statistics.median(bare_before) + statistics.median(bare_after)) / 2
-  return {"img_per_s_bare_step": batch / bare_s, "img_per_s_loop": batch / statistics.median(loop),
-          "loop_steps": steps, "step_s": {"bare_before": bare_before, "loop": loop, "bare_after": bare_after}}
-
-
-def bench_input_pipeline(num_images: int, batch: int, model: str, res: int, dtype: str,
-                         loop_steps: int) -> dict[str, Any]:
-  """The input side of training next to the step it feeds, on photo-like 500x375 JPEGs.
-
-  Host decode + crop + flip (`cvt_jax.preprocess`) on one process, on every core and through
-  `input_pipeline.train_batches`; the on-device augmentation alone; and the whole training loop on the
-  JPEG folder tree against the same step fed one fixed batch (the goal: loop within 10% of bare).
-  """
-  from cvt_jax import input_pipeline
-  cores = os.cpu_count() or 1
-  batch = min(batch, num_images // 2)
-  with tempfile.TemporaryDirectory() as tmp:
-    root = pathlib.Path(tmp)
-    _write_jpeg_tree(root, num_images)
-    spec = input_pipeline.DataSpec(source="folder", name="", data_dir=str(root), train_split="train",
-                                   eval_split="train", image_size=res, num_workers=cores)
-    result = {"what": f"decode 500x375 JPEG + random-resized crop {res} + flip "
-                      "(cvt_jax.preprocess.train_image)",
-              "images": num_images, "cores": cores, "batch": batch, "model": model, "res": res,
-              **_host_decode_rates(root, spec, batch)}
-    print(f"\n== input pipeline: {result['img_per_s_one_process']:.0f} img/s one process, "
-          f"{result['img_per_s_all_cores']:.0f} img/s on {cores} processes "
-          f"({100 * result['scaling_efficiency']:.0f}% of linear), "
-          f"{result['img_per_s_train_batches']:.0f} img/s from input_pipeline.train_batches", flush=True)
-    result["img_per_s_device_augment"] = _device_augment_rate(batch, res, rounds=5)
-    print(f"   device augmentation: {result['img_per_s_device_augment']:.0f} img/s", flush=True)
-    if loop_steps:
-      result.update(_training_loop_rates(spec, model, dtype, batch, loop_steps))
-      print(f"   training loop on JPEGs: {result['img_per_s_loop']:.2f} img/s vs "
-            f"{result['img_per_s_bare_step']:.2f} img/s for the bare step "
-            f"({result['img_per_s_loop'] / result['img_per_s_bare_step']:.2f}x)", flush=True)
-  return result
-
-
 # ------------------------------------------------------------------------------------------------ report
 
 
@@ -560,7 +330,7 @@ def markdown(report: dict[str, Any]) -> str:
       f"- machine: {m['cpu']['model']}, {m['cpu']['cores']} cores ({m['cpu']['simd']}), "
       f"device kind {m['device_kind']} x{m['device_count']}, torch device {m['torch_device']}, "
       f"torch threads {m['torch_threads']}",
-      f"- versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
+      "- versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
       f"- dtype {report['args']['dtype']}, kernels {report['args']['kernels']}, "
       f"XLA_FLAGS '{m['xla_flags']}', GLIBC_TUNABLES '{m['glibc_tunables']}', "
       f"rounds {report['args']['rounds']} (medians), "
@@ -625,7 +395,7 @@ flags.DEFINE_multi_enum("frameworks", list(FRAMEWORKS), FRAMEWORKS, "Contenders 
                         flag_values=FLAGS)
 flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute dtype: cvt_jax dtype / torch AMP "
                   "(default float32 on CPU, bfloat16 on GPU).", flag_values=FLAGS)
-flags.DEFINE_enum("kernels", "auto", ["auto", "plain", "cpu"], "cvt_jax kernel formulations (cvt_jax.ops; "
+flags.DEFINE_enum("kernels", "auto", list(ops.KERNEL_CHOICES), "cvt_jax kernel formulations (cvt_jax.ops; "
                   "auto: the backend's).", flag_values=FLAGS)
 flags.DEFINE_integer("rounds", 5, "Timed interleaved rounds per case.", lower_bound=1, flag_values=FLAGS)
 flags.DEFINE_integer("warmup", 2, "Untimed steps per contender after compiling.", lower_bound=0,
@@ -656,14 +426,14 @@ def _namespace() -> types.SimpleNamespace:
     try:
       setattr(args, name, None if values is None else [int(v) for v in values if v])
     except ValueError:
-      raise cli.UsageError(f"--{name}={','.join(values)}: expected integers") from None
+      raise runner.UsageError(f"--{name}={','.join(values)}: expected integers") from None
   args.out = pathlib.Path(args.out)
   return args
 
 
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
-    raise cli.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    raise runner.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   args = _namespace()
   if args.xla_flags:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + args.xla_flags).strip()
@@ -678,14 +448,14 @@ def main(argv: Sequence[str]) -> None:
   torch.set_num_threads(os.cpu_count() or 1)
   gpu = jax.default_backend() == "gpu"
   if gpu != torch.cuda.is_available():
-    raise cli.UsageError(f"jax backend {jax.default_backend()!r} but torch.cuda.is_available() is "
+    raise runner.UsageError(f"jax backend {jax.default_backend()!r} but torch.cuda.is_available() is "
                          f"{torch.cuda.is_available()}: both frameworks must run on the same device")
   args.models = args.models or (["cvt-13", "cvt-21", "cvt-w24"] if gpu else ["cvt-13"])
   for name in args.models:
     try:
       get_variant(name)
     except ValueError as e:
-      raise cli.UsageError(f"--models: {e}") from e
+      raise runner.UsageError(f"--models: {e}") from e
   args.dtype = args.dtype or ("bfloat16" if gpu else "float32")
   if args.infer_batches is None:
     args.infer_batches = [256] if gpu else [1, 8, 32]
@@ -702,8 +472,8 @@ def main(argv: Sequence[str]) -> None:
     args.loop_steps = min(args.loop_steps, 3 if not gpu else 10)
 
   machine = machine_info()
-  peak, peak_source = peak_flops(machine["device_kind"], args.dtype, machine["cpu"])
-  ceilings = [gemm_ceiling(args.dtype)]
+  peak, peak_source = hardware.peak_flops(machine["device_kind"], args.dtype, machine["cpu"])
+  ceilings = [hardware.gemm_ceiling(args.dtype)]
   print(f"bench on {machine['cpu']['model']} ({machine['cpu']['cores']} cores), "
         f"device {machine['device_kind']},"
         f" dtype {args.dtype}; peak {peak_source}; measured GEMM ceiling {ceilings[0] / 1e12:.3f} TFLOP/s",
@@ -740,11 +510,12 @@ def main(argv: Sequence[str]) -> None:
       report["failed_cases"].append({**dataclasses.asdict(case), "error": str(e)})
     save()  # partial results survive an interrupted run
   # Measured again, the best of both: one disturbed measurement would misplace every roofline.
-  ceilings.append(gemm_ceiling(args.dtype))
+  ceilings.append(hardware.gemm_ceiling(args.dtype))
   report["gemm_ceiling"] = max(ceilings)
   if args.pipeline_images:
-    report["input_pipeline"] = bench_input_pipeline(args.pipeline_images, max(args.train_batches or [32]),
-                                                    args.models[0], args.res[0], args.dtype, args.loop_steps)
+    report["input_pipeline"] = bench_input.bench_input_pipeline(
+        args.pipeline_images, max(args.train_batches or [32]), args.models[0], args.res[0], args.dtype,
+        args.loop_steps)
   save()
   print("\n" + markdown(report))
   print(f"wrote {stem}.json and {stem}.md")
@@ -753,7 +524,7 @@ def main(argv: Sequence[str]) -> None:
 
 
 def run(argv: Sequence[str] | None = None) -> None:
-  cli.run(main, argv, __doc__, FLAGS)
+  runner.run(main, argv, __doc__, FLAGS)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""`cvt-jax COMMAND [ARGS]`: the project's commands behind one entry point, with one way to fail and to log.
+"""What every `cvt-jax` command shares: one way to parse flags and configs, to fail, and to log.
 
 Every command takes absl flags and prints `--help` (exit status 0). A user error (a bad flag or config
 value, a missing file, an output that cannot be written) ends the command with one line,
@@ -15,7 +15,6 @@ import importlib.util
 import logging
 import os
 import sys
-import tempfile
 import textwrap
 import traceback
 from typing import Any, Callable, Iterator, NoReturn, Sequence
@@ -24,47 +23,16 @@ from absl import flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+from cvt_jax import workdir
+
+PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # TensorFlow's C++ INFO lines (oneDNN notices, ...) are not the run's: warnings and errors only.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 CONFIGS_DIR = os.path.join(PACKAGE_DIR, "configs")
 
-# command -> (module with `main(argv)` and its flags, one-line description)
-COMMANDS = {
-    "train": ("cvt_jax.train", "train and evaluate from a config; rerun the same command to resume"),
-    "eval": ("cvt_jax.evaluate", "top-1/top-5 of a checkpoint over every image of a split"),
-    "predict": ("cvt_jax.predict", "top classes of image files"),
-    "convert": ("cvt_jax.convert", "any checkpoint (PyTorch, workdir, hub name) to a cvt_jax .npz"),
-    "summary": ("cvt_jax.summary", "parameters and MACs of a variant"),
-    "compile": ("cvt_jax.compile", "compile the train and eval steps for a TPU slice or this host; "
-                                   "report memory and fit"),
-    "bench": ("cvt_jax.bench", "cvt_jax against PyTorch on this machine"),
-    "demo": ("cvt_jax.demo", "train a small CvT on offline digit images and print its top-1"),
-}
-
 
 class UsageError(ValueError):
   """Bad command-line arguments: reported in one line with exit status 2."""
-
-
-def main(argv: Sequence[str] | None = None) -> NoReturn:
-  """The `cvt-jax` console script."""
-  argv = list(sys.argv if argv is None else argv)
-  if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
-    print(usage())
-    sys.exit(0 if len(argv) >= 2 else 2)
-  command = argv[1]
-  if command not in COMMANDS:
-    _fail("cvt-jax", f"unknown command {command!r}; choose one of {', '.join(COMMANDS)}", 2)
-  module = importlib.import_module(COMMANDS[command][0])
-  module.run([f"cvt-jax {command}", *argv[2:]])
-
-
-def usage() -> str:
-  width = max(map(len, COMMANDS))
-  lines = [f"  {name:{width}}  {description}" for name, (_, description) in COMMANDS.items()]
-  return ("usage: cvt-jax COMMAND [ARGS]   (cvt-jax COMMAND --help for its flags)\n\ncommands:\n"
-          + "\n".join(lines))
 
 
 def run(main_fn: Callable[[list[str]], int | None], argv: Sequence[str] | None, doc: str,
@@ -105,10 +73,10 @@ def run(main_fn: Callable[[list[str]], int | None], argv: Sequence[str] | None, 
   setup_logging()
   try:
     status = main_fn(remaining)
-  except UsageError as e:
+  except (UsageError, workdir.OutputError) as e:
     _report(prog, e, 2, debug)
   except KeyboardInterrupt:
-    _fail(prog, "interrupted", 130)
+    fail(prog, "interrupted", 130)
   except Exception as e:  # pylint: disable=broad-except  # the policy: one line, traceback on --debug
     _report(prog, e, 1, debug)
   sys.exit(status or 0)
@@ -129,7 +97,7 @@ def _unknown_config_field(error: BaseException, argv: Sequence[str]) -> UsageErr
 def _report(prog: str, error: BaseException, status: int, debug: bool) -> NoReturn:
   if debug:
     traceback.print_exception(error)
-  _fail(prog, one_line(error, debug), status)
+  fail(prog, one_line(error, debug), status)
 
 
 # Errors whose message is the whole story; anything else is reported with its type (likely a bug).
@@ -149,7 +117,8 @@ def one_line(error: BaseException, debug: bool = True) -> str:
   return f"{type(error).__name__}: {text}" + ("" if debug else " (rerun with --debug for the traceback)")
 
 
-def _fail(prog: str, message: str, status: int) -> NoReturn:
+def fail(prog: str, message: str, status: int) -> NoReturn:
+  """Ends the command with `<prog>: error: <message>` on stderr and exit status `status`."""
   print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
   sys.exit(status)
 
@@ -193,31 +162,6 @@ def define_heads_flag(flag_values: flags.FlagValues) -> flags.FlagHolder:
   return flags.DEFINE(_HeadsParser(), "heads", None, "Attention heads per stage of a custom-width PyTorch "
                       "checkpoint (widths not multiples of 64); named variants need none.",
                       flag_values=flag_values)
-
-
-def check_output(path: str, suffix: str | None = None) -> None:
-  """Fails before any work if `path` cannot be written as a file (a folder, a read-only or missing parent
-  that cannot be made, a wrong suffix). Object-store paths are only checked for the suffix."""
-  if suffix and not path.endswith(suffix):
-    raise UsageError(f"output {path}: expected a {suffix} file name")
-  if "://" in path:
-    return
-  if os.path.isdir(path):
-    raise UsageError(f"output {path} is a folder; give a file name")
-  parent = os.path.dirname(os.path.abspath(path))
-  existing = parent
-  while not os.path.exists(existing):
-    existing = os.path.dirname(existing)
-  if not os.path.isdir(existing):
-    raise UsageError(f"output {path}: {existing} is not a folder")
-  try:  # a real write: permissions, read-only mounts and quotas all count
-    with tempfile.TemporaryFile(dir=existing):
-      pass
-    if os.path.exists(path):
-      with open(path, "ab"):
-        pass
-  except OSError as e:
-    raise UsageError(f"output {path}: {e.filename or existing} is not writable ({e.strerror})") from None
 
 
 def resolve_config_args(argv: list[str]) -> list[str]:
@@ -342,6 +286,3 @@ def _import_tensorflow_into(log_file: str) -> None:
     os.close(console)
     os.close(log)
 
-
-if __name__ == "__main__":
-  main()

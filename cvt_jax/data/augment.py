@@ -18,7 +18,7 @@ degenerate image. Per image, the op's family result is selected, so a layer cost
 
 The chain works on channels-first (B, 3, H, W) images: TPUs tile the two minor axes of an array in
 (8, 128), so an NHWC array pads its 3 channels to 128 lanes, and the augmentation of a batch was most of
-a train step's memory (408 MB per image at 224 px; bench/README.md). The resampling and the table lookup
+a train step's memory (bench/README.md, fifth round). The resampling and the table lookup
 come in two formulations (`cvt_jax.ops` kernels): 'cpu' gathers the taps and table entries, which XLA:CPU
 does fast; 'plain' (GPU/TPU) uses no gather at all (a TPU gather costs about a memory tile per element):
 the bicubic taps of each output tile are a small matrix product against a window of the image, the tables
@@ -35,11 +35,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cvt_jax import model as model_lib
 from cvt_jax import ops
 
-MEAN_RGB = (0.485, 0.456, 0.406)
-STD_RGB = (0.229, 0.224, 0.225)
-FILL_RGB = tuple(round(255 * m) for m in MEAN_RGB)  # (124, 116, 104): timm's `img_mean` fill
+FILL_RGB = tuple(round(255 * m) for m in model_lib.MEAN_RGB)  # (124, 116, 104): timm's `img_mean` fill
 
 RAND_OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncreasing", "SolarizeIncreasing",
             "SolarizeAdd", "ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing",
@@ -70,15 +69,6 @@ def default_config() -> dict[str, Any]:
       "mixup_switch_prob": 0.5,  # chance of cutmix when both are on
       "label_smoothing": 0.1,
   }
-
-
-def normalize(images: jax.Array, channel_axis: int = -1) -> jax.Array:
-  """uint8 images -> float32 with the ImageNet mean/std (channels on `channel_axis`)."""
-  shape = [1] * images.ndim
-  shape[channel_axis] = 3
-  mean = jnp.asarray(MEAN_RGB, jnp.float32).reshape(shape) * 255
-  inv_std = 1 / (jnp.asarray(STD_RGB, jnp.float32).reshape(shape) * 255)
-  return (images.astype(jnp.float32) - mean) * inv_std
 
 
 # -------------------------------------------------------------------------------------- RandAugment --
@@ -530,7 +520,7 @@ def train_augment(rng: jax.Array, images: jax.Array, labels: jax.Array, num_clas
   if cfg.randaugment:
     planes = rand_augment(k_ra, planes, cfg.randaugment_num_ops, cfg.randaugment_magnitude,
                           cfg.randaugment_magnitude_std, kernels)
-  planes = normalize(planes, channel_axis=1)
+  planes = model_lib.normalize(planes, channel_axis=1)
   if cfg.erasing_prob > 0:
     planes = random_erasing(k_erase, planes, cfg.erasing_prob)
   planes, targets = mixup_cutmix(k_mix, planes, labels, num_classes, cfg.mixup_alpha, cfg.cutmix_alpha,

@@ -4,7 +4,7 @@ The reference is microsoft/CvT's torchvision transforms on PIL images (torchvisi
 `Image.open(f).convert('RGB')`). Evaluation: `Resize(int(size / 0.875), BICUBIC)` + `CenterCrop(size)`, or a
 squash `Resize((size, size), BICUBIC)` at 384 and above. Training: `RandomResizedCrop(size, scale, ratio,
 interpolation)` + `RandomHorizontalFlip()`. Everything after that (RandAugment, erasing, normalisation,
-mixup/cutmix) runs on the device (`cvt_jax.augment`).
+mixup/cutmix) runs on the device (`cvt_jax.data.augment`).
 
 The folder path makes exactly torchvision's PIL calls. The TFDS path does the same as tf.data ops on the
 encoded bytes: JPEGs decoded with libjpeg's accurate integer IDCT (PIL's), 4-channel (CMYK/YCCK) JPEGs
@@ -98,8 +98,8 @@ def train_image(path: str | os.PathLike, size: int, rng: np.random.Generator, *,
     ratio: range of the crop's aspect ratio (width / height).
     interpolation: 'bicubic' or 'bilinear' (PIL's filters, as torchvision uses them).
     draft: decode JPEGs at libjpeg's reduced DCT scale (1/2, 1/4, 1/8) while the crop keeps at least
-      `size` pixels per side; the pixels then differ from torchvision's. Measured at 224: 1.6-2x faster on
-      1200x900 photos, 3x on 2048x1536, no faster on ImageNet's typical 500x375 (crops under 2 x 224 px).
+      `size` pixels per side: faster on large photos (bench/README.md), but the pixels then differ from
+      torchvision's.
   """
   resample = _filter(interpolation).pil
   with Image.open(path) as img:

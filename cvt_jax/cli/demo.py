@@ -7,18 +7,18 @@ the checkpoints in --workdir; --fresh starts over, deleting only what a cvt_jax 
 
 from __future__ import annotations
 
-import os
+import contextlib
 import time
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from absl import flags
 from absl import logging
 
-from cvt_jax import cli
-from cvt_jax import demo_data
 from cvt_jax import train_lib
 from cvt_jax import workdir as workdir_lib
+from cvt_jax.cli import runner
 from cvt_jax.configs import demo as demo_config
+from cvt_jax.data import digits
 
 FLAGS = flags.FlagValues()
 _DATA_DIR = flags.DEFINE_string("data_dir", "demo_data/digits", "Where the digits JPEG tree is built.",
@@ -33,30 +33,29 @@ _FRESH = flags.DEFINE_bool("fresh", False, "Delete the previous demo run in --wo
 
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
-    raise cli.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    raise runner.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   started = time.time()
   workdir = _WORKDIR.value
   if _FRESH.value:
-    workdir_lib.check_removable(workdir)  # before anything is written there, the lock file included
+    workdir_lib.check_removable(workdir)  # before the data tree is built
   config = demo_config.get_config(None if _EPOCHS.value is None else f"epochs={_EPOCHS.value}")
-  config.data.data_dir = demo_data.build_digits_tree(_DATA_DIR.value)
-  train_lib.validate_config(config)
-  workdir_lib.check_writable(workdir)
-  with workdir_lib.Lock(workdir):
-    if _FRESH.value:
-      workdir_lib.remove_run(workdir)
-    log_file = os.path.join(workdir, "train.log")
-    with cli.logging_to(log_file):
+  config.data.data_dir = digits.build_digits_tree(_DATA_DIR.value)
+
+  @contextlib.contextmanager
+  def log_to(path: str) -> Iterator[None]:
+    with runner.logging_to(path):
       logging.info("Training a %s on %s into %s (full log: %s).", config.model.variant, config.data.data_dir,
-                   workdir, log_file)
-      _, result = train_lib.train_and_evaluate(config, workdir)
+                   workdir, path)
+      yield
+
+  _, result = train_lib.train_and_evaluate(config, workdir, log_to=log_to, fresh=_FRESH.value)
   minutes = (time.time() - started) / 60
   print(f"Final validation top-1: {result['top1']:.2f}% (top-5 {result['top5']:.2f}%) over "
         f"{result['count']} images; {minutes:.1f} min wall time.", flush=True)
 
 
 def run(argv: Sequence[str] | None = None) -> None:
-  cli.run(main, argv, __doc__, FLAGS)
+  runner.run(main, argv, __doc__, FLAGS)
 
 
 if __name__ == "__main__":

@@ -19,12 +19,13 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from cvt_jax import cli
 from cvt_jax import trees
 from cvt_jax import weights
+from cvt_jax import workdir as workdir_lib
+from cvt_jax.cli import runner
 
 FLAGS = flags.FlagValues()
-_HEADS = cli.define_heads_flag(FLAGS)
+_HEADS = runner.define_heads_flag(FLAGS)
 _HEAD = flags.DEFINE_bool("head", True, "Keep the classification head (--nohead: the backbone only).",
                           flag_values=FLAGS)
 _VERIFY = flags.DEFINE_bool("verify", False, "Reload DST, compare it with the conversion and run one "
@@ -33,9 +34,9 @@ _VERIFY = flags.DEFINE_bool("verify", False, "Reload DST, compare it with the co
 
 def main(argv: Sequence[str]) -> None:
   if len(argv) != 3:
-    raise cli.UsageError(f"expected SRC and DST, got {len(argv) - 1} arguments (see --help)")
+    raise runner.UsageError(f"expected SRC and DST, got {len(argv) - 1} arguments (see --help)")
   src, dst = argv[1:]
-  cli.check_output(dst, ".npz")
+  workdir_lib.check_output(dst, ".npz")
   print(f"reading {src}", flush=True)
   checkpoint = weights.load(src, heads=_HEADS.value)
   if not _HEAD.value:
@@ -66,7 +67,7 @@ def _verify(dst: str, converted: weights.Checkpoint) -> None:
 
 
 def run(argv: Sequence[str] | None = None) -> None:
-  cli.run(main, argv, __doc__, FLAGS)
+  runner.run(main, argv, __doc__, FLAGS)
 
 
 if __name__ == "__main__":

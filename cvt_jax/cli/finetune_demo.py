@@ -1,4 +1,4 @@
-r"""Fine-tuning vs training from scratch, offline: `python -m cvt_jax.finetune_demo --out demo_out/finetune`.
+r"""Fine-tuning vs training from scratch, offline: `python -m cvt_jax.cli.finetune_demo --out demo_out/finetune`.
 
 No ImageNet weights exist offline, so the "pretrained checkpoint" is made here with the normal pipeline:
   1. pretrain the narrow demo CvT (configs/demo.py widths, 32 px) on digits 0-4 (all their train images),
@@ -22,12 +22,12 @@ import jax
 from absl import flags
 from absl import logging
 
-from cvt_jax import cli
-from cvt_jax import demo_data
 from cvt_jax import train_lib
 from cvt_jax import weights
+from cvt_jax.cli import runner
 from cvt_jax.configs import demo as demo_config
 from cvt_jax.configs import finetune
+from cvt_jax.data import digits
 
 FLAGS = flags.FlagValues()
 
@@ -51,22 +51,6 @@ _ADAMW_LR = flags.DEFINE_float("adamw_lr", 2e-3, "AdamW learning rate of the fro
                                flag_values=FLAGS)
 _SETTINGS = flags.DEFINE_list("settings", ["few", "full"], "few: --shots images per class (batch 16); "
                               "full: every train image (batch 64).", flag_values=FLAGS)
-
-
-def subset_tree(source: str, root: str, classes: Sequence[str], shots: int | None = None) -> str:
-  """`root/{train,val}/<class>` linking to `source`'s images of `classes`; `shots` caps train per class."""
-  for split in ("train", "val"):
-    for name in classes:
-      src_dir, dst_dir = os.path.join(source, split, name), os.path.join(root, split, name)
-      os.makedirs(dst_dir, exist_ok=True)
-      files = sorted(os.listdir(src_dir))
-      if split == "train" and shots is not None:
-        files = files[:shots]
-      for f in files:
-        link = os.path.join(dst_dir, f)
-        if not os.path.lexists(link):
-          os.symlink(os.path.abspath(os.path.join(src_dir, f)), link)
-  return root
 
 
 def _config(data_dir: str, init: str, batch: int, steps: int, train_images: int, opt: str, lr: float):
@@ -97,17 +81,17 @@ def _run(name: str, config, workdir: str, results: dict) -> dict:
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
-    raise cli.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    raise runner.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
 
   out = os.path.abspath(_OUT.value)
   # Runs that differ only in their initial weights compile the same train step: compile it once.
   jax.config.update("jax_compilation_cache_dir", os.path.join(out, "jax_cache"))
-  digits = demo_data.build_digits_tree(_DIGITS.value)
+  tree = digits.build_digits_tree(_DIGITS.value)
   source_classes, target_classes = [str(d) for d in range(5)], [str(d) for d in range(5, 10)]
-  pretrain_tree = subset_tree(digits, os.path.join(out, "data", "digits_0-4"), source_classes)
-  full_tree = subset_tree(digits, os.path.join(out, "data", "digits_5-9"), target_classes)
-  few_tree = subset_tree(digits, os.path.join(out, "data", f"digits_5-9_{_SHOTS.value}shot"), target_classes,
-                         _SHOTS.value)
+  pretrain_tree = digits.subset_tree(tree, os.path.join(out, "data", "digits_0-4"), source_classes)
+  full_tree = digits.subset_tree(tree, os.path.join(out, "data", "digits_5-9"), target_classes)
+  few_tree = digits.subset_tree(tree, os.path.join(out, "data", f"digits_5-9_{_SHOTS.value}shot"),
+                                target_classes, _SHOTS.value)
   count = lambda tree: sum(len(os.listdir(os.path.join(tree, "train", c))) for c in os.listdir(
       os.path.join(tree, "train")))
   results_path = os.path.join(out, "results.json")
@@ -144,7 +128,7 @@ def main(argv: list[str]) -> None:
 
 
 def run(argv: Sequence[str] | None = None) -> None:
-  cli.run(main, argv, __doc__, FLAGS)
+  runner.run(main, argv, __doc__, FLAGS)
 
 
 if __name__ == "__main__":

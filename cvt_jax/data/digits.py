@@ -1,14 +1,16 @@
-"""An offline demo dataset: scikit-learn's digits (1,797 real 8x8 scans, 10 classes) as a JPEG folder tree."""
+"""An offline demo dataset: scikit-learn's digits (1,797 real 8x8 scans, 10 classes) as a JPEG folder tree,
+and subsets of such a tree (the fine-tuning demo's tasks)."""
 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 
 import numpy as np
+from absl import logging
 from PIL import Image
 
 _MARKER = ".complete.json"
@@ -63,4 +65,20 @@ def build_digits_tree(root: str | os.PathLike, image_size: int = 64, val_fractio
   if os.path.exists(root):
     shutil.rmtree(root)
   os.rename(staging, root)
+  return root
+
+
+def subset_tree(source: str, root: str, classes: Sequence[str], shots: int | None = None) -> str:
+  """`root/{train,val}/<class>` linking to `source`'s images of `classes`; `shots` caps train per class."""
+  for split in ("train", "val"):
+    for name in classes:
+      src_dir, dst_dir = os.path.join(source, split, name), os.path.join(root, split, name)
+      os.makedirs(dst_dir, exist_ok=True)
+      files = sorted(os.listdir(src_dir))
+      if split == "train" and shots is not None:
+        files = files[:shots]
+      for f in files:
+        link = os.path.join(dst_dir, f)
+        if not os.path.lexists(link):
+          os.symlink(os.path.abspath(os.path.join(src_dir, f)), link)
   return root

@@ -14,20 +14,20 @@ detected; elsewhere set JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES and
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
-from typing import Sequence
+from typing import Any, Iterator, Sequence
 
 import jax
 from absl import flags
 from absl import logging
 
-from cvt_jax import cli
 from cvt_jax import parallel
 from cvt_jax import train_lib
-from cvt_jax import workdir as workdir_lib
+from cvt_jax.cli import runner
 
 FLAGS = flags.FlagValues()
-_CONFIG = cli.define_config_flag(
+_CONFIG = runner.define_config_flag(
     FLAGS, "Config name or file, optionally with an argument: cvt13:res=384.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, logs and model_info.json (local or gs://); "
                                "reused to resume.", flag_values=FLAGS)
@@ -44,9 +44,8 @@ flags.mark_flags_as_required(["config", "workdir"], flag_values=FLAGS)
 
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
-    raise cli.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    raise runner.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   config = _CONFIG.value
-  workdir = _WORKDIR.value
   if config.compilation_cache_dir:
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser(config.compilation_cache_dir))
   if _JAX_DISTRIBUTED.value or config.jax_distributed:
@@ -54,23 +53,22 @@ def main(argv: Sequence[str]) -> None:
   try:
     train_lib.validate_config(config)
   except ValueError as e:
-    raise cli.UsageError(str(e)) from e
-  with contextlib.ExitStack() as stack:
-    if workdir_lib.is_local(workdir):
-      workdir_lib.check_writable(workdir)
-      if jax.process_index() == 0:
-        stack.enter_context(workdir_lib.Lock(workdir))  # before the log file: a refused run writes nothing
-      train_lib.check_workdir(config, workdir)
-      suffix = "" if jax.process_index() == 0 else f".process{jax.process_index()}"
-      stack.enter_context(cli.logging_to(os.path.join(workdir, f"train{suffix}.log")))
+    raise runner.UsageError(str(e)) from e
+  train_lib.train_and_evaluate(config, _WORKDIR.value, log_to=functools.partial(_run_log, config))
+
+
+@contextlib.contextmanager
+def _run_log(config: Any, path: str) -> Iterator[None]:
+  """The run's log file, opened with the processes and the whole config."""
+  with runner.logging_to(path):
     logging.info("JAX process %d of %d, %d local / %d global devices (%s).", jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count(), jax.default_backend())
-    logging.info("Config:\n%s", config, extra=cli.LOG_FILE_ONLY)
-    train_lib.train_and_evaluate(config, workdir)
+    logging.info("Config:\n%s", config, extra=runner.LOG_FILE_ONLY)
+    yield
 
 
 def run(argv: Sequence[str] | None = None) -> None:
-  cli.run(main, argv, __doc__, FLAGS, cli.config_fields_help)
+  runner.run(main, argv, __doc__, FLAGS, runner.config_fields_help)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,96 @@
+r"""Compile the train and eval steps for a TPU slice (or this host), and report memory and fit per chip.
+
+  cvt-jax compile --config cvt13 --topology v5e:2x2              # the config's global batch over 4 chips
+  cvt-jax compile --config cvtw24 --topology v5e:16x16            # W24 @384, global batch 2048, 256 chips
+  cvt-jax compile --config cvt13 --topology v5e:2x2 --per_chip_batch 128
+  cvt-jax compile --config cvt13 --topology v5e:2x2 --find_batch --config.model.remat=block
+  cvt-jax compile --config cvt13                                  # this host's devices (a GPU, say)
+  cvt-jax compile --table bench/results/fit-table --jobs 2        # every variant, v4 / v5e / v5p
+
+Nothing runs and no data is read: the real sharded train step (on-device augmentation, forward, backward,
+AdamW) and eval step are lowered with abstract inputs and compiled ahead of time (as MaxText's
+train_compile.py does), for compile-only devices of a TPU topology (libtpu: `pip install 'jax[tpu]'`, on
+any host) or for the local devices. Per chip it prints the arguments (parameters, optimiser state, batch),
+the temporaries, the total against the chip's HBM, and fits / does not fit; then the step's FLOPs, bytes
+accessed, and the step time and MFU they imply at the chip's peak and bandwidth, labelled modelled: a
+compile is no measurement (XLA's cost analysis also counts a loop body once). A step that does not fit
+exits 1 naming the biggest consumer and the switches that help. Memory is linear in the per-chip batch:
+`--find_batch` compiles two batches, solves for the largest one that fits and compiles it to check.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Sequence
+
+from absl import flags
+from etils import epath
+
+from cvt_jax import aot
+from cvt_jax import workdir as workdir_lib
+from cvt_jax.cli import fit_table
+from cvt_jax.cli import runner
+
+FLAGS = flags.FlagValues()
+_CONFIG = runner.define_config_flag(
+    FLAGS, "Config name or file with its argument: cvtw24:res=384.")
+_TOPOLOGY = flags.DEFINE_string("topology", None, "TPU topology to compile for (v4:2x2x2, v5e:16x16, "
+                                "v5p:4x4x4, ...); default: this host's devices.", flag_values=FLAGS)
+_PER_CHIP_BATCH = flags.DEFINE_integer("per_chip_batch", None, "Images per chip per step (default: the "
+                                       "config's global_batch_size over the chips).", lower_bound=1,
+                                       flag_values=FLAGS)
+_FIND_BATCH = flags.DEFINE_bool("find_batch", False, "Find the largest per-chip batch that fits.",
+                                flag_values=FLAGS)
+_JSON = flags.DEFINE_string("json", None, "Also write the report to this .json file.", flag_values=FLAGS)
+_TABLE = flags.DEFINE_string("table", None, "Write the fit table of every variant at 224 and 384 on v4, v5e "
+                             "and v5p to <this>.json and .md (hours on a small CPU host).", flag_values=FLAGS)
+_JOBS = flags.DEFINE_integer("jobs", 1, "With --table: compiles at a time, one process and core each.",
+                             lower_bound=1, flag_values=FLAGS)
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise runner.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  if _TABLE.value:
+    fit_table.write_table(_TABLE.value, _JOBS.value)
+    return
+  if _CONFIG.value is None:
+    raise runner.UsageError("--config is required (or --table)")
+  if _JSON.value:
+    workdir_lib.check_output(_JSON.value, ".json")
+  config = _CONFIG.value
+  target = aot.Target(_TOPOLOGY.value)
+  print(f"compiling {config.model.variant} @{config.data.image_size} for {target.describe()}", flush=True)
+  if _FIND_BATCH.value:
+    per_chip, memory, _ = aot.find_batch(config, target)
+    print(f"largest per-chip batch that fits: {per_chip} ({per_chip * target.chips} on {target.chips} chips); "
+          f"memory ~ {aot.gib(memory.fixed)} + {memory.per_image / 2**20:.1f} MiB per image")
+  else:
+    per_chip = _PER_CHIP_BATCH.value or config.global_batch_size // target.chips
+    if not _PER_CHIP_BATCH.value and config.global_batch_size % target.chips:
+      raise runner.UsageError(f"global_batch_size={config.global_batch_size} does not split over {target.chips} "
+                           "chips: pass --per_chip_batch")
+  if per_chip and config.optim.grad_accum_steps > 1 and per_chip % config.optim.grad_accum_steps:
+    raise runner.UsageError(f"optim.grad_accum_steps={config.optim.grad_accum_steps} must divide the per-chip "
+                         f"batch {per_chip}")
+  reports = aot.compile_steps(config, target, per_chip) if per_chip else []
+  for line in aot.report_lines(reports, target, config):
+    print(line)
+  if _JSON.value:
+    epath.Path(_JSON.value).write_text(json.dumps(
+        {"target": target.describe(), "hbm_per_chip": target.hbm, "config": config.to_dict(),
+         "reports": [{**dataclasses.asdict(r), "total": r.total} for r in reports]}, indent=1, default=str))
+  failed = [r for r in reports if not r.fits or (target.hbm and r.total > target.hbm)]
+  if not reports:
+    raise aot.DoesNotFit(f"not even one image per chip fits {target.describe()}")
+  if failed:
+    raise aot.DoesNotFit(f"{failed[0].name} does not fit {target.describe()}: {aot.advice(failed[0], config)}")
+
+
+def run(argv: Sequence[str] | None = None) -> None:
+  runner.run(main, argv, __doc__, FLAGS, runner.config_fields_help)
+
+
+if __name__ == "__main__":
+  run()

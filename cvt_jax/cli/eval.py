@@ -1,0 +1,61 @@
+r"""Evaluate a checkpoint over every image of a split: `cvt-jax eval --config cvt13 --checkpoint X`.
+
+  cvt-jax eval --config cvt13 --checkpoint CvT-13-224x224-IN-1k.pth \
+      --config.data.data_dir=~/tensorflow_datasets
+  cvt-jax eval --config cvt13:res=384 --checkpoint cvt13_384.npz --data ~/imagenet   # a folder tree
+  cvt-jax eval --config finetune:... --checkpoint out/finetune                       # a training workdir
+
+The checkpoint is anything `cvt-jax convert` reads (a workdir, a converted .npz, a PyTorch file, a hub
+name); its own architecture and head are used, and the config supplies the data, the resolution (224:
+resize 256 + centre crop, 384: squash), the eval batch size and the compute dtype (model.eval_dtype,
+float32 as the official evaluation; bfloat16 is faster on GPU/TPU). The dataset's classes are checked
+against the head and the output is checked writable before any image is read. Unreadable images are
+skipped, listed in the output and reported (--strict: fail instead). The result is printed and written as
+JSON (--output, default next to the checkpoint).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+from absl import flags
+
+from cvt_jax import evaluate
+from cvt_jax.cli import runner
+
+FLAGS = flags.FlagValues()
+_CONFIG = runner.define_config_flag(
+    FLAGS, "Config name or file (data, resolution, eval batch), e.g. cvt13:res=384.")
+_CHECKPOINT = flags.DEFINE_string(
+    "checkpoint", None, "Training workdir, converted .npz, PyTorch .pth/.bin/.safetensors or hub name.",
+    flag_values=FLAGS)
+_DATA = flags.DEFINE_string("data", None, "Shortcut for a folder tree: sets data.source=folder and "
+                            "data.data_dir (the root holding train/ and val/).", flag_values=FLAGS)
+_OUTPUT = flags.DEFINE_string("output", None, "JSON summary path (default: next to the checkpoint).",
+                              flag_values=FLAGS)
+_STRICT = flags.DEFINE_bool("strict", False, "Fail if any image of the split is unreadable (default: "
+                            "skip, list and report them).", flag_values=FLAGS)
+_HEADS = runner.define_heads_flag(FLAGS)
+flags.mark_flags_as_required(["config", "checkpoint"], flag_values=FLAGS)
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise runner.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  config = _CONFIG.value
+  if _DATA.value:
+    config.data.source, config.data.data_dir = "folder", os.path.expanduser(_DATA.value)
+  summary = evaluate.evaluate_checkpoint(config, _CHECKPOINT.value, _OUTPUT.value, _HEADS.value, _STRICT.value)
+  skipped = f", {len(summary['skipped'])} unreadable skipped" if summary["skipped"] else ""
+  print(f"top-1 {summary['top1']:.2f}%  top-5 {summary['top5']:.2f}%  loss {summary['loss']:.4f}  "
+        f"images {summary['count']}{skipped}  ({summary['images_per_second']:.1f} img/s)  -> "
+        f"{summary['output']}")
+
+
+def run(argv: Sequence[str] | None = None) -> None:
+  runner.run(main, argv, __doc__, FLAGS, runner.config_fields_help)
+
+
+if __name__ == "__main__":
+  run()

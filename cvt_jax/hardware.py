@@ -1,0 +1,117 @@
+"""Per-device facts that reports compare against: memory, dense peak FLOP/s and memory bandwidth (the
+vendors' datasheets), and this host's CPU. One table for `cvt-jax compile` (fit, modelled step times) and
+`cvt-jax bench` (MFU, rooflines)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+import platform
+import time
+from typing import Any
+
+GiB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  """One accelerator device as the datasheet gives it."""
+
+  name: str
+  hbm: int  # bytes of device memory
+  peak_flops: dict[str, float]  # dense FLOP/s by compute dtype
+  bandwidth: float  # device-memory bytes/s
+
+  def peak(self, dtype: str = "bfloat16") -> float | None:
+    return self.peak_flops.get(dtype)
+
+
+# By `device_kind` as libtpu names the chip.
+TPU_CHIPS = {
+    "TPU v4": Chip("TPU v4", 32 * GiB, {"bfloat16": 275e12}, 1.2e12),
+    "TPU v5 lite": Chip("TPU v5e", 16 * GiB, {"bfloat16": 197e12}, 8.2e11),
+    "TPU v5": Chip("TPU v5p", 95 * GiB, {"bfloat16": 459e12}, 2.76e12),
+    "TPU v6 lite": Chip("TPU v6e", 32 * GiB, {"bfloat16": 918e12}, 1.64e12),
+}
+# By a substring of the CUDA device name, first match wins. Memory as the driver reports it usable.
+GPU_CHIPS = (
+    ("H100 PCIe", Chip("H100 PCIe", 80 * 10**9, {"bfloat16": 756e12, "float32": 51.2e12}, 2.0e12)),
+    ("H100", Chip("H100 SXM", 84_929_347_584, {"bfloat16": 989e12, "float32": 66.9e12}, 3.35e12)),
+    ("H200", Chip("H200 SXM", 150_754_820_096, {"bfloat16": 989e12, "float32": 66.9e12}, 4.8e12)),
+    ("A100", Chip("A100 SXM 80 GB", 85_198_045_184, {"bfloat16": 312e12, "float32": 19.5e12}, 2.04e12)),
+    ("L4", Chip("L4", 24 * 10**9, {"bfloat16": 121e12, "float32": 30.3e12}, 3.0e11)),
+)
+
+
+def chip(device_kind: str) -> Chip | None:
+  """The datasheet entry of a TPU or GPU `device_kind`; None for CPUs and unknown devices."""
+  if device_kind in TPU_CHIPS:
+    return TPU_CHIPS[device_kind]
+  return next((c for key, c in GPU_CHIPS if key.lower() in device_kind.lower()), None)
+
+
+# ------------------------------------------------------------------------------------------------- CPU --
+
+
+def cpu_info() -> dict[str, Any]:
+  """CPU model, cores, clock and SIMD width from /proc/cpuinfo (Linux); best effort elsewhere."""
+  info = {"model": platform.processor() or platform.machine(), "cores": os.cpu_count(), "mhz": None,
+          "simd": "unknown", "fp32_flops_per_cycle": None}
+  try:
+    text = pathlib.Path("/proc/cpuinfo").read_text()
+  except OSError:
+    return info
+  fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+  fields = {k.strip(): v.strip() for k, v in fields.items()}
+  info["model"] = fields.get("model name", info["model"])
+  info["mhz"] = float(fields["cpu MHz"]) if "cpu MHz" in fields else None
+  flags = fields.get("flags", "").split()
+  info["simd"] = "avx512" if "avx512f" in flags else "avx2+fma" if "fma" in flags else "sse"
+  info["fp32_flops_per_cycle"] = fp32_flops_per_cycle(info["simd"], fields.get("vendor_id", ""),
+                                                      fields.get("cpu family", ""))
+  return info
+
+
+def fp32_flops_per_cycle(simd: str, vendor: str, family: str) -> int | None:
+  """fp32 FLOP per cycle and core: two FMA pipes x vector lanes x 2.
+
+  AMD Zen 4 (family 25) has AVX-512 but runs each 512-bit FMA as two 256-bit halves: AVX2's rate.
+  """
+  if simd == "avx512" and not (vendor == "AuthenticAMD" and family == "25"):
+    return 64
+  return {"avx512": 32, "avx2+fma": 32, "sse": 8}.get(simd)
+
+
+def peak_flops(device_kind: str, dtype: str, cpu: dict[str, Any]) -> tuple[float | None, str]:
+  """(peak FLOP/s, where the number comes from) for MFU; CPU peaks are cores x clock x FMA width."""
+  if device_kind.lower() == "cpu":
+    per_cycle = cpu.get("fp32_flops_per_cycle")
+    if not cpu["mhz"] or not per_cycle:
+      return None, "unknown CPU clock or SIMD width"
+    peak = cpu["cores"] * cpu["mhz"] * 1e6 * per_cycle
+    return peak, f"{cpu['cores']} cores x {cpu['mhz']:.0f} MHz x {per_cycle} fp32 FLOP/cycle ({cpu['simd']})"
+  known = chip(device_kind)
+  if known and known.peak(dtype):
+    return known.peak(dtype), f"datasheet dense {dtype} peak of {known.name}"
+  return None, f"no {dtype} peak known for {device_kind!r}"
+
+
+def gemm_ceiling(dtype: str) -> float:
+  """FLOP/s of a large square matmul in jax on the default device, best of 5.
+
+  No model can run its FLOPs faster than its GEMMs, so this bounds every contender from above; on a CPU
+  it is the honest peak (the nominal clock in /proc/cpuinfo ignores boost).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  n = 4096 if jax.default_backend() == "cpu" else 16384
+  a = jnp.ones((n, n), getattr(jnp, dtype))
+  matmul = jax.jit(jnp.dot)
+  matmul(a, a).block_until_ready()
+  best = float("inf")
+  for _ in range(5):
+    start = time.perf_counter()
+    matmul(a, a).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 2 * n**3 / best
