@@ -170,21 +170,13 @@ def check_resumable(workdir: str | epath.PathLike, wanted: ModelInfo) -> ModelIn
 
 
 class Lock:
-  """An exclusive lock on a local workdir for the life of one run (`with Lock(workdir): ...`).
-
-  Re-entrant within a process: the command takes it before opening the workdir's log, the trainer again.
-  """
-
-  _held: dict[str, tuple[Any, int]] = {}  # path -> (open file holding the lock, depth)
+  """An exclusive lock on a local workdir for the life of one run (`with Lock(workdir): ...`)."""
 
   def __init__(self, workdir: str | epath.PathLike):
     self._path = os.path.realpath(os.path.join(os.fspath(workdir), LOCK))
+    self._file = None
 
   def __enter__(self) -> Lock:
-    if self._path in Lock._held:
-      file, depth = Lock._held[self._path]
-      Lock._held[self._path] = (file, depth + 1)
-      return self
     file = open(self._path, "a+")
     try:
       fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -198,17 +190,13 @@ class Lock:
     file.truncate()
     file.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
     file.flush()
-    Lock._held[self._path] = (file, 1)
+    self._file = file
     return self
 
   def __exit__(self, *exc) -> None:
-    file, depth = Lock._held[self._path]
-    if depth > 1:
-      Lock._held[self._path] = (file, depth - 1)
-      return
-    del Lock._held[self._path]
-    fcntl.flock(file, fcntl.LOCK_UN)
-    file.close()
+    fcntl.flock(self._file, fcntl.LOCK_UN)
+    self._file.close()
+    self._file = None
 
 
 def _written_by_runs(name: str) -> bool:
