@@ -8,6 +8,7 @@ against the head and the output is checked writable before any image is read.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -73,19 +74,45 @@ def _preview(names: tuple[str, ...], count: int = 3) -> str:
   return shown + (", ..." if len(names) > count else "")
 
 
-def _with_progress(batches: Iterable[input_pipeline.Batch], total: int) -> Iterator[input_pipeline.Batch]:
-  """Passes batches through, logging images loaded / total and img/s every few seconds."""
-  started = last = time.time()
-  seen = 0
-  for batch in batches:
-    yield batch
-    seen = min(total, seen + int(batch["mask"].shape[0]) * jax.process_count())
+def _devices(count: int) -> str:
+  return f"{count} device" + ("" if count == 1 else "s")
+
+
+class _Progress:
+  """Logs images loaded / total and img/s every few seconds; the rate leaves out the first batch (the
+  compile and the workers' start)."""
+
+  def __init__(self, total: int):
+    self._total = total
+    self._started = self._first = self._last = None
+    self._seen = self._after_first = 0
+
+  def wrap(self, batches: Iterable[input_pipeline.Batch]) -> Iterator[input_pipeline.Batch]:
+    self._started = self._last = time.time()
+    for batch in batches:
+      yield batch
+      self._count(int(batch["mask"].shape[0]) * jax.process_count())
+
+  def _count(self, rows: int) -> None:
     now = time.time()
-    if now - last >= _PROGRESS_SECONDS or seen == total:
-      rate = seen / max(now - started, 1e-9)
-      logging.info("eval: %d/%d images (%.0f%%), %.1f img/s, ETA %.0fs", seen, total, 100 * seen / total,
-                   rate, (total - seen) / max(rate, 1e-9))
-      last = now
+    self._seen = min(self._total, self._seen + rows)
+    if self._first is None:
+      self._first = now
+    else:
+      self._after_first += rows
+    if now - self._last >= _PROGRESS_SECONDS or self._seen == self._total:
+      logging.info("eval: %d/%d images (%.0f%%), %.1f img/s, ETA %.0fs", self._seen, self._total,
+                   100 * self._seen / self._total, self.rate(), (self._total - self._seen) / max(self.rate(), 1e-9))
+      self._last = now
+
+  def rate(self) -> float:
+    """img/s since the first batch (the whole pass's if it had one batch)."""
+    if self._after_first:
+      return self._after_first / max(time.time() - self._first, 1e-9)
+    return self._seen / max(time.time() - self._started, 1e-9)
+
+  def seconds(self) -> float:
+    return time.time() - self._started
 
 
 def default_output(checkpoint: weights.Checkpoint, split: str, image_size: int) -> str:
@@ -93,7 +120,7 @@ def default_output(checkpoint: weights.Checkpoint, split: str, image_size: int) 
   `eval_<hub name>_<split>_<res>.json` in the current folder for a hub checkpoint."""
   name = f"eval_{split.replace('/', '_').replace(':', '_')}_{image_size}"
   source = checkpoint.source
-  if checkpoint.step is not None:
+  if checkpoint.step is not None and epath.Path(source).is_dir():  # a workdir
     return os.path.join(source, f"{name}_step{checkpoint.step}.json")
   if weights.is_hub_name(source.split(" ")[0]):
     return f"eval_{source.split(' ')[0].replace('/', '_')}_{name[len('eval_'):]}.json"
@@ -101,8 +128,12 @@ def default_output(checkpoint: weights.Checkpoint, split: str, image_size: int) 
 
 
 def evaluate_checkpoint(config: Any, checkpoint_path: str, output: str | None = None,
-                        heads: tuple[int, int, int] | None = None, strict: bool = False) -> dict[str, Any]:
+                        heads: tuple[int, int, int] | None = None, strict: bool = False,
+                        image_size: int | None = None) -> dict[str, Any]:
   """Evaluates `checkpoint_path` on `config.data`'s eval split; writes and returns the JSON summary.
+
+  The resolution is `image_size` if given, else the checkpoint's training resolution when it knows it
+  (workdirs and their exports), else the config's `data.image_size`.
 
   Raises:
     FileNotFoundError: a missing checkpoint or data path.
@@ -112,30 +143,33 @@ def evaluate_checkpoint(config: Any, checkpoint_path: str, output: str | None = 
   parallel.check_global_batch_size(config.eval_batch_size, "eval_batch_size")
   variant = model_lib.variant_from_config(config.model)  # used only by a workdir without model_info.json
   checkpoint = weights.load(checkpoint_path, variant=variant, heads=heads)
-  spec = input_pipeline.DataSpec.from_config(config.data)
+  size = image_size or checkpoint.image_size or config.data.image_size
+  if size < 32:
+    raise ValueError(f"image size {size} must be >= 32")
+  spec = dataclasses.replace(input_pipeline.DataSpec.from_config(config.data), image_size=size)
   where = spec.where(spec.eval_split)
-  output = output or default_output(checkpoint, spec.eval_split, spec.image_size)
+  output = output or default_output(checkpoint, spec.eval_split, size)
   workdir_lib.check_output(output, ".json")
-  info = input_pipeline.dataset_info(spec)
+  info = input_pipeline.dataset_info(spec, splits=(spec.eval_split,))
   check_classes(checkpoint, info, spec.source, where)
-  if checkpoint.image_size and checkpoint.image_size != spec.image_size:
-    logging.info("Trained at %d px, evaluating at %d px.", checkpoint.image_size, spec.image_size)
+  if checkpoint.image_size and checkpoint.image_size != size:
+    logging.warning("Evaluating at %d px as asked; %s was trained at %d px.", size, checkpoint.source,
+                    checkpoint.image_size)
 
   mesh = parallel.make_mesh()
   model = checkpoint.model(dtype=model_lib.compute_dtype(config.model.eval_dtype, parallel.platform(mesh)),
                            kernels=config.model.kernels)
   variables = jax.device_put(checkpoint.variables, parallel.replicated(mesh))
   eval_step = train_lib.shard_eval_step(train_lib.make_eval_step(model), mesh)
-  logging.info("Evaluating %s (%s, %d classes) on %s: %d images at %d px, batch %d on %d devices, %s.",
+  logging.info("Evaluating %s (%s, %d classes) on %s: %d images at %d px, batch %d on %s, %s.",
                checkpoint.source, checkpoint.variant.name, checkpoint.num_classes, where,
-               info.num_eval_examples, spec.image_size, config.eval_batch_size, jax.device_count(),
+               info.num_eval_examples, size, config.eval_batch_size, _devices(jax.device_count()),
                config.model.eval_dtype)
-  started = time.time()
-  skipped_before = len(input_pipeline.SKIPPED_FILES)
-  batches = _with_progress(input_pipeline.eval_batches(spec, config.eval_batch_size), info.num_eval_examples)
-  result = train_lib.evaluate_batches(eval_step, variables, batches, mesh)
-  seconds = time.time() - started
-  skipped = input_pipeline.SKIPPED_FILES.since(skipped_before)
+  progress = _Progress(info.num_eval_examples)
+  result = train_lib.evaluate_batches(eval_step, variables,
+                                      progress.wrap(input_pipeline.eval_batches(spec, config.eval_batch_size)),
+                                      mesh)
+  skipped = result["skipped"]
   missing = info.num_eval_examples - result["count"]
   if missing and strict:
     raise ValueError(f"{missing} of the {info.num_eval_examples} images of {where} are unreadable (--strict)"
@@ -143,11 +177,12 @@ def evaluate_checkpoint(config: Any, checkpoint_path: str, output: str | None = 
   if missing:
     logging.warning("%d of the %d images of %s are unreadable: top-1/top-5 are over the %d others.",
                     missing, info.num_eval_examples, where, result["count"])
+  seconds = progress.seconds()
   summary = {"checkpoint": checkpoint.source, "step": checkpoint.step, "variant": checkpoint.variant.name,
-             "dataset": where, "image_size": spec.image_size, "dtype": config.model.eval_dtype,
+             "dataset": where, "image_size": size, "dtype": config.model.eval_dtype,
              "top1": result["top1"], "top5": result["top5"], "loss": result["loss"],
              "count": result["count"], "images": info.num_eval_examples, "skipped": skipped,
-             "seconds": round(seconds, 2), "images_per_second": round(result["count"] / max(seconds, 1e-9), 1)}
+             "seconds": round(seconds, 2), "images_per_second": round(progress.rate(), 1)}
   if jax.process_index() == 0:
     path = epath.Path(output)
     path.parent.mkdir(parents=True, exist_ok=True)

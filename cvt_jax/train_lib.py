@@ -194,10 +194,12 @@ def build_steps(config: Any, model: model_lib.CvT, tx: optax.GradientTransformat
 
 
 def evaluate_batches(eval_step: Callable[[Variables, Batch], Metrics], variables: Variables,
-                     batches: Iterable[input_pipeline.Batch], mesh: jax.sharding.Mesh) -> dict[str, float]:
-  """top-1/top-5 (%) and mean loss over every real example of one padded pass; 'count' = examples seen."""
+                     batches: Iterable[input_pipeline.Batch], mesh: jax.sharding.Mesh) -> dict[str, Any]:
+  """top-1/top-5 (%) and mean loss over every real example of one padded pass; 'count' = examples seen,
+  'skipped' = the undecodable images left out, in the order met."""
   totals = None
-  prefetch = input_pipeline.Prefetcher(batches, mesh)
+  skipped: list[str] = []
+  prefetch = input_pipeline.Prefetcher(batches, mesh, on_skipped=skipped.extend)
   try:
     for batch in prefetch:
       sums = eval_step(variables, batch)
@@ -209,37 +211,7 @@ def evaluate_batches(eval_step: Callable[[Variables, Batch], Metrics], variables
   if count == 0:
     raise ValueError("the evaluation split yielded no readable examples")
   return {"top1": 100.0 * float(totals["top1"]) / count, "top5": 100.0 * float(totals["top5"]) / count,
-          "loss": float(totals["loss"]) / count, "count": count}
-
-
-def _make_writer(workdir: epath.Path):
-  """TensorBoard scalars via clu on process 0; without TensorFlow, the scalars are logged instead."""
-  if jax.process_index() > 0:
-    return _LoggingWriter(enabled=False)
-  try:
-    from clu import metric_writers  # pylint: disable=g-import-not-at-top
-    return metric_writers.AsyncWriter(metric_writers.SummaryWriter(os.fspath(workdir / "tensorboard")))
-  except ImportError:
-    logging.info("No TensorBoard summaries: clu's SummaryWriter needs TensorFlow "
-                 "(pip install 'cvt-jax[tfds]').")
-    return _LoggingWriter(enabled=True)
-
-
-class _LoggingWriter:
-  """The subset of clu's MetricWriter used here, for hosts without TensorFlow: scalars go to the log."""
-
-  def __init__(self, enabled: bool):
-    self._enabled = enabled
-
-  def write_scalars(self, step: int, scalars: dict[str, float]) -> None:
-    if self._enabled:
-      logging.debug("[%d] %s", step, ", ".join(f"{k}={v:.6g}" for k, v in scalars.items()))
-
-  def flush(self) -> None:
-    pass
-
-  def close(self) -> None:
-    pass
+          "loss": float(totals["loss"]) / count, "count": count, "skipped": skipped}
 
 
 def _first_non_finite(history: list[tuple[int, Metrics]]) -> tuple[int, dict[str, float]] | None:
@@ -267,11 +239,15 @@ def validate_config(config: Any) -> None:
   require(config.model.remat in model_lib.REMAT_CHOICES,
           f"model.remat={config.model.remat!r}; use one of {model_lib.REMAT_CHOICES}")
   data = config.data
-  require(data.source in ("tfds", "folder"), f"data.source={data.source!r}; use 'tfds' or 'folder'")
+  require(data.source in input_pipeline.SOURCES,
+          f"data.source={data.source!r}; use one of {input_pipeline.SOURCES}")
   require(data.image_size >= 32, f"data.image_size={data.image_size} must be >= 32")
-  require(data.num_workers >= 0, f"data.num_workers={data.num_workers} must be >= 0 (0: automatic)")
+  require(data.num_workers is None or data.num_workers >= 0,
+          f"data.num_workers={data.num_workers} must be >= 0 (0: decode in this process; None: one per core)")
   if data.source == "folder":
     require(bool(data.data_dir), "data.source='folder' needs data.data_dir=<root with train/ and val/>")
+  if data.source == "array_record":
+    require(bool(data.data_dir), "data.source='array_record' needs data.data_dir=<what cvt-jax prepare wrote>")
   if data.data_dir:
     require(epath.Path(os.path.expanduser(data.data_dir)).is_dir(),
             f"data.data_dir={data.data_dir!r} is not a directory")
@@ -365,7 +341,7 @@ def _plan(config: Any, workdir: epath.Path, fresh: bool) -> _Plan:
   if info.num_classes != config.model.num_classes:
     raise ValueError(f"model.num_classes={config.model.num_classes} but dataset {spec.name!r} has "
                      f"{info.num_classes} classes")
-  steps_per_epoch = info.num_train_examples // config.global_batch_size
+  steps_per_epoch = input_pipeline.steps_per_epoch(info.num_train_examples, config.global_batch_size)
   if steps_per_epoch == 0:
     raise ValueError(f"global_batch_size={config.global_batch_size} exceeds the {info.num_train_examples} "
                      "training examples (batches drop the remainder)")
@@ -495,17 +471,18 @@ def _loop(run: _Run, state: TrainState, start_step: int, interrupt_at_step: int 
     logging.info("eval @ step %d (epoch %.2f): top-1 %.2f%%, top-5 %.2f%%, loss %.4f over %d/%d images "
                  "(%.1fs)", step, step / steps_per_epoch, result["top1"], result["top5"], result["loss"],
                  result["count"], plan.info.num_eval_examples, time.time() - started)
-    writer.write_scalars(step, {f"eval/{k}": v for k, v in result.items()})
+    writer.write_scalars(step, {f"eval/{k}": v for k, v in result.items() if k != "skipped"})
     writer.flush()
     return result
 
-  writer = _make_writer(run.workdir)
+  from cvt_jax import summaries  # pylint: disable=g-import-not-at-top  # the train step needs no clu
+  writer = summaries.make_writer(os.fspath(run.workdir / "tensorboard"))
   profiler = _Profiler(run.workdir, start_step, config.profile_steps)
   last_eval = None
   history: list[tuple[int, Metrics]] = []
   train_batches = input_pipeline.Prefetcher(
       input_pipeline.train_batches(plan.spec, config.global_batch_size, config.seed, start_step=start_step),
-      run.mesh)
+      run.mesh, on_skipped=input_pipeline.SkipLog(logging.warning))
   try:
     with checkpointing.StopFlag() as stop:
       last_log_time, last_log_step = time.time(), start_step

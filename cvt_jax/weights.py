@@ -55,9 +55,9 @@ class Checkpoint:
     variant: the architecture.
     num_classes: rows of the head (0: no head).
     class_names: label order of the head when the checkpoint stores it (workdirs, their exports), else None.
-    image_size: the training resolution when known (workdirs), else None.
+    image_size: the training resolution when known (workdirs and .npz files converted from them), else None.
     source: where it was loaded from.
-    step: the training step of a workdir checkpoint, else None.
+    step: the training step of a workdir checkpoint (and of an .npz converted from one), else None.
   """
 
   variables: dict[str, Any]
@@ -140,7 +140,8 @@ def _load_npz(path: epath.Path) -> Checkpoint:
   variant = Variant.from_json(meta)
   trees.check(variable_shapes(variant, meta["num_classes"]), trees.shapes(flat),
               f"{path} does not fit {variant.describe()} with {meta['num_classes']} classes")
-  return Checkpoint(trees.unflatten(flat), variant, meta["num_classes"], source=str(path))
+  return Checkpoint(trees.unflatten(flat), variant, meta["num_classes"], image_size=meta.get("image_size"),
+                    source=str(path), step=meta.get("step"))
 
 
 def _load_workdir(path: epath.Path, variant: Variant | None) -> Checkpoint:
@@ -186,7 +187,7 @@ def save(checkpoint: Checkpoint, path: str | epath.PathLike) -> None:
   trees.check(variable_shapes(checkpoint.variant, checkpoint.num_classes), trees.shapes(flat),
               f"{path}: the variables do not fit {checkpoint.variant.describe()}")
   meta = {"format": FORMAT, **checkpoint.variant.to_json(), "num_classes": checkpoint.num_classes,
-          "source": checkpoint.source}
+          "image_size": checkpoint.image_size, "step": checkpoint.step, "source": checkpoint.source}
   buffer = io.BytesIO()
   np.savez(buffer, **flat, **{_META_KEY: np.array(json.dumps(meta))})
   path.parent.mkdir(parents=True, exist_ok=True)

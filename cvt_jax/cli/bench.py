@@ -13,9 +13,9 @@ medians and the ratio of cvt_jax to the faster PyTorch configuration of the same
 On a GPU the defaults become bf16 (PyTorch: AMP bf16 + fused AdamW), CvT-13/21/W24, batch 256 and the
 largest batch that fits both frameworks. Every run also measures a large matmul (the GEMM ceiling: no
 model's FLOPs run faster, so each case gets a roofline img/s) and the input side of training on generated
-JPEGs: host decode + crop + flip on 1..all cores, the on-device augmentation alone, and the trainer's whole
-loop on the JPEG folder tree against its bare step. Results go to bench/results/local/<time>.{json,md}.
-PyTorch (and transformers) are needed: `pip install 'cvt-jax[test]'` or `./run.sh bench`.
+JPEGs: `train_batches` from a folder tree and from ArrayRecord shards in 1 and all worker processes, the
+on-device augmentation alone, and the trainer's whole loop on the shards against its bare step. Results go
+to bench/results/local/<time>.{json,md}. PyTorch (and transformers) are needed: `pip install 'cvt-jax[test]'` or `./run.sh bench`.
 """
 
 from __future__ import annotations
@@ -354,23 +354,7 @@ def markdown(report: dict[str, Any]) -> str:
                    f"{100 * row['img_per_s'] * case['flops_per_image'] / report['gemm_ceiling']:.0f}% | "
                    f"{ratio} |")
   if report.get("input_pipeline"):
-    p = report["input_pipeline"]
-    per_core = p["img_per_s_all_cores"] / p["cores"]
-    lines += ["", f"Input pipeline ({p['what']}, {p['images']} images): decode processes "
-              + ", ".join(f"{r['workers']}: {r['img_per_s']:.0f} img/s ({r['img_per_s_per_core']:.0f} per core)"
-                          for r in p["decode_scaling"])
-              + f"; {100 * p['scaling_efficiency']:.0f}% of linear scaling, so about {16 * per_core:.0f} img/s "
-              f"on a 16-core host and {96 * per_core:.0f} on a 96-core one if it stays linear (an estimate); "
-              f"{p['img_per_s_train_batches']:.0f} img/s through `input_pipeline.train_batches` "
-              f"(folder tree, batch {p['batch']}, the training loop's own process included); on-device "
-              "augmentation (RandAugment, erasing, mixup/cutmix) alone "
-              f"{p['img_per_s_device_augment']:.0f} img/s."]
-    if "img_per_s_loop" in p:
-      lines += ["", f"Training loop on those JPEGs ({p['model']} @{p['res']}, batch {p['batch']}, "
-                f"the trainer's sharded step with augmentation; median of {p['loop_steps']} steps per block): "
-                f"{p['img_per_s_loop']:.2f} img/s vs {p['img_per_s_bare_step']:.2f} img/s for the same step "
-                f"fed one fixed batch (mean of a block before and one after the loop) = "
-                f"{p['img_per_s_loop'] / p['img_per_s_bare_step']:.2f}x (goal >= 0.90x)."]
+    lines += bench_input.markdown(report["input_pipeline"])
   for failed in report.get("failed_cases", []):
     error = failed["error"].strip().splitlines()  # a worker's traceback: its first and last lines say it
     lines += ["", f"**Failed:** {failed['model']} @{failed['res']} {failed['mode']} batch {failed['batch']}: "

@@ -1,12 +1,14 @@
 """The input side of training next to the step it feeds, on photo-like 500x375 JPEGs (`cvt-jax bench`).
 
-Host decode + crop + flip in the decode processes on 1..all cores and through `train_batches`; the
-on-device augmentation alone; and the trainer's whole loop on a JPEG folder tree against the same step
-fed one fixed batch.
+The same images as a folder tree and as ArrayRecord shards (`cvt-jax prepare`): `train_batches` (decode +
+pixel-exact random-resized crop + flip) in 1 and in all worker processes, per source; the on-device
+augmentation alone; and the trainer's whole loop on the ArrayRecord shards against the same step fed one
+fixed batch.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pathlib
 import statistics
@@ -15,6 +17,8 @@ import time
 from typing import Any, Callable
 
 import numpy as np
+
+_SOURCES = ("array_record", "folder")
 
 
 def _write_jpeg_tree(root: pathlib.Path, count: int, classes: int = 4) -> None:
@@ -30,45 +34,34 @@ def _write_jpeg_tree(root: pathlib.Path, count: int, classes: int = 4) -> None:
     Image.fromarray(pixels).save(folder / f"{i:05d}.jpg", quality=90)
 
 
-def _pool_rate(paths: list[str], workers: int, size: int, batch: int) -> float:
-  """img/s of `decode.DecodePool` with `workers` processes: decode + random-resized crop + flip of
-  `paths` in batches, as the folder pipeline submits them (after one untimed batch)."""
-  from cvt_jax.data import decode
-  jobs = [decode.Job((path,), (0, 0, i)) for i, path in enumerate(paths)]
-  batches = [jobs[i:i + batch] for i in range(0, len(jobs) - batch + 1, batch)]
-  with decode.DecodePool(workers, batch, size, {}) as pool:
-    pool.submit(batches[0])
-    pool.result()
-    start = time.perf_counter()
-    for jobs_ in batches[1:]:
-      if len(pool) == 2:  # two batches in flight, as the pipeline keeps them
-        pool.result()
-      pool.submit(jobs_)
-    while len(pool):
-      pool.result()
-    return batch * (len(batches) - 1) / (time.perf_counter() - start)
-
-
-def _host_decode_rates(root: pathlib.Path, spec: Any, batch: int) -> dict[str, Any]:
-  """The folder path's decode processes on 1..all cores, its scaling, and `train_batches` end to end."""
+def _pipeline_rate(spec: Any, batch: int, steps: int) -> float:
+  """img/s of `train_batches` over `steps` batches, after the first (the workers' start)."""
   from cvt_jax.data import input_pipeline
-  paths = [str(p) for p in sorted(root.glob("train/*/*.jpg"))]
-  cores = os.cpu_count() or 1
-  scaling = []
-  for workers in sorted({1, cores // 2, cores} - {0}):
-    rate = _pool_rate(paths, workers, spec.image_size, batch)
-    scaling.append({"workers": workers, "img_per_s": rate, "img_per_s_per_core": rate / workers})
-  efficiency = scaling[-1]["img_per_s"] / (scaling[-1]["workers"] * scaling[0]["img_per_s"])
   batches = input_pipeline.train_batches(spec, batch, seed=0)
-  next(batches)
-  steps = max(1, len(paths) // batch - 1)
-  start = time.perf_counter()
-  for _ in range(steps):
+  try:
     next(batches)
-  folder = steps * batch / (time.perf_counter() - start)
-  batches.close()
-  return {"decode_scaling": scaling, "scaling_efficiency": efficiency, "img_per_s_train_batches": folder,
-          "img_per_s_one_process": scaling[0]["img_per_s"], "img_per_s_all_cores": scaling[-1]["img_per_s"]}
+    start = time.perf_counter()
+    for _ in range(steps):
+      next(batches)
+    return steps * batch / (time.perf_counter() - start)
+  finally:
+    batches.close()
+
+
+def _decode_rates(specs: dict[str, Any], batch: int, steps: int) -> dict[str, Any]:
+  """Per source: `train_batches` in this process (threads), in one worker process and in one per core."""
+  cores = os.cpu_count() or 1
+  rates = {}
+  for source, spec in specs.items():
+    scaling = []
+    for workers in sorted({1, cores}):
+      rate = _pipeline_rate(dataclasses.replace(spec, num_workers=workers), batch, steps)
+      scaling.append({"workers": workers, "img_per_s": rate, "img_per_s_per_core": rate / workers})
+      print(f"   {source}: {rate:.0f} img/s in {workers} worker process(es)", flush=True)
+    rates[source] = {"scaling": scaling,
+                     "scaling_efficiency": scaling[-1]["img_per_s"] / (scaling[-1]["workers"]
+                                                                        * scaling[0]["img_per_s"])}
+  return rates
 
 
 def _device_augment_rate(batch: int, res: int, rounds: int) -> float:
@@ -92,7 +85,7 @@ def _device_augment_rate(batch: int, res: int, rounds: int) -> float:
 
 def _training_loop_rates(spec: Any, model_name: str, dtype: str, batch: int, steps: int) -> dict[str, Any]:
   """Step times of the trainer's own sharded step (on-device augmentation included) fed one fixed batch
-  ('bare') and fed by the real loop: folder tree of JPEGs -> `train_batches` -> `Prefetcher` ('loop').
+  ('bare') and fed by the real loop: `train_batches` -> `Prefetcher` ('loop').
 
   Blocks of `steps` steps run bare, loop, bare again (each after untimed steps), every step timed alone:
   the rates come from median step times, and the loop is compared with the mean of the two bare blocks,
@@ -115,7 +108,7 @@ def _training_loop_rates(spec: Any, model_name: str, dtype: str, batch: int, ste
   step = train_lib.shard_train_step(
       train_lib.make_train_step(model, tx, schedule, 1000, augment.default_config(), jax.random.key(1)), mesh)
   first = input_pipeline.train_batches(spec, batch, seed=1)
-  fixed = parallel.global_batch(next(first), mesh)
+  fixed = parallel.global_batch({k: v for k, v in next(first).items() if k != "skipped"}, mesh)
   first.close()
 
   def step_times(feed: Callable[[], Any], untimed: int) -> list[float]:
@@ -143,33 +136,46 @@ def _training_loop_rates(spec: Any, model_name: str, dtype: str, batch: int, ste
 
 def bench_input_pipeline(num_images: int, batch: int, model: str, res: int, dtype: str,
                          loop_steps: int) -> dict[str, Any]:
-  """The input side of training next to the step it feeds, on photo-like 500x375 JPEGs.
-
-  Host decode + crop + flip (`cvt_jax.data.preprocess`) on one process, on every core and through
-  `input_pipeline.train_batches`; the on-device augmentation alone; and the whole training loop on the
-  JPEG folder tree against the same step fed one fixed batch (the goal: loop within 10% of bare).
-  """
+  """The input side of training next to the step it feeds (see the module docstring)."""
   from cvt_jax.data import input_pipeline
+  from cvt_jax.data import prepare
   cores = os.cpu_count() or 1
-  batch = min(batch, num_images // 2)
+  batch = min(batch, num_images // 4)
   with tempfile.TemporaryDirectory() as tmp:
     root = pathlib.Path(tmp)
-    _write_jpeg_tree(root, num_images)
-    spec = input_pipeline.DataSpec(source="folder", name="", data_dir=str(root), train_split="train",
-                                   eval_split="train", image_size=res, num_workers=cores)
-    result = {"what": f"decode 500x375 JPEG + random-resized crop {res} + flip "
-                      "(cvt_jax.data.preprocess.train_image)",
+    _write_jpeg_tree(root / "tree", num_images)
+    prepare.prepare(str(root / "tree"), str(root / "records"), splits=["train"], log=lambda _: None)
+    specs = {source: input_pipeline.DataSpec(source=source, name="", data_dir=str(root / folder),
+                                             train_split="train", eval_split="train", image_size=res)
+             for source, folder in (("array_record", "records"), ("folder", "tree"))}
+    print(f"\n== input pipeline: {num_images} 500x375 JPEGs, random-resized crop {res} + flip, batch {batch}",
+          flush=True)
+    result = {"what": f"decode 500x375 JPEG + random-resized crop {res} + flip (cvt_jax.data.preprocess."
+                      "train_image) through input_pipeline.train_batches",
               "images": num_images, "cores": cores, "batch": batch, "model": model, "res": res,
-              **_host_decode_rates(root, spec, batch)}
-    print(f"\n== input pipeline: {result['img_per_s_one_process']:.0f} img/s one process, "
-          f"{result['img_per_s_all_cores']:.0f} img/s on {cores} processes "
-          f"({100 * result['scaling_efficiency']:.0f}% of linear), "
-          f"{result['img_per_s_train_batches']:.0f} img/s from input_pipeline.train_batches", flush=True)
+              "sources": _decode_rates(specs, batch, steps=max(1, num_images // batch - 1))}
     result["img_per_s_device_augment"] = _device_augment_rate(batch, res, rounds=5)
     print(f"   device augmentation: {result['img_per_s_device_augment']:.0f} img/s", flush=True)
     if loop_steps:
-      result.update(_training_loop_rates(spec, model, dtype, batch, loop_steps))
-      print(f"   training loop on JPEGs: {result['img_per_s_loop']:.2f} img/s vs "
+      result.update(_training_loop_rates(specs["array_record"], model, dtype, batch, loop_steps))
+      print(f"   training loop on ArrayRecord: {result['img_per_s_loop']:.2f} img/s vs "
             f"{result['img_per_s_bare_step']:.2f} img/s for the bare step "
             f"({result['img_per_s_loop'] / result['img_per_s_bare_step']:.2f}x)", flush=True)
   return result
+
+
+def markdown(p: dict[str, Any]) -> list[str]:
+  """The input-side lines of the benchmark report."""
+  lines = ["", f"Input pipeline ({p['what']}, {p['images']} images, batch {p['batch']}, {p['cores']} cores): "
+           + "; ".join(f"{source}: " + ", ".join(f"{r['workers']} worker(s) {r['img_per_s']:.0f} img/s "
+                                               f"({r['img_per_s_per_core']:.0f} per core)" for r in s["scaling"])
+                       + f" ({100 * s['scaling_efficiency']:.0f}% of linear)"
+                       for source, s in p["sources"].items())
+           + f"; on-device augmentation alone {p['img_per_s_device_augment']:.0f} img/s."]
+  if "img_per_s_loop" in p:
+    lines += ["", f"Training loop on ArrayRecord shards ({p['model']} @{p['res']}, batch {p['batch']}, the "
+              f"trainer's sharded step with augmentation; median of {p['loop_steps']} steps per block): "
+              f"{p['img_per_s_loop']:.2f} img/s vs {p['img_per_s_bare_step']:.2f} img/s for the same step fed "
+              f"one fixed batch (mean of a block before and one after the loop) = "
+              f"{p['img_per_s_loop'] / p['img_per_s_bare_step']:.2f}x (goal >= 0.90x)."]
+  return lines

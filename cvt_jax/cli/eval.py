@@ -6,12 +6,14 @@ r"""Evaluate a checkpoint over every image of a split: `cvt-jax eval --config cv
   cvt-jax eval --config finetune:... --checkpoint out/finetune                       # a training workdir
 
 The checkpoint is anything `cvt-jax convert` reads (a workdir, a converted .npz, a PyTorch file, a hub
-name); its own architecture and head are used, and the config supplies the data, the resolution (224:
-resize 256 + centre crop, 384: squash), the eval batch size and the compute dtype (model.eval_dtype,
-float32 as the official evaluation; bfloat16 is faster on GPU/TPU). The dataset's classes are checked
-against the head and the output is checked writable before any image is read. Unreadable images are
-skipped, listed in the output and reported (--strict: fail instead). The result is printed and written as
-JSON (--output, default next to the checkpoint).
+name); its own architecture and head are used, and the config supplies the data, the eval batch size and
+the compute dtype (model.eval_dtype, float32 as the official evaluation; bfloat16 is faster on GPU/TPU).
+The resolution is the checkpoint's training resolution when it knows it (a workdir, or an .npz converted
+from one) unless --image_size, the config's `res=` or --config.data.image_size asks for another, else the
+config's (224: resize 256 + centre crop, 384: squash). The dataset's classes are checked against the head
+and the output is checked writable before any image is read. Unreadable images are skipped, listed in the
+output and reported (--strict: fail instead). The result is printed and written as JSON (--output,
+default next to the checkpoint).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import os
 from typing import Sequence
 
 from absl import flags
+from ml_collections import config_flags
 
 from cvt_jax import evaluate
 from cvt_jax.cli import runner
@@ -36,6 +39,9 @@ _OUTPUT = flags.DEFINE_string("output", None, "JSON summary path (default: next 
                               flag_values=FLAGS)
 _STRICT = flags.DEFINE_bool("strict", False, "Fail if any image of the split is unreadable (default: "
                             "skip, list and report them).", flag_values=FLAGS)
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", None, "Resolution (default: the checkpoint's training "
+                                   "resolution when it knows it, else the config's: res=, data.image_size).",
+                                   lower_bound=32, flag_values=FLAGS)
 _HEADS = runner.define_heads_flag(FLAGS)
 flags.mark_flags_as_required(["config", "checkpoint"], flag_values=FLAGS)
 
@@ -46,11 +52,21 @@ def main(argv: Sequence[str]) -> None:
   config = _CONFIG.value
   if _DATA.value:
     config.data.source, config.data.data_dir = "folder", os.path.expanduser(_DATA.value)
-  summary = evaluate.evaluate_checkpoint(config, _CHECKPOINT.value, _OUTPUT.value, _HEADS.value, _STRICT.value)
+  summary = evaluate.evaluate_checkpoint(config, _CHECKPOINT.value, _OUTPUT.value, _HEADS.value, _STRICT.value,
+                                         _IMAGE_SIZE.value or _asked_resolution(config))
   skipped = f", {len(summary['skipped'])} unreadable skipped" if summary["skipped"] else ""
   print(f"top-1 {summary['top1']:.2f}%  top-5 {summary['top5']:.2f}%  loss {summary['loss']:.4f}  "
         f"images {summary['count']}{skipped}  ({summary['images_per_second']:.1f} img/s)  -> "
         f"{summary['output']}")
+
+
+def _asked_resolution(config) -> int | None:
+  """The config's resolution if the command line sets it (`:res=` or --config.data.image_size), else None:
+  the checkpoint's own resolution then wins over the config's default."""
+  arg = config_flags.get_config_filename(FLAGS["config"]).partition(":")[2]
+  explicit = "data.image_size" in config_flags.get_override_values(FLAGS["config"]) or any(
+      item.split("=")[0].strip() == "res" for item in arg.split(","))
+  return config.data.image_size if explicit else None
 
 
 def run(argv: Sequence[str] | None = None) -> None:

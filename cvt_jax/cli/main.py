@@ -1,4 +1,8 @@
-"""`cvt-jax COMMAND [ARGS]`: the project's commands behind one entry point (`cvt-jax COMMAND --help`)."""
+"""`cvt-jax COMMAND [ARGS]`: the project's commands behind one entry point (`cvt-jax COMMAND --help`).
+
+This module imports only the standard library: the input pipeline's worker processes re-import the console
+script (and so this module) as they start.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +10,13 @@ import importlib
 import sys
 from typing import NoReturn, Sequence
 
-from cvt_jax.cli import runner
-
 # command -> (module under cvt_jax.cli with `run(argv)`, one-line description); imported only when called.
 COMMANDS = {
     "train": ("train", "train and evaluate from a config; rerun the same command to resume"),
     "eval": ("eval", "top-1/top-5 of a checkpoint over every image of a split"),
     "predict": ("predict", "top classes of image files"),
     "convert": ("convert", "any checkpoint (PyTorch, workdir, hub name) to a cvt_jax .npz"),
+    "prepare": ("prepare", "a folder tree or TFDS dataset as ArrayRecord shards for fast, sharded reading"),
     "summary": ("summary", "parameters and MACs of a variant"),
     "compile": ("compile", "compile the train and eval steps for a TPU slice, a GPU node or this host; "
                            "report memory and fit"),
@@ -30,7 +33,8 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     sys.exit(0 if len(argv) >= 2 else 2)
   command = argv[1]
   if command not in COMMANDS:
-    runner.fail("cvt-jax", f"unknown command {command!r}; choose one of {', '.join(COMMANDS)}", 2)
+    print(f"cvt-jax: error: unknown command {command!r}; choose one of {', '.join(COMMANDS)}", file=sys.stderr)
+    sys.exit(2)
   module = importlib.import_module(f"cvt_jax.cli.{COMMANDS[command][0]}")
   module.run([f"cvt-jax {command}", *argv[2:]])
 

@@ -11,7 +11,6 @@ file only (`<workdir>/train.log` for training).
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import logging
 import os
 import sys
@@ -262,27 +261,7 @@ def logging_to(log_file: str) -> Iterator[None]:
   handler.setFormatter(absl_logging.PythonFormatter())
   logging.root.addHandler(handler)
   try:
-    _import_tensorflow_into(log_file)
     yield
   finally:
     logging.root.removeHandler(handler)
     handler.close()
-
-
-def _import_tensorflow_into(log_file: str) -> None:
-  """A run imports TensorFlow where it is installed (TensorBoard summaries, TFDS), and the import prints C++
-  notices (oneDNN, ...) straight to file descriptor 2, before TF_CPP_MIN_LOG_LEVEL applies. It happens here,
-  with that descriptor on the log file."""
-  if "tensorflow" in sys.modules or importlib.util.find_spec("tensorflow") is None:
-    return
-  sys.stderr.flush()
-  console = os.dup(2)
-  log = os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
-  try:
-    os.dup2(log, 2)
-    import tensorflow  # pylint: disable=g-import-not-at-top,unused-import
-  finally:
-    os.dup2(console, 2)
-    os.close(console)
-    os.close(log)
-

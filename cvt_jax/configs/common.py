@@ -13,6 +13,7 @@ from __future__ import annotations
 import ml_collections
 
 from cvt_jax.data import augment
+from cvt_jax.data import preprocess
 
 # The official yaml recipe (microsoft/CvT experiments/imagenet/cvt/*.yaml).
 OFFICIAL_BATCH = 2048
@@ -75,19 +76,22 @@ def get_config(variant: str = "cvt-13", image_size: int = 224, weight_decay: flo
   config.model.heads = ml_collections.config_dict.placeholder(tuple)
 
   config.data = ml_collections.ConfigDict()
-  config.data.source = "tfds"  # 'tfds' or 'folder' (<data_dir>/train/<class>/*, <data_dir>/val/<class>/*)
+  # 'tfds' (a TFDS dataset prepared as array_record), 'array_record' (shards written by `cvt-jax prepare`)
+  # or 'folder' (<data_dir>/train/<class>/*, <data_dir>/val/<class>/*).
+  config.data.source = "tfds"
   config.data.name = "imagenet2012"
   config.data.data_dir = ml_collections.config_dict.placeholder(str)
   config.data.train_split = "train"
-  # None: "validation" (tfds), "val" (folder).
+  # None: "val" (folder), "validation" (tfds), whichever of the two a prepared dataset has.
   config.data.eval_split = ml_collections.config_dict.placeholder(str)
   config.data.image_size = image_size
-  config.data.num_workers = 0  # host decode processes (folder) / tf.data calls (TFDS); 0: automatic
-  # Random-resized crop + flip on the host (cvt_jax.data.preprocess), torchvision's sampling: area fraction in
-  # crop_scale, log-uniform aspect in crop_ratio, then resized with `interpolation` (timm's --scale,
+  # Decode processes per host (grain workers); None: one per core; 0: threads of the training process.
+  config.data.num_workers = ml_collections.config_dict.placeholder(int)
+  # Random-resized crop + flip on the host (cvt_jax.data.preprocess), torchvision's sampling: area fraction
+  # in crop_scale, log-uniform aspect in crop_ratio, then resized with `interpolation` (timm's --scale,
   # --ratio, --interpolation). Fine-tuning on small or low-resolution data often wants a milder crop_scale.
-  config.data.crop_scale = (0.08, 1.0)
-  config.data.crop_ratio = (3 / 4, 4 / 3)
+  config.data.crop_scale = preprocess.TRAIN_SCALE
+  config.data.crop_ratio = preprocess.TRAIN_RATIO
   config.data.interpolation = "bicubic"
   config.data.repeated_augmentation = 1  # >1: DeiT's repeated-augmentation sampler (CvT-21 @224 yaml: 3)
   # Decode large JPEGs at a reduced DCT scale when training: faster on large photos, none at ImageNet's

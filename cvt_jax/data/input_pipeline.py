@@ -1,27 +1,27 @@
-"""Host input pipeline: per-process uint8 batches from TFDS (tf.data) or a folder tree (PIL, no TF).
+"""The host input pipeline: per-process uint8 batches of any source, decoded in grain's worker processes.
 
-The host only decodes, crops and flips (`cvt_jax.data.preprocess`); RandAugment, erasing, normalisation and
-mixup/cutmix run on the device inside the jitted step (`cvt_jax.data.augment`). `Prefetcher` moves the next
-batches onto the devices while the current step runs.
+One pipeline for every source (`cvt_jax.data.sources`: a folder tree, ArrayRecord shards written by
+`cvt-jax prepare`, a TFDS dataset in the array_record format): a grain `MapDataset` over the source whose
+element k is this process's part of global batch k, decoded and cropped by the one PIL implementation of the
+official pixels (`cvt_jax.data.decode`), in `data.num_workers` worker processes. The host only decodes,
+crops and flips; RandAugment, erasing, normalisation and mixup/cutmix run on the device inside the jitted
+step (`cvt_jax.data.augment`). `Prefetcher` moves the next batches onto the devices while a step runs.
 
-Label order. A folder tree `<root>/train/<class>/*`, `<root>/val/<class>/*` (the official CvT README layout)
-gets labels = index of the class folder name in the sorted list of train class folders. For ImageNet the
-folders are WordNet ids (n01440764, ...), and TFDS `imagenet2012` numbers its labels by the same sorted WNID
-list (its `label.names`), so a model trained or converted on one source evaluates correctly on the other.
-A different order (e.g. by human-readable class name) is the classic "0.1 % top-1" failure.
+Processes. Process p of P reads its own contiguous 1/P of each split (examples [p n/P, (p+1) n/P)), so
+hosts read disjoint shards; its batches are global_batch / P examples.
 
-Determinism and resumption. Training batches are a pure function of (seed, step): epoch e is a permutation
-(folder: of the whole split, seeded by (seed, e); TFDS: file order + a shuffle buffer, seeded by (seed, e)),
-cut into `steps_per_epoch = examples // global_batch` global batches (drop_last), and each example's crop and
-flip come from its position in the epoch. `train_batches(..., start_step=k)` therefore yields exactly the
-batches an uninterrupted run saw from step k on. Process p of n takes a disjoint part of every global batch
-(folder) or a disjoint 1/n of the split (TFDS), so per-process batches are global_batch / n examples.
-With `repeats` r > 1 (the repeated-augmentation sampler of DeiT that the CvT-21 @224 yaml uses) an epoch shows
-n / r images r times each, with independent crops, the copies on different devices.
+Determinism and resumption. Epoch e of a process is grain's permutation of its examples seeded by (seed, e),
+cut into `steps_per_epoch` batches (the remainder is dropped); each example's crop and flip come from
+(seed, epoch, process, position). A batch is therefore a pure function of (seed, step), whatever the number
+of workers: `train_batches(..., start_step=k)` yields exactly the batches an uninterrupted run saw from step
+k on, and a resumed run needs no iterator state. With `repeats` r > 1 (the repeated-augmentation sampler of
+DeiT that the CvT-21 @224 yaml uses) an epoch shows n / r images r times each, with independent crops, the
+copies on different devices.
 
-Bad input. Undecodable files are skipped with one warning per path: in training the slot is filled by the
-next example of the epoch; in evaluation the slot is masked out and the number skipped is logged at the end
-of the pass. A missing data dir, split or class folder, or an empty class folder, fails at once with the path.
+Bad input. An undecodable image is reported (batches carry the keys under 'skipped'; `Prefetcher` hands
+them to a callback): in training its slot is filled by the next image of the epoch; in evaluation the slot
+is masked out. A missing data dir, split or class folder, or an empty class folder, fails at once with the
+path.
 """
 
 from __future__ import annotations
@@ -30,25 +30,31 @@ import dataclasses
 import functools
 import os
 import queue
+import sys
 import threading
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import jax
 import numpy as np
-from absl import logging
-from etils import epath
+from absl import flags
 
 from cvt_jax import parallel
 from cvt_jax.data import decode
-from cvt_jax.data import preprocess
+from cvt_jax.data import records
+from cvt_jax.data import sources
 
-_PREFETCH_BATCHES = 2
-_TFDS_SHUFFLE_BUFFER = 16_384
-# Folder-path training: how many later examples of the epoch may stand in for an undecodable one.
+SOURCES = ("folder", "array_record", "tfds")
+# How many later images of the epoch may stand in for an undecodable training image.
 _STAND_INS = 8
+_BUFFERED_BATCHES = 2  # per worker process, and on the devices (Prefetcher)
 
 Batch = dict[str, np.ndarray]
+
+
+class DataError(ValueError):
+  """Data that cannot be read as asked (too few images, every stand-in undecodable, ...)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,16 +62,17 @@ class DataSpec:
   """Where the data comes from and how it is cut (the config's `data` block; validated with the config).
 
   Attributes:
-    source: 'tfds' or 'folder'.
-    name: TFDS dataset name (e.g. 'imagenet2012'); for a folder tree only a label in messages.
-    data_dir: TFDS data_dir, or the folder root holding the splits; local or `gs://`.
-    train_split, eval_split: split names (TFDS) or sub-folders (folder).
+    source: 'folder', 'array_record' or 'tfds'.
+    name: TFDS dataset name (e.g. 'imagenet2012'); otherwise only a label in messages.
+    data_dir: the folder root holding the splits, the root `cvt-jax prepare` wrote, or TFDS's data_dir;
+      local or `gs://`.
+    train_split, eval_split: split names (sub-folders of a tree, splits of a prepared or TFDS dataset).
     image_size: output side in pixels.
-    num_workers: host decode processes (folder) / tf.data parallel calls (TFDS); 0 = as many as useful.
+    num_workers: decode processes; 0 decodes in this process (threads), None one per core.
     crop: random-resized crop options `scale`, `ratio`, `interpolation` (`preprocess.train_image`).
     repeats: repeated augmentation: each image of an epoch shown this many times (1 = off).
-    reduced_jpeg_decode: folder path, training: decode large JPEGs at a reduced DCT scale (faster, pixels
-      differ slightly from the official pipeline's; `preprocess.train_image(draft=True)`).
+    reduced_jpeg_decode: training: decode large JPEGs at a reduced DCT scale (faster, pixels differ
+      slightly from the official pipeline's; `preprocess.train_image(draft=True)`).
   """
 
   source: str
@@ -74,33 +81,38 @@ class DataSpec:
   train_split: str
   eval_split: str
   image_size: int
-  num_workers: int = 0
+  num_workers: int | None = None
   crop: dict[str, Any] = dataclasses.field(default_factory=dict, hash=False)
   repeats: int = 1
   reduced_jpeg_decode: bool = False
 
   @classmethod
-  def from_config(cls, data_config: Any) -> DataSpec:
-    """A spec from a config's `data` block (split defaults depend on the source)."""
-    get = data_config.get
-    data_dir = get("data_dir", None)
-    return cls(source=data_config.source, name=get("name", "") or "",
-               data_dir=os.path.expanduser(data_dir) if data_dir else None,
-               train_split=get("train_split", None) or "train",
-               eval_split=(get("eval_split", None)
-                           or ("val" if data_config.source == "folder" else "validation")),
-               image_size=int(data_config.image_size), num_workers=int(get("num_workers", 0) or 0),
-               crop={"scale": tuple(get("crop_scale", preprocess.TRAIN_SCALE)),
-                     "ratio": tuple(get("crop_ratio", preprocess.TRAIN_RATIO)),
-                     "interpolation": get("interpolation", "bicubic")},
-               repeats=int(get("repeated_augmentation", 1) or 1),
-               reduced_jpeg_decode=bool(get("reduced_jpeg_decode", False)))
+  def from_config(cls, data: Any) -> DataSpec:
+    """A spec from a config's `data` block (`configs/common.py` defines every field)."""
+    data_dir = os.path.expanduser(data.data_dir) if data.data_dir else None
+    return cls(source=data.source, name=data.name or "", data_dir=data_dir, train_split=data.train_split,
+               eval_split=data.eval_split or default_eval_split(data.source, data_dir),
+               image_size=int(data.image_size), num_workers=data.num_workers,
+               crop={"scale": tuple(data.crop_scale), "ratio": tuple(data.crop_ratio),
+                     "interpolation": data.interpolation},
+               repeats=int(data.repeated_augmentation), reduced_jpeg_decode=bool(data.reduced_jpeg_decode))
 
   def where(self, split: str) -> str:
-    """'folder tree /data/imagenet/val' or 'TFDS imagenet2012:validation', for messages."""
-    if self.source == "folder":
-      return f"folder tree {os.path.join(self.data_dir, split)}"
-    return f"TFDS {self.name}:{split}"
+    """'folder tree /data/imagenet/val', 'TFDS imagenet2012:validation', ..., for messages."""
+    if self.source == "tfds":
+      return f"TFDS {self.name}:{split}"
+    kind = "folder tree" if self.source == "folder" else "prepared dataset"
+    return f"{kind} {os.path.join(self.data_dir or '', split)}"
+
+
+def default_eval_split(source: str, data_dir: str | None) -> str:
+  """'val' for a folder tree, 'validation' for TFDS, and whichever of the two a prepared dataset has."""
+  if source == "folder":
+    return "val"
+  if source == "array_record" and data_dir:
+    splits = records.read_info(data_dir).splits
+    return "val" if "val" in splits or "validation" not in splits else "validation"
+  return "validation"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,48 +123,70 @@ class DatasetInfo:
   num_eval_examples: int
 
 
-def dataset_info(spec: DataSpec) -> DatasetInfo:
-  """Class names and split sizes; fails with the path/name when the data is missing."""
+def split(spec: DataSpec, name: str) -> sources.Split:
+  """Split `name` of the spec's source, labelled by the train split's classes."""
   if spec.source == "folder":
-    train = _list_folder(spec.data_dir, spec.train_split)
-    evals = _list_folder(spec.data_dir, spec.eval_split, train.class_names)
-    return DatasetInfo(len(train.class_names), train.class_names, len(train.paths), len(evals.paths))
-  builder = _tfds_builder(spec)
-  label = builder.info.features["label"]
-  names = tuple(label.names) if getattr(label, "names", None) else tuple(
-      str(i) for i in range(label.num_classes))
-  return DatasetInfo(label.num_classes, names, _tfds_num_examples(builder, spec.train_split),
-                     _tfds_num_examples(builder, spec.eval_split))
+    classes = sources.class_folders(spec.data_dir, spec.train_split)
+    return sources.folder_split(spec.data_dir, name, classes)
+  if spec.source == "array_record":
+    return sources.array_record_split(spec.data_dir, name)
+  if spec.source == "tfds":
+    return sources.tfds_split(spec.name, name, spec.data_dir)
+  raise ValueError(f"data.source={spec.source!r}; use one of {SOURCES}")
 
 
-def train_batches(spec: DataSpec, global_batch_size: int, seed: int,
-                  start_step: int = 0) -> Iterator[Batch]:
-  """Infinite training batches of this process: {'image': uint8 (B/P, S, S, 3), 'label': int32 (B/P,)}.
+def dataset_info(spec: DataSpec, splits: tuple[str, ...] | None = None) -> DatasetInfo:
+  """Class names and split sizes (of `splits`, default both; a split left out counts 0 examples)."""
+  wanted = splits or (spec.train_split, spec.eval_split)
+  found = {name: split(spec, name) for name in wanted}
+  names = next(iter(found.values())).class_names
+  count = lambda name: len(found[name].source) if name in found else 0
+  return DatasetInfo(len(names), names, count(spec.train_split), count(spec.eval_split))
 
-  Deterministic in (seed, step); see the module docstring. Random-resized crop + flip on the host.
-  An epoch is `num_train_examples // global_batch_size` steps for both sources.
-  """
-  local = _local_batch_size(global_batch_size)
+
+def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
+  """Steps of an epoch: each process's examples (a 1/P of them) over its batch (global / P)."""
+  processes = jax.process_count()
+  return (num_examples // processes) // _local_batch_size(global_batch_size)
+
+
+def train_batches(spec: DataSpec, global_batch_size: int, seed: int, start_step: int = 0) -> Iterator[Batch]:
+  """Endless training batches of this process: {'image': uint8 (B/P, S, S, 3), 'label': int32 (B/P,),
+  'skipped': keys of undecodable images replaced by the next ones}, deterministic in (seed, step)."""
   if start_step < 0:
     raise ValueError(f"start_step must be >= 0, got {start_step}")
-  batches = (_folder_train(spec, global_batch_size, local, seed, start_step) if spec.source == "folder"
-             else _tfds_train(spec, local, seed, start_step))
-  if spec.repeats == 1:
-    return batches
-  spread = _spread_over_devices(local, jax.local_device_count())
-  return ({k: v[spread] for k, v in batch.items()} for batch in batches)
+  local = _local_batch_size(global_batch_size)
+  data = split(spec, spec.train_split)
+  start, stop = _process_part(len(data.source), drop_remainder=True)
+  source = _localized(data.source, start, stop)
+  count = stop - start
+  if count // local == 0:
+    raise DataError(f"the per-process batch of {local} exceeds this process's {count} training images of "
+                    f"{spec.where(spec.train_split)} (global batch {global_batch_size})")
+  rows = _TrainRow(source, spec, start, count, local, count // local, seed, jax.process_index(),
+                   grain_module().MapDataset.range(count).shuffle(seed=_seed32(seed)).repeat())
+  batches = _batched(rows, local, first=start_step, stop=sys.maxsize // (2 * local))
+  spread = _spread_over_devices(local, jax.local_device_count()) if spec.repeats > 1 else None
+  return _iterate(batches, spec.num_workers, spread)
 
 
 def eval_batches(spec: DataSpec, global_batch_size: int) -> Iterator[Batch]:
-  """One pass over every eval example: {'image', 'label', 'mask'}; padding rows have mask False.
-
-  All batches have the same shape and every process yields the same number of them; across processes
-  each example appears exactly once with mask True.
-  """
+  """One pass over every eval example: {'image', 'label', 'mask', 'skipped'}; padding rows and undecodable
+  images have mask False. All batches have the same shape and every process yields the same number of them;
+  across processes each example appears exactly once with mask True."""
   local = _local_batch_size(global_batch_size)
-  if spec.source == "folder":
-    return _folder_eval(spec, global_batch_size, local)
-  return _tfds_eval(spec, local)
+  data = split(spec, spec.eval_split)
+  start, stop = _process_part(len(data.source), drop_remainder=False)
+  largest = max(len(data.source) * (p + 1) // jax.process_count() - len(data.source) * p // jax.process_count()
+                for p in range(jax.process_count()))
+  rows = _EvalRow(_localized(data.source, start, stop), spec.image_size, start, stop)
+  return _iterate(_batched(rows, local, first=0, stop=-(-largest // local)), spec.num_workers, None)
+
+
+def _localized(source: sources.Source, start: int, stop: int) -> sources.Source:
+  """`source` readable here for examples [start, stop) (ArrayRecord shards on an object store are copied)."""
+  localized = getattr(source, "localized", None)
+  return localized(start, stop) if localized else source
 
 
 def _local_batch_size(global_batch_size: int) -> int:
@@ -163,6 +197,15 @@ def _local_batch_size(global_batch_size: int) -> int:
   return global_batch_size // n
 
 
+def _process_part(count: int, drop_remainder: bool) -> tuple[int, int]:
+  """This process's contiguous [start, stop) of `count` examples: equal parts (the remainder dropped), or
+  parts that differ by one and cover every example."""
+  p, n = jax.process_index(), jax.process_count()
+  if drop_remainder:
+    return p * (count // n), (p + 1) * (count // n)
+  return p * count // n, (p + 1) * count // n
+
+
 def _spread_over_devices(local: int, devices: int) -> np.ndarray:
   """Row order that sends consecutive examples to different devices (row r takes example order[r])."""
   if local % devices:
@@ -170,54 +213,146 @@ def _spread_over_devices(local: int, devices: int) -> np.ndarray:
   return np.arange(local).reshape(local // devices, devices).T.reshape(-1)
 
 
-def _epoch_seed(seed: int, epoch: int) -> int:
-  return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+def _seed32(*values: int) -> int:
+  return int(np.random.SeedSequence(list(values)).generate_state(1)[0])
 
 
-class _SkippedFiles:
-  """Thread-safe record of every skip of an undecodable file, in order; warns once per path."""
-
-  def __init__(self):
-    self._lock = threading.Lock()
-    self._skips: list[str] = []
-    self._distinct: set[str] = set()
-
-  def add(self, path: str, error: str) -> None:
-    with self._lock:
-      first = path not in self._distinct
-      self._skips.append(path)
-      self._distinct.add(path)
-      count = len(self._distinct)
-    if first:
-      logging.warning("Skipping undecodable image %s (%s); %d skipped so far", path, error, count)
-
-  def since(self, mark: int) -> list[str]:
-    """The distinct paths skipped after `mark` (a `len()` taken earlier), in the order met."""
-    with self._lock:
-      return list(dict.fromkeys(self._skips[mark:]))
-
-  def __len__(self) -> int:
-    with self._lock:
-      return len(self._skips)
+@functools.cache
+def grain_module():
+  """grain, imported on first use (it imports JAX's checkpointing, slow in processes that need neither)."""
+  try:
+    import grain  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise ImportError("the input pipeline needs grain: pip install grain (it is a cvt_jax dependency)") from None
+  if not flags.FLAGS.is_parsed():  # grain reads its absl flags; in a library process nothing parsed them
+    flags.FLAGS.mark_as_parsed()
+  return grain
 
 
-SKIPPED_FILES = _SkippedFiles()
+@dataclasses.dataclass(frozen=True)
+class _TrainRow:
+  """Row q of this process's training stream: step q // local, position q % local of that batch."""
+
+  source: sources.Source
+  spec: DataSpec
+  start: int  # this process's part of the split: examples [start, start + count)
+  count: int
+  local: int
+  steps_per_epoch: int
+  seed: int
+  process: int
+  order: Any  # grain MapDataset: position e * count + i -> the i-th example of epoch e
+
+  def __call__(self, q: int) -> dict[str, Any]:
+    step, row = divmod(q, self.local)
+    epoch, within = divmod(step, self.steps_per_epoch)
+    position = within * self.local + row
+    crop = {**self.spec.crop, "draft": self.spec.reduced_jpeg_decode}
+    rng_seed = (self.seed, epoch, self.process, position)
+    failed = []
+    for stand_in in range(_STAND_INS):  # a bad image is replaced by the next image of the epoch
+      index = self.order[epoch * self.count + (position // self.spec.repeats + stand_in) % self.count]
+      example = self.source[self.start + int(index)]
+      try:
+        pixels = decode.train_pixels(example, self.spec.image_size, rng_seed, crop)
+      except decode.DECODE_ERRORS as e:
+        failed.append(f"{example.key} ({type(e).__name__}: {e})")
+        continue
+      return {"image": pixels, "label": np.int32(example.label), "skipped": "\n".join(failed)}
+    raise DataError(f"{_STAND_INS} consecutive training images of {self.spec.where(self.spec.train_split)} "
+                    f"failed to decode, e.g. {failed[0]}")
+
+
+@dataclasses.dataclass(frozen=True)
+class _EvalRow:
+  """Row q of this process's eval pass: example start + q, or a masked padding row past `stop`."""
+
+  source: sources.Source
+  size: int
+  start: int
+  stop: int
+
+  def __call__(self, q: int) -> dict[str, Any]:
+    index = self.start + q
+    blank = np.zeros((self.size, self.size, 3), np.uint8)
+    if index >= self.stop:
+      return {"image": blank, "label": np.int32(0), "mask": False, "skipped": ""}
+    example = self.source[index]
+    try:
+      pixels = decode.eval_pixels(example, self.size)
+    except decode.DECODE_ERRORS as e:
+      return {"image": blank, "label": np.int32(example.label), "mask": False,
+              "skipped": f"{example.key} ({type(e).__name__}: {e})"}
+    return {"image": pixels, "label": np.int32(example.label), "mask": True, "skipped": ""}
+
+
+def _batched(row: Callable[[int], dict[str, Any]], local: int, first: int, stop: int) -> Any:
+  """grain MapDataset whose element k is batch `first + k` of `row`s (batches up to `stop`)."""
+  grain = grain_module()
+  return grain.MapDataset.range(first * local, stop * local).map(row).batch(local)
+
+
+def _iterate(batches: Any, num_workers: int | None, spread: np.ndarray | None) -> Iterator[Batch]:
+  """The batches, decoded in `num_workers` processes (None: one per core; 0: threads of this process)."""
+  grain = grain_module()
+  workers = os.cpu_count() or 1 if num_workers is None else num_workers
+  if workers == 0:
+    stream = batches.to_iter_dataset(grain.ReadOptions(num_threads=os.cpu_count() or 1,
+                                                       prefetch_buffer_size=_BUFFERED_BATCHES))
+  else:  # one batch at a time per worker: the processes are the parallelism
+    stream = batches.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=1)).mp_prefetch(
+        grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=_BUFFERED_BATCHES),
+        worker_init_fn=functools.partial(_exit_with_parent, os.getpid()))
+  iterator = iter(stream)
+  try:
+    for batch in iterator:
+      # Out of the workers' shared memory (a copy): a block released later than its module hits the
+      # interpreter's shutdown.
+      yield {k: np.array(v if spread is None else v[spread]) for k, v in batch.items()}
+  finally:
+    iterator.close()
+
+
+def _exit_with_parent(parent: int, worker_index: int, worker_count: int) -> None:
+  """A worker waits on its queue forever, so a parent killed outright (SIGKILL, a dead host's abort) would
+  leave it behind: each restart on the host would add workers. It leaves within a second instead."""
+  del worker_index, worker_count
+
+  def watch() -> None:
+    while os.getppid() == parent:
+      time.sleep(1)
+    os._exit(0)  # pylint: disable=protected-access
+
+  threading.Thread(target=watch, daemon=True).start()
+
+
+def skipped_keys(batch: Batch) -> list[str]:
+  """The undecodable images a batch reports (and takes out of it)."""
+  return [key for keys in batch.pop("skipped", ()) for key in str(keys).split("\n") if key]
 
 
 class Prefetcher:
-  """Loads and shards the next batches on a background thread while the devices compute."""
+  """Loads and shards the next batches on a background thread while the devices compute.
+
+  Each batch's undecodable images go to `on_skipped` (on that thread) before the batch goes to the devices.
+  """
 
   _DONE = object()
 
-  def __init__(self, batches: Iterable[Batch], mesh: jax.sharding.Mesh, size: int = 2):
+  def __init__(self, batches: Iterable[Batch], mesh: jax.sharding.Mesh,
+               on_skipped: Callable[[list[str]], None] | None = None, size: int = _BUFFERED_BATCHES):
     self._queue: queue.Queue = queue.Queue(maxsize=size)
     self._closed = threading.Event()
+    self._on_skipped = on_skipped
     self._thread = threading.Thread(target=self._fill, args=(iter(batches), mesh), daemon=True)
     self._thread.start()
 
   def _fill(self, batches: Iterator[Batch], mesh: jax.sharding.Mesh) -> None:
     try:
       for batch in batches:
+        skipped = skipped_keys(batch)
+        if skipped and self._on_skipped:
+          self._on_skipped(skipped)
         if not self._put(parallel.global_batch(batch, mesh)):
           return
       self._put(self._DONE)
@@ -254,248 +389,20 @@ class Prefetcher:
     self._thread.join(timeout=30)
 
 
-# ---------------------------------------------------------------------------------------------- folder --
+class SkipLog:
+  """Warns once per undecodable image and keeps the keys in the order met (thread-safe)."""
 
+  def __init__(self, log: Callable[..., None]):
+    self._log = log
+    self._lock = threading.Lock()
+    self._seen: set[str] = set()
+    self.keys: list[str] = []
 
-@dataclasses.dataclass(frozen=True)
-class _FolderSplit:
-  paths: tuple[str, ...]
-  labels: np.ndarray  # int32
-  class_names: tuple[str, ...]
-
-
-def _listdir(path: str) -> list[tuple[str, bool]]:
-  """(name, is_dir) of `path`'s entries, hidden ones excluded; os.scandir locally (fast), else epath."""
-  if "://" not in path:
-    return [(e.name, e.is_dir()) for e in os.scandir(path) if not e.name.startswith(".")]
-  return [(p.name, p.is_dir()) for p in epath.Path(path).iterdir() if not p.name.startswith(".")]
-
-
-def _is_dir(path: str) -> bool:
-  return os.path.isdir(path) if "://" not in path else epath.Path(path).is_dir()
-
-
-@functools.lru_cache(maxsize=8)
-def _list_folder(root: str, split: str, class_names: tuple[str, ...] | None = None) -> _FolderSplit:
-  """Lists `<root>/<split>/<class>/<image>`; labels index `class_names` (default: this split's, sorted).
-
-  Cached per process (an ImageNet listing takes seconds and info, train and eval all need it), so files
-  added under `root` after the first call are not seen until the process restarts.
-  """
-  if not _is_dir(root):
-    raise FileNotFoundError(f"data dir {root} does not exist or is not a directory")
-  split_dir = os.path.join(root, split)
-  if not _is_dir(split_dir):
-    raise FileNotFoundError(f"split folder {split_dir} does not exist (expected "
-                            "<data_dir>/<split>/<class>/<image>)")
-  found = sorted(name for name, is_dir in _listdir(split_dir) if is_dir)
-  if not found:
-    raise FileNotFoundError(f"split folder {split_dir} has no class sub-folders")
-  if class_names is None:
-    class_names = tuple(found)
-  unknown = sorted(set(found) - set(class_names))
-  if unknown:
-    raise ValueError(f"{split_dir} has class folders absent from the train split: {unknown[:5]}")
-  index = {name: i for i, name in enumerate(class_names)}
-  paths, labels = [], []
-  for name in found:
-    class_dir = os.path.join(split_dir, name)
-    files = sorted(f for f, is_dir in _listdir(class_dir)
-                   if not is_dir and f.lower().endswith(decode.IMAGE_EXTENSIONS))
-    if not files:
-      raise FileNotFoundError(f"class folder {class_dir} holds no images ({', '.join(decode.IMAGE_EXTENSIONS)})")
-    paths.extend(os.path.join(class_dir, f) for f in files)
-    labels.extend([index[name]] * len(files))
-  logging.info("Found %d images in %d classes under %s", len(paths), len(found), split_dir)
-  return _FolderSplit(tuple(paths), np.asarray(labels, np.int32), class_names)
-
-
-def _decoded(pool: decode.DecodePool, submit: Any, first: int, count: int | None
-             ) -> Iterator[tuple[np.ndarray, np.ndarray, Any]]:
-  """Runs `submit(k) -> (jobs, extra)` for k = first, first + 1, ... (`count` of them, None: forever) a few
-  batches ahead of the consumer; yields (images, path index used per row or -1, extra) in order."""
-  extras = []
-  k = first
-  try:
-    while count is None or k < first + count or len(pool):
-      while pool.can_submit() and (count is None or k < first + count):
-        jobs, extra = submit(k)
-        pool.submit(jobs)
-        extras.append(extra)
-        k += 1
-      images, used, failures = pool.result()
-      for path, error in failures:
-        SKIPPED_FILES.add(path, error)
-      yield images, used, extras.pop(0)
-  finally:
-    pool.close()
-
-
-def _folder_train(spec: DataSpec, global_batch: int, local: int, seed: int,
-                  start_step: int) -> Iterator[Batch]:
-  split = _list_folder(spec.data_dir, spec.train_split)
-  n = len(split.paths)
-  steps_per_epoch = n // global_batch
-  if steps_per_epoch == 0:
-    raise ValueError(f"global batch size {global_batch} exceeds the {n} training images under "
-                     f"{os.path.join(spec.data_dir, spec.train_split)}")
-  offset = jax.process_index() * local
-
-  @functools.lru_cache(maxsize=2)
-  def order(epoch: int) -> np.ndarray:
-    """The epoch's examples by position (with repeats, each image `spec.repeats` times in a row)."""
-    perm = np.random.default_rng(_epoch_seed(seed, epoch)).permutation(n)
-    return np.repeat(perm, spec.repeats)[:n] if spec.repeats > 1 else perm
-
-  def submit(step: int) -> tuple[list[decode.Job], np.ndarray]:
-    epoch, i = divmod(step, steps_per_epoch)
-    examples = order(epoch)
-    positions = np.arange(i * global_batch + offset, i * global_batch + offset + local)
-    # A bad file is replaced by the next example of the epoch, so batches keep their size.
-    candidates = examples[(positions[:, None] + np.arange(_STAND_INS)) % n]
-    jobs = [decode.Job(tuple(split.paths[c] for c in row), (seed, epoch, int(p)))
-            for row, p in zip(candidates, positions)]
-    return jobs, candidates
-
-  def batches() -> Iterator[Batch]:
-    pool = decode.DecodePool(spec.num_workers, local, spec.image_size,
-                                  {**spec.crop, "draft": spec.reduced_jpeg_decode})
-    for images, used, candidates in _decoded(pool, submit, start_step, None):
-      if (used < 0).any():
-        raise RuntimeError(f"{_STAND_INS} consecutive training images under "
-                           f"{os.path.join(spec.data_dir, spec.train_split)} failed to decode")
-      yield {"image": images, "label": split.labels[candidates[np.arange(local), used]]}
-
-  return batches()
-
-
-def _folder_eval(spec: DataSpec, global_batch: int, local: int) -> Iterator[Batch]:
-  train = _list_folder(spec.data_dir, spec.train_split)
-  split = _list_folder(spec.data_dir, spec.eval_split, train.class_names)
-  n = len(split.paths)
-  num_batches = -(-n // global_batch)
-  offset = jax.process_index() * local
-
-  def submit(b: int) -> tuple[list[decode.Job], np.ndarray]:
-    indices = np.arange(b * global_batch + offset, b * global_batch + offset + local)
-    return [decode.Job((split.paths[i],) if i < n else ()) for i in indices], indices
-
-  def batches() -> Iterator[Batch]:
-    skipped = 0
-    pool = decode.DecodePool(spec.num_workers, local, spec.image_size, {})
-    for images, used, indices in _decoded(pool, submit, 0, num_batches):
-      ok = used == 0
-      real = indices < n
-      skipped += int(np.sum(~ok & real))
-      labels = np.where(real, split.labels[np.minimum(indices, n - 1)], 0).astype(np.int32)
-      yield {"image": images, "label": labels, "mask": ok & real}
-    if skipped:
-      logging.warning("Eval on %s: %d of this process's images were undecodable and not counted",
-                      os.path.join(spec.data_dir, spec.eval_split), skipped)
-
-  return batches()
-
-
-# ------------------------------------------------------------------------------------------------ TFDS --
-
-
-def _import_tf():
-  """Imports TensorFlow for tf.data only, hiding every GPU from it (JAX owns the accelerators)."""
-  try:
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    raise ImportError("data.source='tfds' needs TensorFlow and TFDS: pip install 'cvt-jax[tfds]' "
-                      "(or train from a folder tree, data.source='folder')") from None
-  tf.config.set_visible_devices([], "GPU")
-  return tf
-
-
-def _tfds_builder(spec: DataSpec):
-  _import_tf()
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  try:
-    builder = tfds.builder(spec.name, data_dir=spec.data_dir)
-  except Exception as e:  # TFDS raises several types for unknown names; re-raise with the name.
-    raise ValueError(f"cannot load TFDS dataset {spec.name!r} (data_dir={spec.data_dir!r}): "
-                     f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from e
-  features = builder.info.features
-  for key in ("image", "label"):
-    if key not in features:
-      raise ValueError(f"TFDS dataset {spec.name!r} has no {key!r} feature (features: {list(features)})")
-  return builder
-
-
-def _tfds_num_examples(builder, split: str) -> int:
-  try:
-    return int(builder.info.splits[split].num_examples)
-  except (KeyError, ValueError) as e:
-    raise ValueError(f"TFDS dataset {builder.name!r} has no split {split!r} "
-                     f"(splits: {list(builder.info.splits)})") from e
-
-
-def _tfds_read(builder, split: str, shuffle_seed: int | None):
-  """The raw (undecoded image) dataset of `split`, files shuffled with `shuffle_seed` if given."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  read_config = tfds.ReadConfig(shuffle_seed=shuffle_seed, interleave_cycle_length=16,
-                                add_tfds_id=False)
-  ds = builder.as_dataset(split=split, shuffle_files=shuffle_seed is not None, read_config=read_config,
-                          decoders={"image": tfds.decode.SkipDecoding()})
-  options = tf.data.Options()
-  options.deterministic = True
-  return ds.with_options(options)
-
-
-def _tfds_train(spec: DataSpec, local: int, seed: int, start_step: int) -> Iterator[Batch]:
-  tf = _import_tf()
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  builder = _tfds_builder(spec)
-  split = tfds.even_splits(spec.train_split, jax.process_count(), drop_remainder=True)[jax.process_index()]
-  steps_per_epoch = _tfds_num_examples(builder, split) // local
-  if steps_per_epoch == 0:
-    raise ValueError(f"per-process batch {local} exceeds this process's part of "
-                     f"{spec.name}:{spec.train_split} ({_tfds_num_examples(builder, split)} examples)")
-  crop = functools.partial(preprocess.tf_train_image, size=spec.image_size, **spec.crop)
-  parallel_calls = spec.num_workers or tf.data.AUTOTUNE
-
-  def epoch_batches(epoch: int, skip: int):
-    epoch_seed = _epoch_seed(seed, epoch) % (2**31)
-    ds = _tfds_read(builder, split, shuffle_seed=epoch_seed)
-    ds = ds.shuffle(_TFDS_SHUFFLE_BUFFER, seed=epoch_seed, reshuffle_each_iteration=False)
-    if spec.repeats > 1:
-      ds = ds.flat_map(lambda ex: tf.data.Dataset.from_tensors(ex).repeat(spec.repeats))
-    # Positions count from the epoch start, so a resumed run draws the same crops.
-    ds = ds.take(steps_per_epoch * local).enumerate().skip(skip * local)
-    ds = ds.map(lambda i, ex: {
-        "image": crop(ex["image"], tf.stack([tf.constant(epoch_seed, tf.int64), i])),
-        "label": tf.cast(ex["label"], tf.int32)}, num_parallel_calls=parallel_calls, deterministic=True)
-    return tfds.as_numpy(ds.batch(local, drop_remainder=True).prefetch(_PREFETCH_BATCHES))
-
-  def batches() -> Iterator[Batch]:
-    epoch, skip = divmod(start_step, steps_per_epoch)
-    while True:
-      yield from epoch_batches(epoch, skip)
-      epoch, skip = epoch + 1, 0
-
-  return batches()
-
-
-def _tfds_eval(spec: DataSpec, local: int) -> Iterator[Batch]:
-  tf = _import_tf()
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  builder = _tfds_builder(spec)
-  parts = tfds.even_splits(spec.eval_split, jax.process_count())
-  sizes = [_tfds_num_examples(builder, part) for part in parts]
-  num_batches = -(-max(sizes) // local)
-  mine = sizes[jax.process_index()]
-  size = spec.image_size
-  resize = functools.partial(preprocess.tf_eval_image, size=size)
-
-  ds = _tfds_read(builder, parts[jax.process_index()], shuffle_seed=None)
-  ds = ds.map(lambda ex: {"image": resize(ex["image"]), "label": tf.cast(ex["label"], tf.int32),
-                          "mask": tf.constant(True)},
-              num_parallel_calls=spec.num_workers or tf.data.AUTOTUNE, deterministic=True)
-  padding = tf.data.Dataset.from_tensors({"image": tf.zeros((size, size, 3), tf.uint8),
-                                          "label": tf.constant(0, tf.int32), "mask": tf.constant(False)})
-  ds = ds.concatenate(padding.repeat(num_batches * local - mine))
-  return iter(tfds.as_numpy(ds.batch(local, drop_remainder=True).prefetch(_PREFETCH_BATCHES)))
+  def __call__(self, skipped: list[str]) -> None:
+    with self._lock:
+      new = list(dict.fromkeys(key for key in skipped if key not in self._seen))
+      self._seen.update(new)
+      self.keys.extend(new)
+      total = len(self.keys)
+    for key in new:
+      self._log("Skipping undecodable image %s; %d skipped so far", key, total)
