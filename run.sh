@@ -11,23 +11,27 @@ usage() {
 Usage: ./run.sh COMMAND [ARGS...]
 
 Set-up is automatic: the first call creates .venv with $PYTHON (default python3, e.g. PYTHON=python3.12)
-and installs cvt_jax into it (`pip install -e .[tfds,demo]`, plus `[test]` for test and bench); later calls
-reinstall only when pyproject.toml changes. Every command is also `.venv/bin/cvt-jax COMMAND`.
+and installs cvt_jax into it (`pip install -e .[tfds,demo]`, plus `[test]` for test and bench) at the
+versions of requirements.txt (the environment the suite passed with); later calls reinstall only when
+pyproject.toml or requirements.txt change. Every command is also `.venv/bin/cvt-jax COMMAND`.
 
 Commands:
   demo        Train a small CvT on scikit-learn's digits (offline, a few minutes on a CPU), print val top-1.
   test        Install the test extras (PyTorch CPU, transformers, ...) and run the whole pytest suite.
+  lock        Write requirements.txt: the exact versions installed for `test` (run it after a green suite).
   train       Train/evaluate from a config; rerun to resume (./run.sh train --help).
   eval        Evaluate a checkpoint over every image of a split (./run.sh eval --help).
   predict     Top classes of image files (./run.sh predict --help).
   convert     Convert a PyTorch CvT checkpoint (.pth/.bin/.safetensors), a hub name or a workdir to .npz.
+  prepare     Write a folder tree or a TFDS dataset as ArrayRecord shards (./run.sh prepare --help).
   summary     Parameter count and MACs of a variant (./run.sh summary cvt-13 --res 384).
   compile     Compile the train/eval steps for a TPU slice or this host and report memory and fit.
   bench       Benchmark cvt_jax against PyTorch on this machine (./run.sh bench --help).
 USAGE
 }
 
-# Installs the package with `extras` into $VENV unless the same pyproject.toml was installed already.
+# Installs the package with `extras` into $VENV, at requirements.txt's versions, unless the same
+# pyproject.toml and requirements.txt were installed already.
 ensure_venv() {
   local extras="$1"
   if [[ ! -x "$VENV/bin/python" ]]; then
@@ -36,13 +40,26 @@ ensure_venv() {
   fi
   local stamp="$VENV/.installed-${extras//,/-}"
   local digest
-  digest="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+  digest="$(cat pyproject.toml requirements.txt | sha256sum | cut -d' ' -f1)"
   if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$digest" ]]; then
     echo "[run.sh] installing cvt_jax[$extras] into $VENV (first time: a few minutes)" >&2
     "$VENV/bin/python" -m pip install --quiet --upgrade pip
-    "$VENV/bin/python" -m pip install --quiet -e ".[$extras]"
+    "$VENV/bin/python" -m pip install --quiet -c requirements.txt -e ".[$extras]"
     echo "$digest" > "$stamp"
   fi
+}
+
+# requirements.txt: the exact versions of the test environment, for reproducible installs
+# (`pip install -r requirements.txt && pip install -e . --no-deps`); pyproject.toml keeps the ranges.
+write_lock() {
+  {
+    echo "# The environment \`./run.sh test\` passed with ($("$VENV/bin/python" --version), $(uname -m)): pip freeze"
+    echo "# of .venv, written by \`./run.sh lock\`. pyproject.toml keeps the version ranges; tests/test_package.py"
+    echo "# checks that these pins satisfy them. torch is PyTorch's CPU build (its wheel index:"
+    echo "# https://download.pytorch.org/whl/cpu)."
+    "$VENV/bin/python" -m pip freeze --exclude-editable --all | grep -v -E '^(pip|setuptools|wheel)=='
+  } > requirements.txt
+  echo "[run.sh] wrote requirements.txt ($(grep -c '==' requirements.txt) pins)" >&2
 }
 
 # torchvision's transforms, the reference of the pixel-parity tests (tests/conftest.py), unpacked beside the
@@ -82,8 +99,9 @@ case "$cmd" in
   ""|-h|--help|help) usage ;;
   test)    ensure_venv tfds,demo,test; ensure_torchvision_transforms; ensure_libtpu
            exec "$VENV/bin/python" -m pytest tests "$@" ;;
+  lock)    ensure_venv tfds,demo,test; write_lock ;;
   bench)   ensure_venv tfds,demo,test; exec "$VENV/bin/cvt-jax" bench "$@" ;;
-  demo|train|eval|predict|convert|summary|compile)
+  demo|train|eval|predict|convert|prepare|summary|compile)
            ensure_venv tfds,demo; exec "$VENV/bin/cvt-jax" "$cmd" "$@" ;;
   *) echo "run.sh: unknown command '$cmd'" >&2; usage >&2; exit 2 ;;
 esac

@@ -141,7 +141,7 @@ def evaluate_checkpoint(config: Any, checkpoint_path: str, output: str | None = 
     ValueError: an output that cannot be written; with `strict`, unreadable images.
   """
   parallel.check_global_batch_size(config.eval_batch_size, "eval_batch_size")
-  variant = model_lib.variant_from_config(config.model)  # used only by a workdir without model_info.json
+  variant = model_lib.variant_from_config(config.model)  # for a workdir without model_info.json only
   checkpoint = weights.load(checkpoint_path, variant=variant, heads=heads)
   size = image_size or checkpoint.image_size or config.data.image_size
   if size < 32:

@@ -408,11 +408,12 @@ def compute_dtype(name: str, platform: str | None = None) -> jnp.dtype:
   return _DTYPES[name]
 
 
-def variant_from_config(model_config: Any) -> Variant:
-  """The official variant by name, or a custom width when `dims`, `depths` and `heads` are all set."""
+def variant_from_config(model_config: Any) -> Variant | None:
+  """The official variant by name, a custom width when `dims`, `depths` and `heads` are all set, or None
+  when `variant` is '' (the architecture of the checkpoint the run starts from)."""
   custom = (model_config.dims, model_config.depths, model_config.heads)
   if all(x is None for x in custom):
-    return get_variant(model_config.variant)
+    return get_variant(model_config.variant) if model_config.variant else None
   if any(x is None for x in custom) or any(len(x) != 3 for x in custom):
     raise ValueError(f"model.dims/depths/heads={custom}: set all three, each with one value per stage.")
   if any(d % h for d, h in zip(model_config.dims, model_config.heads)):

@@ -228,7 +228,8 @@ def validate_config(config: Any) -> None:
     if not ok:
       raise ValueError(f"invalid config: {message}")
 
-  model_lib.variant_from_config(config.model)
+  require(model_lib.variant_from_config(config.model) is not None or bool(config.init_from),
+          "model.variant='' takes the architecture of init_from, which is not set; name the variant")
   model_lib.compute_dtype(config.model.dtype)
   model_lib.compute_dtype(config.model.eval_dtype)
   require(config.model.num_classes > 0, f"model.num_classes={config.model.num_classes} must be positive")
@@ -335,6 +336,9 @@ def _plan(config: Any, workdir: epath.Path, fresh: bool) -> _Plan:
   init = None
   if config.init_from:
     init = weights.load(os.path.expanduser(config.init_from))
+    if variant is None:  # the architecture is the checkpoint's (model.drop_path_rate still applies)
+      variant = init.variant
+      logging.info("Taking the architecture of init_from: %s.", variant.describe())
     weights.check_architecture(init, variant, "init_from")
   spec = input_pipeline.DataSpec.from_config(config.data)
   info = input_pipeline.dataset_info(spec)
@@ -409,7 +413,8 @@ def _train(config: Any, workdir: epath.Path, plan: _Plan, interrupt_at_step: int
            ) -> tuple[TrainState, dict[str, float] | None]:
   mesh = parallel.make_mesh()
   info = plan.info
-  model = model_lib.from_config(config.model, info.num_classes, parallel.platform(mesh))
+  model = model_lib.from_config(config.model, info.num_classes, parallel.platform(mesh),
+                                variant=plan.model_info.variant)
   base_lr = optim.scaled_lr(config.optim.lr, config.optim.lr_batch_size, config.global_batch_size)
   schedule = optim.make_schedule(config.schedule, base_lr, config.num_epochs, plan.steps_per_epoch)
   tx = optim.make_optimizer(config.optim, schedule)
@@ -463,6 +468,9 @@ def _loop(run: _Run, state: TrainState, start_step: int, interrupt_at_step: int 
 
   def run_eval(step: int) -> dict[str, float]:
     started = time.time()
+    logging.info("eval @ step %d: %d images of %s%s", step, plan.info.num_eval_examples,
+                 plan.spec.where(plan.spec.eval_split), "" if evaluated else " (compiling the eval step first)")
+    evaluated.append(step)
     result = evaluate_batches(run.eval_step, state.variables, input_pipeline.eval_batches(
         plan.spec, config.eval_batch_size), run.mesh)
     if result["count"] != plan.info.num_eval_examples:  # e.g. undecodable files, masked out by the pipeline
@@ -477,6 +485,7 @@ def _loop(run: _Run, state: TrainState, start_step: int, interrupt_at_step: int 
 
   from cvt_jax import summaries  # pylint: disable=g-import-not-at-top  # the train step needs no clu
   writer = summaries.make_writer(os.fspath(run.workdir / "tensorboard"))
+  evaluated: list[int] = []
   profiler = _Profiler(run.workdir, start_step, config.profile_steps)
   last_eval = None
   history: list[tuple[int, Metrics]] = []
@@ -486,10 +495,17 @@ def _loop(run: _Run, state: TrainState, start_step: int, interrupt_at_step: int 
   try:
     with checkpointing.StopFlag() as stop:
       last_log_time, last_log_step = time.time(), start_step
+      if start_step < total_steps:
+        logging.info("Compiling the train step, then step %d of %d ...", start_step + 1, total_steps)
       for step in range(start_step + 1, total_steps + 1):
         profiler.before(step)
         state, metrics = run.train_step(state, next(train_batches))
         profiler.after(step, state)
+        if step == start_step + 1:
+          jax.block_until_ready(metrics)
+          logging.info("Step %d of %d done (compiled and ran in %.1f s); progress every %d steps.", step,
+                       total_steps, time.time() - last_log_time, config.log_every_steps)
+          last_log_time, last_log_step = time.time(), step
         history.append((step, metrics))
         stop_now = step == interrupt_at_step or stop.is_set() or ckpt.reached_preemption(step)
         log_now = step % config.log_every_steps == 0 or step == total_steps or stop_now

@@ -1,9 +1,24 @@
-"""Test set-up: several CPU devices so that the sharding code runs for real, and TF kept off any GPU."""
+"""Test set-up: several CPU devices so that the sharding code runs for real, and compiles kept cheap.
 
+The suite compiles hundreds of small programs and runs each a few times, so XLA:CPU's backend optimisation
+is lowered (LLVM -O0: compiles take about half as long; the programs are the same HLO, unfused the same
+way, and round the same way or within the tolerances the tests give) and one persistent compilation cache, shared with the subprocesses the tests start, serves
+the programs several tests compile alike. Both are set in the environment before JAX starts.
+"""
+
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")  # tests are CPU-only by design
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0"]).strip()
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # else a parent (pytest-xdist's) made it and removes it
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="cvt_jax_test_cache_")
+  atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax  # noqa: E402
 
@@ -23,10 +38,9 @@ import pytest  # noqa: E402
 TORCHVISION_DIR = os.path.join(sys.prefix, "torchvision-transforms", "torchvision")
 
 
-@pytest.fixture(scope="session")
-def tiny_tfds_dir(tmp_path_factory):
-  """A real prepared TFDS dataset 'cvt_tiny_shapes': JPEGs whose red channel is 8 x a unique id, 4 classes,
-  22 train and 9 validation examples."""
+def _tiny_shapes(data_dir: str, file_format: str) -> str:
+  """A real prepared TFDS dataset 'cvt_tiny_shapes' in `file_format`: JPEGs whose red channel is 8 x a unique
+  id, 4 classes, 22 train and 9 validation examples."""
   import tensorflow_datasets as tfds
 
   class CvtTinyShapes(tfds.core.GeneratorBasedBuilder):
@@ -46,9 +60,20 @@ def tiny_tfds_dir(tmp_path_factory):
         image = np.full((24 + i, 30, 3), (8 * i, 100, 50), np.uint8)
         yield i, {"image": image, "label": i % 4}
 
-  root = str(tmp_path_factory.mktemp("tiny_tfds"))
-  CvtTinyShapes(data_dir=root).download_and_prepare()
-  return root
+  CvtTinyShapes(data_dir=data_dir, file_format=file_format).download_and_prepare()
+  return data_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_tfds_dir(tmp_path_factory):
+  """cvt_tiny_shapes in TFRecord files, as most TFDS datasets are prepared (`cvt-jax prepare` converts them)."""
+  return _tiny_shapes(str(tmp_path_factory.mktemp("tiny_tfds")), "tfrecord")
+
+
+@pytest.fixture(scope="session")
+def tiny_tfds_array_record_dir(tmp_path_factory):
+  """cvt_tiny_shapes in array_record files, which the pipeline reads directly (`tfds.data_source`)."""
+  return _tiny_shapes(str(tmp_path_factory.mktemp("tiny_tfds_ar")), "array_record")
 
 
 @pytest.fixture(scope="module")

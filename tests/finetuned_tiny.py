@@ -44,7 +44,7 @@ def config(tree: str, init: str = "", arg: str = "epochs=3,batch=64,opt=adamw,lr
       ARCHITECTURE["dims"], ARCHITECTURE["depths"], ARCHITECTURE["heads"])
   cfg.model.drop_path_rate = 0.1  # the converter's default for a custom architecture
   cfg.model.dtype = "float32"
-  cfg.data.num_workers = 2
+  cfg.data.num_workers = 0
   cfg.eval_batch_size = 64
   return cfg
 

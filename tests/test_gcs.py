@@ -2,10 +2,12 @@
 bucket, as on a TPU pod. Every client is pointed at the emulator with a test token (tests/gcs_emulator.py):
 nothing leaves this machine."""
 
+import dataclasses
 import json
 import os
 import signal
 import subprocess
+import tempfile
 import time
 
 import finetuned_tiny
@@ -21,6 +23,7 @@ from test_reliability import make_tree
 from cvt_jax import weights
 from cvt_jax.cli import main as cli
 from cvt_jax.data import input_pipeline
+from cvt_jax.data import prepare
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -97,17 +100,21 @@ def test_a_bucket_workdir_survives_a_kill_and_serves_eval_predict_and_convert(gc
     np.testing.assert_array_equal(a, b)
 
 
-def test_tfds_and_pytorch_files_read_from_a_bucket(gcs, tiny_tfds_dir):
+def test_shards_prepared_into_a_bucket_train_and_pytorch_files_load_from_it(gcs, tree, tmp_path, monkeypatch):
+  """`cvt-jax prepare` writes ArrayRecord shards into a bucket; the pipeline copies each process's shards to
+  a local cache (ArrayRecord reads local files) and gives the batches the local shards give."""
   bucket = epath.Path(gcs.create_bucket())
-  for path in epath.Path(tiny_tfds_dir).glob("*/*/*"):
-    target = bucket / "tfds" / path.relative_to(tiny_tfds_dir)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_bytes(path.read_bytes())
-  spec = input_pipeline.DataSpec("tfds", "cvt_tiny_shapes", str(bucket / "tfds"), "train", "validation", 16)
-  info = input_pipeline.dataset_info(spec)
-  assert (info.num_classes, info.num_train_examples, info.num_eval_examples) == (4, 22, 9)
-  batch = next(input_pipeline.train_batches(spec, 4, seed=0))
-  assert batch["image"].shape == (4, 16, 16, 3)
+  prepare.prepare(tree, str(bucket / "records"), records_per_shard=16, log=lambda _: None)
+  local = str(tmp_path / "records")
+  prepare.prepare(tree, local, records_per_shard=16, log=lambda _: None)
+  monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "cache"))
+  remote_spec = input_pipeline.DataSpec("array_record", "", str(bucket / "records"), "train", "val", 16, 0)
+  info = input_pipeline.dataset_info(remote_spec)
+  assert (info.num_classes, info.num_train_examples, info.num_eval_examples) == (4, 49, 8)  # broken.jpg left out
+  from_bucket = next(input_pipeline.train_batches(remote_spec, 4, seed=0))
+  from_disk = next(input_pipeline.train_batches(dataclasses.replace(remote_spec, data_dir=local), 4, seed=0))
+  np.testing.assert_array_equal(from_bucket["image"], from_disk["image"])
+  assert list((tmp_path / "cache").glob("cvt_jax_records/*/train/*.array_record"))
 
   remote = bucket / "hf" / "model.safetensors"  # a Hugging Face file and its config.json, in a bucket
   remote.parent.mkdir(parents=True, exist_ok=True)

@@ -43,3 +43,31 @@ def test_a_wheel_installs_into_a_fresh_venv_and_runs_from_another_folder(tmp_pat
   assert check.stdout.strip().startswith(str(venv))
   help_text = run(str(venv / "bin" / "cvt-jax"), "train", "--help", cwd=str(elsewhere)).stdout
   assert "configs (--config NAME[:arg=value,...] or a path): cvt13, cvt21, cvtw24, demo, finetune" in help_text
+
+
+def test_requirements_pin_every_dependency_within_its_range():
+  """requirements.txt (`./run.sh lock`: the tested environment) pins every dependency of pyproject.toml and
+  of the extras `./run.sh test` installs, each at a version its range admits."""
+  import tomllib  # pylint: disable=g-import-not-at-top
+
+  from packaging.requirements import Requirement  # pylint: disable=g-import-not-at-top
+  from packaging.utils import canonicalize_name  # pylint: disable=g-import-not-at-top
+
+  with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+    project = tomllib.load(f)["project"]
+  with open(os.path.join(ROOT, "run.sh")) as f:
+    tested = next(line for line in f if line.strip().startswith("test)")).split("ensure_venv ")[1].split(";")[0]
+  wanted = [Requirement(r) for r in project["dependencies"]]
+  wanted += [Requirement(r) for extra in tested.split(",") for r in project["optional-dependencies"][extra]]
+  pins = {}
+  with open(os.path.join(ROOT, "requirements.txt")) as f:
+    for line in f:
+      if line.strip() and not line.startswith("#"):
+        name, sep, version = line.strip().partition("==")
+        assert sep, f"requirements.txt: {line.strip()!r} is not an exact pin"
+        pins[canonicalize_name(name)] = version
+  for requirement in wanted:
+    name = canonicalize_name(requirement.name)
+    assert name in pins, f"requirements.txt does not pin {requirement.name} (pyproject.toml: {requirement})"
+    assert requirement.specifier.contains(pins[name], prereleases=True), \
+        f"requirements.txt pins {name}=={pins[name]}, outside pyproject.toml's {requirement}"

@@ -4,9 +4,13 @@ The reference is microsoft/CvT's pipeline run by torchvision itself on its `pil_
 `Resize(int(size / 0.875), BICUBIC) + CenterCrop(size)` for evaluation (a squash `Resize((size, size))` at
 384), `RandomResizedCrop` + flip for training (the `torchvision_transforms` fixture: torchvision's Python
 transforms, unpacked by ./run.sh test). Photos: smooth gradients + noise + hard-edged shapes, JPEG quality 90.
+Every source (a folder tree, ArrayRecord shards, a TFDS array_record dataset) decodes through the same PIL
+calls; the tests run them all.
 """
 
 import functools
+import os
+import shutil
 
 import numpy as np
 import pytest
@@ -14,7 +18,10 @@ import scipy.stats
 import torch
 from PIL import Image, ImageDraw
 
+from cvt_jax.data import decode
+from cvt_jax.data import prepare
 from cvt_jax.data import preprocess
+from cvt_jax.data import sources
 
 SIZES = (224, 384)
 PHOTOS = ("rgb_500x375.jpg", "rgb_1200x900.jpg", "rgb_2048x1536.jpg", "grey_1024x768.jpg",
@@ -45,7 +52,7 @@ def photos(tmp_path_factory):
     width, height = (int(v) for v in name[4:-4].split("x"))
     Image.fromarray(_photo(width, height, seed)).save(paths[name], quality=90)
   Image.fromarray(_photo(1024, 768, 3)).convert("L").save(paths["grey_1024x768.jpg"], quality=90)
-  # CMYK with a black channel (PIL's own RGB -> CMYK leaves K at 0, where TF's conversion happens to agree).
+  # CMYK with a black channel (PIL's own RGB -> CMYK leaves K at 0).
   cmy = 255 - _photo(640, 640, 4).astype(int)
   k = (cmy.min(-1, keepdims=True) * 0.7).astype(int)
   Image.fromarray(np.concatenate([cmy - k, k], -1).astype(np.uint8), "CMYK").save(
@@ -99,15 +106,63 @@ def test_folder_eval_is_the_official_transform(T, photos, size):
                                   err_msg=name)
 
 
+@pytest.fixture(scope="module")
+def examples(photos, tmp_path_factory):
+  """source -> the photos as that source's examples: a folder tree's files, the records `cvt-jax prepare`
+  wrote of it, and a TFDS array_record dataset of the same encoded files."""
+  import tensorflow_datasets as tfds
+  root = tmp_path_factory.mktemp("sources")
+  for split in ("train", "val"):
+    os.makedirs(root / "tree" / split / "photos")
+    for name, path in photos.items():
+      shutil.copy(path, root / "tree" / split / "photos" / name)
+  prepare.prepare(str(root / "tree"), str(root / "records"), log=lambda _: None)
+  names = sorted(photos)
+
+  class CvtPhotos(tfds.core.GeneratorBasedBuilder):
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+          "image": tfds.features.Image(shape=(None, None, None)), "label": tfds.features.ClassLabel(num_classes=1)}))
+
+    def _split_generators(self, dl_manager):
+      return {"validation": self._generate_examples()}
+
+    def _generate_examples(self):
+      for i, name in enumerate(names):
+        yield i, {"image": photos[name], "label": 0}  # a path: TFDS stores the file's bytes
+
+  CvtPhotos(data_dir=str(root / "tfds"), file_format="array_record").download_and_prepare()
+  tfds_split = sources.tfds_split("cvt_photos", "validation", str(root / "tfds"))
+  by_bytes = {open(path, "rb").read(): name for name, path in photos.items()}
+  tfds_examples = {by_bytes[tfds_split.source[i].data]: tfds_split.source[i] for i in range(len(names))}
+  record_split = sources.array_record_split(str(root / "records"), "val")
+  records_examples = {os.path.basename(record_split.source[i].key): record_split.source[i]
+                      for i in range(len(names))}
+  folder_examples = {name: sources.Example(0, path) for name, path in photos.items()}
+  return {"folder": folder_examples, "array_record": records_examples, "tfds": tfds_examples}
+
+
+@pytest.mark.parametrize("source", ["folder", "array_record", "tfds"])
 @pytest.mark.parametrize("size", SIZES)
-def test_tfds_eval_is_the_official_transform(T, photos, size):
-  """Accurate-IDCT decoding (PIL for CMYK) and PIL's fixed-point resample in TF: 0 levels measured."""
-  import tensorflow as tf
-  eval_image = tf.function(lambda encoded: preprocess.tf_eval_image(encoded, size=size))
-  for name, path in photos.items():
-    with open(path, "rb") as f:
-      ours = eval_image(tf.constant(f.read())).numpy()
-    np.testing.assert_array_equal(ours, _official_eval(T, path, size), err_msg=name)
+def test_every_source_gives_the_official_eval_pixels(T, photos, examples, source, size):
+  for name, example in examples[source].items():
+    np.testing.assert_array_equal(decode.eval_pixels(example, size), _official_eval(T, photos[name], size),
+                                  err_msg=name)
+
+
+@pytest.mark.parametrize("source", ["folder", "array_record", "tfds"])
+def test_every_source_gives_the_official_training_crops(T, photos, examples, source):
+  crop = {"scale": preprocess.TRAIN_SCALE, "ratio": preprocess.TRAIN_RATIO, "interpolation": "bicubic"}
+  for name, example in examples[source].items():
+    seed = (1, 2, 3, len(name))
+    rng = np.random.default_rng(seed)
+    with Image.open(photos[name]) as img:
+      box = preprocess.random_resized_crop_box(rng, *img.size)
+    expected = _official_resized_crop(T, photos[name], box, 96, "bicubic")
+    np.testing.assert_array_equal(decode.train_pixels(example, 96, seed, crop),
+                                  expected[:, ::-1] if rng.random() < 0.5 else expected, err_msg=name)
 
 
 @pytest.mark.parametrize("height,width,size,expected", [
@@ -119,29 +174,6 @@ def test_tfds_eval_is_the_official_transform(T, photos, size):
 ])
 def test_eval_geometry(height, width, size, expected):
   assert preprocess.eval_geometry(height, width, size) == expected
-
-
-def test_tf_resize_is_pil_resize():
-  """Random shapes and crops, up- and downscaling, both pass orders, both filters; clipping edges."""
-  import tensorflow as tf
-  rng = np.random.default_rng(0)
-  signature = [tf.TensorSpec([None, None, 3], tf.uint8), tf.TensorSpec([2], tf.int32),
-               tf.TensorSpec([4], tf.int32)]
-  resize = {name: tf.function(lambda image, hw, window, name=name: preprocess._tf_resize(
-      image, (hw[0], hw[1]), name, tuple(tf.unstack(window))), input_signature=signature)
-            for name in ("bicubic", "bilinear")}
-  filters = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
-  for case in range(40):
-    in_h, in_w, out_h, out_w = (int(v) for v in rng.integers(1, 300, 4))
-    image = rng.integers(0, 256, (in_h, in_w, 3), dtype=np.uint8)
-    image[:, ::2] //= 8  # alternating dark columns: bicubic overshoots past 0 and 255
-    top, left = (int(rng.integers(0, out_h)), int(rng.integers(0, out_w))) if case % 2 else (0, 0)
-    h, w = int(rng.integers(1, out_h - top + 1)), int(rng.integers(1, out_w - left + 1))
-    for name, fn in resize.items():
-      expected = np.asarray(Image.fromarray(image).resize((out_w, out_h), filters[name]))
-      ours = fn(tf.constant(image), tf.constant([out_h, out_w]), tf.constant([top, left, h, w])).numpy()
-      np.testing.assert_array_equal(ours, expected[top:top + h, left:left + w],
-                                    err_msg=f"{name} {(in_h, in_w)} -> {(out_h, out_w)}")
 
 
 # ---- Training ----
@@ -169,59 +201,10 @@ def test_draft_decode_keeps_the_crop(photos):
     assert np.abs(exact - drafted).mean() < 2  # measured <= 0.65; a 40 px shift of the box gives >= 9
 
 
-@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
-def test_tfds_resized_crop_is_the_official_transform(T, photos, interpolation):
-  """Decoding only the crop window of a JPEG, then resizing, equals torchvision's crop + resize."""
-  import tensorflow as tf
-
-  @tf.function(input_signature=[tf.TensorSpec([], tf.string), tf.TensorSpec([4], tf.int32)])
-  def resized_crop(encoded, window):
-    image = preprocess._tf_decode(encoded, lambda h, w: window)
-    return preprocess._tf_resize(image, (96, 96), interpolation)
-
-  rng = np.random.default_rng(0)
-  for name, path in photos.items():
-    with open(path, "rb") as f:
-      encoded = tf.constant(f.read())
-    with Image.open(path) as img:
-      width, height = img.size
-    for _ in range(3):
-      left, top, right, lower = preprocess.random_resized_crop_box(rng, width, height)
-      ours = resized_crop(encoded, tf.constant([top, left, lower - top, right - left])).numpy()
-      np.testing.assert_array_equal(ours, _official_resized_crop(T, path, (left, top, right, lower), 96,
-                                                                 interpolation), err_msg=name)
-
-
-def test_tf_train_image_crops_and_flips(T, photos):
-  """With the crop pinned to the whole image, the output is the resized image or its mirror."""
-  import tensorflow as tf
-  path = photos["rgb_500x375.jpg"]
-  with open(path, "rb") as f:
-    encoded = tf.constant(f.read())
-  train_image = tf.function(lambda seed: preprocess.tf_train_image(
-      encoded, seed, size=64, scale=(1.0, 1.0), ratio=(500 / 375, 500 / 375), interpolation="bilinear"))
-  expected = _official_resized_crop(T, path, (0, 0, 500, 375), 64, "bilinear")
-  flips = []
-  for seed in range(8):
-    out = train_image(tf.constant([7, seed])).numpy()
-    np.testing.assert_array_equal(out, train_image(tf.constant([7, seed])).numpy())  # deterministic
-    flips.append(np.array_equal(out, expected[:, ::-1]))
-    assert flips[-1] or np.array_equal(out, expected)
-  assert 0 < sum(flips) < 8
-
-
 def _boxes_folder(width, height, n, scale, ratio):
   rng = np.random.default_rng(0)
   boxes = np.array([preprocess.random_resized_crop_box(rng, width, height, scale, ratio) for _ in range(n)])
   return boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1], boxes[:, 0], boxes[:, 1]
-
-
-def _boxes_tf(width, height, n, scale, ratio):
-  import tensorflow as tf
-  seeds = tf.stack([tf.fill([n], 1), tf.range(n)], 1)
-  windows = tf.function(lambda s: tf.map_fn(lambda seed: preprocess.tf_random_resized_crop_window(
-      height, width, seed, scale, ratio), s))(seeds).numpy()
-  return windows[:, 3], windows[:, 2], windows[:, 1], windows[:, 0]
 
 
 def _boxes_official(T, width, height, n, scale, ratio):
@@ -232,11 +215,11 @@ def _boxes_official(T, width, height, n, scale, ratio):
 
 @pytest.mark.parametrize("width,height", [(500, 375), (375, 500), (1000, 100)])
 def test_crop_law_matches_torchvision(T, width, height):
-  """Two-sample KS tests of area fraction and log aspect, folder and TF samplers vs torchvision's."""
+  """Two-sample KS tests of area fraction and log aspect, our sampler against torchvision's."""
   n, scale, ratio = 3000, preprocess.TRAIN_SCALE, preprocess.TRAIN_RATIO
   stats = {"area": lambda w, h: w * h / (width * height), "log aspect": lambda w, h: np.log(w / h)}
   official_w, official_h, _, _ = _boxes_official(T, width, height, n, scale, ratio)
-  for sampler in (_boxes_folder, _boxes_tf):
+  for sampler in (_boxes_folder,):
     w, h, left, top = sampler(width, height, n, scale, ratio)
     assert (left >= 0).all() and (top >= 0).all() and (left + w <= width).all() and (top + h <= height).all()
     for name, stat in stats.items():
@@ -251,6 +234,6 @@ def test_crop_law_matches_torchvision(T, width, height):
 def test_crop_fallback(T, width, height, expected):
   """Areas >= 90 % cannot fit a 3:4..4:3 box in these images, so every try fails."""
   scale, ratio = (0.9, 1.0), preprocess.TRAIN_RATIO
-  for sampler in (_boxes_folder, _boxes_tf, functools.partial(_boxes_official, T)):
+  for sampler in (_boxes_folder, functools.partial(_boxes_official, T)):
     w, h, left, top = sampler(width, height, 20, scale, ratio)
     assert set(zip(left.tolist(), top.tolist(), w.tolist(), h.tolist())) == {expected}, sampler

@@ -154,16 +154,19 @@ def writing_checkpoints(workdir: str) -> list[str]:
 
 def logged_losses(workdir: str) -> dict[int, list[float]]:
   """Every `train/loss` value in the workdir's TensorBoard files, by step (a resumed run repeats steps)."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
   losses: dict[int, list[float]] = {}
   for path in glob.glob(os.path.join(workdir, "**", "events.out.tfevents.*"), recursive=True):
-    try:
-      for event in tf.compat.v1.train.summary_iterator(path):
+    with open(path, "rb") as f:
+      while len(header := f.read(12)) == 12:  # TFRecord framing: length, its CRC, data, its CRC
+        length = int.from_bytes(header[:8], "little")
+        data = f.read(length)
+        if len(data) < length or len(f.read(4)) < 4:
+          break  # the tail of a file written by a killed process
+        event = event_pb2.Event.FromString(data)
         for value in event.summary.value:
           if value.tag == "train/loss":
-            losses.setdefault(event.step, []).append(float(tf.make_ndarray(value.tensor)))
-    except tf.errors.DataLossError:  # the tail of a file written by a killed process
-      pass
+            losses.setdefault(event.step, []).append(value.simple_value)
   return losses
 
 

@@ -6,7 +6,6 @@ import re
 import signal
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
@@ -46,17 +45,6 @@ def tree(tmp_path_factory) -> str:
   return write_colour_tree(str(tmp_path_factory.mktemp("colours")))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-  """Each train_and_evaluate call traces a fresh step; the persistent cache makes identical ones free."""
-  previous = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
-  jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-  yield
-  jax.config.update("jax_compilation_cache_dir", previous[0])
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", previous[1])
-
-
 def tiny_config(data_dir: str, **overrides):
   """configs/demo.py at test scale: a 3-class narrow CvT at 32 px, 3 steps per epoch on 4 devices."""
   config = demo.get_config("epochs=2,batch=16,res=32")
@@ -64,6 +52,7 @@ def tiny_config(data_dir: str, **overrides):
   config.model.num_classes = NUM_CLASSES
   config.model.drop_path_rate = 0.1  # drop path draws from the per-step rng: covered by the resume test
   config.data.data_dir = data_dir
+  config.data.num_workers = 0  # decoded in this process: tiny images, no worker start-up per pipeline
   config.eval_batch_size = 8
   config.eval_every_epochs = 1
   config.checkpoint_every_steps = 2
@@ -164,12 +153,10 @@ def test_eval_counts_every_example_once(tree):
   assert 0.0 <= result["top1"] <= result["top5"] <= 100.0
 
 
-def test_train_steps_on_a_tfds_dataset(tmp_path, tiny_tfds_dir):
-  # A real prepared TFDS dataset: under tfds.testing.mock_data, orbax's async save fails to find its own
-  # ArrayMetadata (the mock patches TFDS internals that the save path also reaches), so the trainer is run
-  # on real TFRecords; test_input_pipeline.py covers the TFDS reader under mock_data.
-  # The recipe's erasing and mixup/cutmix (RandAugment, slow to compile, is in test_augment).
-  config = tiny_config(tiny_tfds_dir, **{"data.source": "tfds", "data.name": "cvt_tiny_shapes",
+def test_train_steps_on_a_tfds_dataset(tmp_path, tiny_tfds_array_record_dir):
+  # A real prepared TFDS dataset (array_record), with the recipe's erasing and mixup/cutmix (RandAugment,
+  # slow to compile, is in test_augment).
+  config = tiny_config(tiny_tfds_array_record_dir, **{"data.source": "tfds", "data.name": "cvt_tiny_shapes",
                                          "data.eval_split": "validation", "model.num_classes": 4,
                                          "num_epochs": 1, "schedule.warmup_epochs": 0,
                                          "eval_batch_size": 4, "checkpoint_every_steps": 100})

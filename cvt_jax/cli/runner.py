@@ -104,16 +104,16 @@ _USER_ERRORS = (ValueError, OSError, FloatingPointError, flags.Error)
 
 
 def one_line(error: BaseException, debug: bool = True) -> str:
-  """An exception as one line: its message (whitespace collapsed); a likely bug also names its type."""
+  """An exception as one line: its message (whitespace collapsed); a likely bug adds how to see more."""
   text = str(error)
   if "Traceback (most recent call last)" in text:  # absl quotes a config file's traceback: keep its verdict
     text = f"{text.split(':', 1)[0]}: {text.strip().splitlines()[-1]}"
   text = " ".join(text.split()) or type(error).__name__
   if isinstance(error, OSError) and error.strerror and error.filename:
     text = f"{error.filename}: {error.strerror}"
-  if isinstance(error, _USER_ERRORS):
+  if isinstance(error, _USER_ERRORS) or debug:
     return text
-  return f"{type(error).__name__}: {text}" + ("" if debug else " (rerun with --debug for the traceback)")
+  return f"{text} (an unexpected {type(error).__name__}: rerun with --debug for the traceback)"
 
 
 def fail(prog: str, message: str, status: int) -> NoReturn:
@@ -230,20 +230,22 @@ class _ConsoleFilter(logging.Filter):
     return _ours(record) and getattr(record, "console", True)
 
 
-class _ConsoleFormatter(absl_logging.PythonFormatter):
-  """absl's format; a library's warning or error shows its first line only (the log file has the rest)."""
+class _ConsoleFormatter(logging.Formatter):
+  """A tool's console lines: '22:12:18 message' for cvt_jax's own, 'WARNING'/'ERROR' and the library's name
+  before a library's, whose warnings show their first line only (the log file has the rest)."""
 
   def format(self, record: logging.LogRecord) -> str:
-    if _ours(record) or not (record.exc_info or "\n" in record.getMessage()):
-      return super().format(record)
-    first = record.getMessage().strip().splitlines()
-    short = logging.makeLogRecord({**record.__dict__, "msg": (first[0] if first else "") + " [...]",
-                                   "args": None, "exc_info": None, "exc_text": None, "stack_info": None})
-    return super().format(short)
+    message = record.getMessage()
+    if not _ours(record):
+      first = message.strip().splitlines()
+      message = (first[0] if first else "") + (" [...]" if len(first) > 1 or record.exc_info else "")
+      message = f"{record.name.split('.')[0]}: {message}"
+    level = "" if record.levelno < logging.WARNING else f"{record.levelname} "
+    return f"{self.formatTime(record, '%H:%M:%S')} {level}{message}"
 
 
 def setup_logging() -> None:
-  """absl-formatted logs on the console: the command's INFO lines and everyone's warnings."""
+  """The console: the command's INFO lines and everyone's warnings, as time and message."""
   flags.FLAGS.mark_as_parsed()  # absl's own flags (log settings) keep their defaults: no pre-parse warning
   handler = absl_logging.get_absl_handler()
   if not any(isinstance(f, _ConsoleFilter) for f in handler.filters):

@@ -1,15 +1,17 @@
 r"""Fine-tuning a converted CvT on another dataset: the paper's recipe (SGD momentum 0.9, batch 512, cosine).
 
-Commands (a folder tree is `<root>/{train,val}/<class>/<image>`; labels = sorted class folder names):
+Commands (`data=` is a folder tree `<root>/{train,val}/<class>/<image>` (labels = sorted class folder names) or
+the ArrayRecord shards `cvt-jax prepare` wrote of one):
   cvt-jax train --config finetune:init=cvt13_224.npz,data=~/flowers,classes=102 \
       --workdir out/ft_flowers
   cvt-jax train --workdir out/ft_pets --config.data.data_dir=~/tensorflow_datasets \
       --config finetune:init=CvT-13-224x224-IN-1k.pth,tfds=oxford_iiit_pet,classes=37,res=384
   ... finetune:...,opt=adamw,lr=1e-4        # AdamW (lr given at batch 512, decay `wd`)
 
-`init` is any checkpoint `init_from` reads (a converted .npz, or a PyTorch .pth/.bin/.safetensors converted on
-the fly); `variant` must be its architecture (cvt-13, cvt-21, cvt-w24). Its head is replaced by a fresh one
-when `classes` differs from its class count. `res=384` fine-tunes at 384 from 224 weights with no surgery:
+`init` is any checkpoint `init_from` reads (a converted .npz, a workdir, or a PyTorch .pth/.bin/.safetensors
+converted on the fly); the model is its architecture (a named variant or a custom width such as the demo's;
+`variant=cvt-21` checks it instead). Its head is replaced by a fresh one when `classes` differs from its
+class count. `warmup` is clamped below `epochs`, so `epochs=1` trains without warm-up. `res=384` fine-tunes at 384 from 224 weights with no surgery:
 CvT has no position embeddings. The fine-tuned workdir evaluates and predicts with its own class names:
   cvt-jax eval --config finetune:data=~/flowers,classes=102 --checkpoint out/ft_flowers
   cvt-jax predict --checkpoint out/ft_flowers photo.jpg
@@ -22,25 +24,31 @@ Measured offline (README, "Fine-tune on your own data"): the demo's narrow CvT (
 budget; with all ~145 images per class, AdamW from scratch was as good or better.
 """
 
+import os
+
+from etils import epath
+
 from cvt_jax.configs import common
+from cvt_jax.data import records
 
 
 def get_config(arg: str | None = None):
-  args = common.parse_arg(arg, init="", variant="cvt-13", classes=0, data="", tfds="", res=224, batch=512,
+  args = common.parse_arg(arg, init="", variant="", classes=0, data="", tfds="", res=224, batch=512,
                           epochs=10, warmup=1, opt="sgd", lr=0.01, wd=0.0, eval_every=1)
   config = common.get_config(args.variant, args.res, weight_decay=args.wd, global_batch_size=args.batch)
   config.init_from = args.init
   config.model.num_classes = args.classes
   if args.tfds:
     config.data.source, config.data.name = "tfds", args.tfds
-  else:  # a folder tree; without `data=` validation asks for data.data_dir
-    config.data.source, config.data.name = "folder", ""
+  else:  # a folder tree or what `cvt-jax prepare` wrote; without `data=` validation asks for data.data_dir
+    prepared = bool(args.data) and (epath.Path(os.path.expanduser(args.data)) / records.INFO_FILE).exists()
+    config.data.source, config.data.name = "array_record" if prepared else "folder", ""
     config.data.data_dir = args.data or None
 
   config.optim.name = args.opt
   config.optim.lr = args.lr
   config.optim.lr_batch_size = 512
-  config.schedule.warmup_epochs = args.warmup
+  config.schedule.warmup_epochs = min(args.warmup, args.epochs - 1)
   config.schedule.warmup_lr = 0.0
   config.schedule.min_lr = 0.0
   config.schedule.per_step = True  # short runs: a smooth cosine, not one lr per epoch
