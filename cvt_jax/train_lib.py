@@ -199,7 +199,8 @@ def evaluate_batches(eval_step: Callable[[Variables, Batch], Metrics], variables
   'skipped' = the undecodable images left out, in the order met."""
   totals = None
   skipped: list[str] = []
-  prefetch = input_pipeline.Prefetcher(batches, mesh, on_skipped=skipped.extend)
+  prefetch = input_pipeline.Prefetcher(batches, mesh,
+                                       on_skipped=lambda bad: skipped.extend(key for key, _ in bad))
   try:
     for batch in prefetch:
       sums = eval_step(variables, batch)
@@ -228,8 +229,6 @@ def validate_config(config: Any) -> None:
     if not ok:
       raise ValueError(f"invalid config: {message}")
 
-  require(model_lib.variant_from_config(config.model) is not None or bool(config.init_from),
-          "model.variant='' takes the architecture of init_from, which is not set; name the variant")
   model_lib.compute_dtype(config.model.dtype)
   model_lib.compute_dtype(config.model.eval_dtype)
   require(config.model.num_classes > 0, f"model.num_classes={config.model.num_classes} must be positive")
@@ -260,6 +259,8 @@ def validate_config(config: Any) -> None:
           f"data.interpolation={data.interpolation!r}; use 'bicubic' or 'bilinear'")
   require(data.repeated_augmentation >= 1,
           f"data.repeated_augmentation={data.repeated_augmentation} must be >= 1 (1: off)")
+  require(model_lib.variant_from_config(config.model) is not None or bool(config.init_from),
+          "model.variant='' takes the architecture of init_from, which is not set; name the variant")
   optim_config = config.optim
   for key in ("lr", "weight_decay"):
     require(math.isfinite(optim_config[key]), f"optim.{key}={optim_config[key]} must be finite")
@@ -519,7 +520,7 @@ def _loop(run: _Run, state: TrainState, start_step: int, interrupt_at_step: int 
                 f"{bad[1]['grad_norm']}, lr={bad[1]['lr']:.3g}); stopped without saving it. The last good "
                 f"checkpoint is step {ckpt.latest_step()} in {ckpt.directory}. Lower optim.lr or check "
                 "the data, then rerun the command to resume from it.")
-        if log_now:
+        if log_now and step > last_log_step:  # (the first step of a run has its own line)
           host = jax.device_get([m for _, m in history])
           elapsed = time.time() - last_log_time
           steps_per_sec = (step - last_log_step) / max(elapsed, 1e-9)

@@ -18,6 +18,8 @@ import dataclasses
 import io
 import json
 import re
+import socket
+import urllib.parse
 import zipfile
 from typing import Any, Callable, Sequence
 
@@ -146,10 +148,10 @@ def _load_npz(path: epath.Path) -> Checkpoint:
 
 def _load_workdir(path: epath.Path, variant: Variant | None) -> Checkpoint:
   info = workdir_lib.read_model_info(path)
+  step, variables = checkpointing.read_variables(path)
   if info is None and variant is None:
     raise WeightsError(f"workdir {path} has no {workdir_lib.MODEL_INFO}; pass its architecture (--config)")
   variant = info.variant if info else variant
-  step, variables = checkpointing.read_variables(path)
   params = variables["params"]
   num_classes = int(np.shape(params["head"]["kernel"])[-1]) if "head" in params else 0
   trees.check(variable_shapes(variant, num_classes), trees.shapes(trees.flatten(variables)),
@@ -161,6 +163,8 @@ def _load_workdir(path: epath.Path, variant: Variant | None) -> Checkpoint:
 def _load_hub(name: str, heads: Sequence[int] | None) -> Checkpoint:
   """The weights of a hub repo: from the local cache when they are there, else downloaded (unless offline)."""
   for local_only in (True, False):  # every cached file before any download
+    if not local_only:
+      _check_hub_reachable(name)
     for filename in _HUB_FILES:
       try:
         file = huggingface_hub.hf_hub_download(name, filename, local_files_only=local_only)
@@ -172,6 +176,18 @@ def _load_hub(name: str, heads: Sequence[int] | None) -> Checkpoint:
       return dataclasses.replace(checkpoint, source=f"{name} ({filename})")
   raise FileNotFoundError(f"{name}: no {' or '.join(_HUB_FILES)} in the Hugging Face hub cache "
                           "(and none could be downloaded)")
+
+
+def _check_hub_reachable(name: str) -> None:
+  """Fails at once, instead of after a minute of retries, when the hub's host does not even resolve."""
+  host = urllib.parse.urlparse(huggingface_hub.constants.ENDPOINT).hostname
+  if huggingface_hub.constants.HF_HUB_OFFLINE:
+    raise FileNotFoundError(f"{name}: not in the Hugging Face hub cache, and HF_HUB_OFFLINE is set")
+  try:
+    socket.getaddrinfo(host, 443)
+  except OSError as e:
+    raise FileNotFoundError(f"{name}: not in the Hugging Face hub cache, and {host} cannot be reached ({e}): "
+                            "download its model.safetensors (or pytorch_model.bin) and pass the file") from None
 
 
 def save(checkpoint: Checkpoint, path: str | epath.PathLike) -> None:

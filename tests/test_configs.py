@@ -62,7 +62,7 @@ def test_demo_config_validates_with_a_data_dir(tmp_path):
   config = demo.get_config()
   config.data.data_dir = str(tmp_path)
   train_lib.validate_config(config)
-  assert config.data.source == "folder" and config.model.num_classes == 10
+  assert config.data.source == "array_record" and config.model.num_classes == 10
 
 
 def test_train_py_rejects_unknown_override_before_any_work(tmp_path):

@@ -18,6 +18,7 @@ from etils import epath
 from gcs_emulator import GcsEmulator
 from test_reliability import TOTAL_STEPS
 from test_reliability import command
+from test_reliability import make_shards
 from test_reliability import make_tree
 
 from cvt_jax import weights
@@ -40,16 +41,22 @@ def tree(tmp_path_factory) -> str:
   return make_tree(str(tmp_path_factory.mktemp("data") / "tree"))
 
 
+@pytest.fixture(scope="module")
+def shards(tree, tmp_path_factory) -> str:
+  return make_shards(tree, str(tmp_path_factory.mktemp("shards")))
+
+
 def _steps(workdir: epath.Path) -> list[int]:
   folder = workdir / "checkpoints"
   return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.exists() else []
 
 
-def test_a_bucket_workdir_survives_a_kill_and_serves_eval_predict_and_convert(gcs, tree, tmp_path, capsys):
+def test_a_bucket_workdir_survives_a_kill_and_serves_eval_predict_and_convert(gcs, tree, shards, tmp_path,
+                                                                              capsys):
   bucket = gcs.create_bucket()
   workdir = epath.Path(bucket) / "runs" / "tiny"
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "4", "TF_CPP_MIN_LOG_LEVEL": "2"}
-  run = subprocess.Popen(command(str(workdir), tree), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+  run = subprocess.Popen(command(str(workdir), shards), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                          stderr=open(tmp_path / "train.log", "w"))
   try:
     deadline = time.time() + 600
@@ -63,7 +70,7 @@ def test_a_bucket_workdir_survives_a_kill_and_serves_eval_predict_and_convert(gc
   killed_at = _steps(workdir)[-1]
   assert not os.path.exists("gs:"), "a gs:// path was written as a local folder"
 
-  args = command(str(workdir), tree)[2:]  # after `python train.py`
+  args = command(str(workdir), shards)[2:]  # after `python train.py`
   with pytest.raises(SystemExit) as exit_:
     cli.main(["cvt-jax", "train", *args])  # resumes from the bucket
   assert exit_.value.code == 0, capsys.readouterr().err[-3000:]
@@ -110,7 +117,7 @@ def test_shards_prepared_into_a_bucket_train_and_pytorch_files_load_from_it(gcs,
   monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "cache"))
   remote_spec = input_pipeline.DataSpec("array_record", "", str(bucket / "records"), "train", "val", 16, 0)
   info = input_pipeline.dataset_info(remote_spec)
-  assert (info.num_classes, info.num_train_examples, info.num_eval_examples) == (4, 49, 8)  # broken.jpg left out
+  assert (info.num_classes, info.num_train_examples, info.num_eval_examples) == (4, 50, 8)
   from_bucket = next(input_pipeline.train_batches(remote_spec, 4, seed=0))
   from_disk = next(input_pipeline.train_batches(dataclasses.replace(remote_spec, data_dir=local), 4, seed=0))
   np.testing.assert_array_equal(from_bucket["image"], from_disk["image"])

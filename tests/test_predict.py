@@ -15,6 +15,7 @@ from PIL import Image
 from cvt_jax import model as model_lib
 from cvt_jax import predict
 from cvt_jax import weights
+from cvt_jax.cli import predict as predict_cli
 from cvt_jax.data import preprocess
 from cvt_jax.model import get_variant
 
@@ -47,7 +48,7 @@ def images(finetuned, tmp_path):
 def test_every_format_is_read_and_bad_files_are_reported(finetuned, images, capsys):
   folder, broken = images
   with pytest.raises(SystemExit) as exit_:
-    predict.run(["cvt-jax predict", "--checkpoint", finetuned.workdir, "--json", str(folder), str(broken)])
+    predict_cli.run(["cvt-jax predict", "--checkpoint", finetuned.workdir, "--json", str(folder), str(broken)])
   captured = capsys.readouterr()
   assert exit_.value.code == 1  # one file failed, the others were still classified
   assert f"skipped {broken}: not a readable image" in captured.err

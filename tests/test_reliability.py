@@ -1,7 +1,7 @@
 """Reliability of training runs (issue 7): kills, preemption, bad input, determinism.
 
 The kill/resume chain runs the real command line (`train.py --config configs/demo.py ...`, a CvT of widths
-8/16/24 on a generated 32 px tree) as subprocesses and interrupts it with SIGKILL while a checkpoint is being
+8/16/24 on ArrayRecord shards of a generated 32 px tree, read by grain worker processes) as subprocesses and interrupts it with SIGKILL while a checkpoint is being
 written, SIGKILL at a random step and SIGTERM at a random step, restarting the same command each time; the
 final train state and every logged loss must be bit-identical to those of an uninterrupted run.
 Subprocesses share a persistent compilation cache, so only the first one compiles the train step.
@@ -10,6 +10,7 @@ Subprocesses share a persistent compilation cache, so only the first one compile
 from __future__ import annotations
 
 import glob
+import io
 import math
 import os
 import random
@@ -31,10 +32,11 @@ from cvt_jax import model as model_lib
 from cvt_jax import optim
 from cvt_jax import train_lib
 from cvt_jax.configs import demo
+from cvt_jax.data import prepare
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSES = 4
-STEPS_PER_EPOCH = 6  # 50 training files (one of them broken) // global batch 8
+STEPS_PER_EPOCH = 6  # 50 training images (one of them broken) // global batch 8
 EPOCHS = 3
 TOTAL_STEPS = STEPS_PER_EPOCH * EPOCHS
 CONFIG_ARG = f"epochs={EPOCHS},batch=8,res=32"
@@ -61,15 +63,24 @@ def make_tree(root: str) -> str:
         pixels[..., c % 3] += 50 * (c + 1)
         pixels += rng.normal(0, 30, pixels.shape)
         Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(os.path.join(folder, f"{i}.jpg"))
+  # A JPEG cut short: its header reads (prepare keeps it), its pixels do not (training replaces it).
+  whole = io.BytesIO()
+  Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(whole, format="JPEG")
   with open(os.path.join(root, "train", "class0", "broken.jpg"), "wb") as f:
-    f.write(b"\xff\xd8\xff\xe0 truncated")
+    f.write(whole.getvalue()[:len(whole.getvalue()) // 3])
   Image.new("CMYK", (32, 32), (0, 90, 90, 0)).save(os.path.join(root, "train", "class1", "cmyk.jpg"))
   return root
 
 
-def make_config(tree: str, **changes):
+def make_shards(tree: str, root: str) -> str:
+  """The tree as ArrayRecord shards (50 training images, the broken and the CMYK JPEG among them)."""
+  prepare.prepare(tree, root, records_per_shard=16, log=lambda _: None)
+  return root
+
+
+def make_config(shards: str, **changes):
   config = demo.get_config(CONFIG_ARG)
-  for key, value in {**OVERRIDES, "data.data_dir": tree, **changes}.items():
+  for key, value in {**OVERRIDES, "data.data_dir": shards, **changes}.items():
     section, _, field = key.rpartition(".")
     (config[section] if section else config)[field] = value
   return config
@@ -176,7 +187,9 @@ def leaves(tree) -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory) -> str:
-  return make_tree(str(tmp_path_factory.mktemp("data") / "tree"))
+  """ArrayRecord shards of the generated tree (the name keeps the tests short)."""
+  root = tmp_path_factory.mktemp("data")
+  return make_shards(make_tree(str(root / "tree")), str(root / "shards"))
 
 
 @pytest.fixture(scope="module")

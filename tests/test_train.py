@@ -51,7 +51,7 @@ def tiny_config(data_dir: str, **overrides):
   config.model.dims, config.model.depths, config.model.heads = (16, 32, 48), (1, 1, 2), (1, 2, 3)
   config.model.num_classes = NUM_CLASSES
   config.model.drop_path_rate = 0.1  # drop path draws from the per-step rng: covered by the resume test
-  config.data.data_dir = data_dir
+  config.data.source, config.data.data_dir = "folder", data_dir
   config.data.num_workers = 0  # decoded in this process: tiny images, no worker start-up per pipeline
   config.eval_batch_size = 8
   config.eval_every_epochs = 1

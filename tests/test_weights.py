@@ -181,7 +181,8 @@ def test_hub_names_load_offline_from_the_cache(tmp_path, monkeypatch, converted)
   loaded = weights.load("microsoft/cvt-tiny")
   assert loaded.source == "microsoft/cvt-tiny (model.safetensors)" and loaded.num_classes == 10
   assert_same_variables(loaded.variables, converted.variables)  # heads from the cached config.json
-  with pytest.raises(FileNotFoundError, match="microsoft/cvt-none: no model.safetensors or pytorch_model.bin"):
+  with pytest.raises(FileNotFoundError, match="microsoft/cvt-none: not in the Hugging Face hub cache, and "
+                                              "HF_HUB_OFFLINE is set"):
     weights.load("microsoft/cvt-none")
 
 

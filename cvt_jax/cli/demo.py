@@ -1,7 +1,8 @@
 """`cvt-jax demo` (`./run.sh demo`): builds the digits folder tree, trains a narrow CvT on it, prints top-1.
 
-The same path as a real run (folder tree -> host crop/flip -> device augment -> jitted step -> orbax ->
-padded eval), with the packaged config `demo`. Rerunning resumes from (or, when finished, re-evaluates)
+The same path as a pod's run: the folder tree is written as ArrayRecord shards (`cvt-jax prepare`), read
+by grain's decode processes (host crop/flip) -> device augment -> jitted step -> orbax -> padded eval,
+with the packaged config `demo`. Rerunning resumes from (or, when finished, re-evaluates)
 the checkpoints in --workdir; --fresh starts over, deleting only what a cvt_jax run wrote there.
 """
 
@@ -21,8 +22,8 @@ from cvt_jax.configs import demo as demo_config
 from cvt_jax.data import digits
 
 FLAGS = flags.FlagValues()
-_DATA_DIR = flags.DEFINE_string("data_dir", "demo_data/digits", "Where the digits JPEG tree is built.",
-                                flag_values=FLAGS)
+_DATA_DIR = flags.DEFINE_string("data_dir", "demo_data/digits", "Where the digits JPEG tree is built (its "
+                                "ArrayRecord shards go to <data_dir>_shards).", flag_values=FLAGS)
 _WORKDIR = flags.DEFINE_string("workdir", "demo_out", "Checkpoints, logs and TensorBoard summaries.",
                                flag_values=FLAGS)
 _EPOCHS = flags.DEFINE_integer("epochs", None, "Training epochs (default: the demo config's).", lower_bound=1,
@@ -39,7 +40,8 @@ def main(argv: Sequence[str]) -> None:
   if _FRESH.value:
     workdir_lib.check_removable(workdir)  # before the data tree is built
   config = demo_config.get_config(None if _EPOCHS.value is None else f"epochs={_EPOCHS.value}")
-  config.data.data_dir = digits.build_digits_tree(_DATA_DIR.value)
+  tree = digits.build_digits_tree(_DATA_DIR.value)
+  config.data.data_dir = digits.prepared_shards(tree, f"{tree.rstrip('/')}_shards")
 
   @contextlib.contextmanager
   def log_to(path: str) -> Iterator[None]:

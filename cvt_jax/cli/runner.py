@@ -254,6 +254,9 @@ def setup_logging() -> None:
   absl_logging.use_absl_handler()
   absl_logging.set_verbosity(absl_logging.INFO)
   logging.root.setLevel(logging.INFO)
+  # huggingface_hub prints its warnings through a stderr handler of its own as well: once is enough.
+  import huggingface_hub  # pylint: disable=g-import-not-at-top,unused-import  # installs that handler
+  logging.getLogger("huggingface_hub").handlers.clear()
 
 
 @contextlib.contextmanager

@@ -1,8 +1,10 @@
 r"""The offline demo: a narrow CvT trained on scikit-learn's digits (10 classes, 1,438 train / 359 val).
 
-Command (builds the JPEG folder tree under demo_data/digits, trains into demo_out/, prints val top-1):
+Command (builds the JPEG folder tree under demo_data/digits and its ArrayRecord shards under
+demo_data/digits_shards, trains into demo_out/, prints val top-1):
   ./run.sh demo
-  cvt-jax train --config demo --workdir demo_out --config.data.data_dir=demo_data/digits
+  cvt-jax train --config demo --workdir demo_out --config.data.data_dir=demo_data/digits_shards
+  cvt-jax train --config demo --workdir demo_out --config.data.source=folder --config.data.data_dir=demo_data/digits
 
 The architecture is CvT's (conv embeddings, conv projections, cls token in stage 3) at widths (32, 64, 128)
 and depths (1, 1, 2), at 32x32 pixels: CvT-13 trains too slowly at this size on a laptop CPU for a demo
@@ -21,7 +23,7 @@ def get_config(arg: str | None = None):
   config.model.drop_path_rate = 0.0
   config.model.dtype = "float32"
 
-  config.data.source = "folder"
+  config.data.source = "array_record"
   config.data.name = "digits"
   config.data.eval_split = "val"
   config.data.num_workers = 2

@@ -82,3 +82,17 @@ def subset_tree(source: str, root: str, classes: Sequence[str], shots: int | Non
         if not os.path.lexists(link):
           os.symlink(os.path.abspath(os.path.join(src_dir, f)), link)
   return root
+
+
+def prepared_shards(tree: str, root: str) -> str:
+  """`tree` as ArrayRecord shards in `root` (`cvt-jax prepare`), written again when the tree is newer."""
+  from cvt_jax.data import prepare  # pylint: disable=g-import-not-at-top
+  from cvt_jax.data import records  # pylint: disable=g-import-not-at-top
+
+  info = os.path.join(root, records.INFO_FILE)
+  if os.path.exists(info) and os.path.getmtime(info) >= os.path.getmtime(os.path.join(tree, _MARKER)):
+    return root
+  if prepare.is_preparation(root):  # shards of an earlier tree
+    shutil.rmtree(root)
+  prepare.prepare(tree, root, log=logging.info)
+  return root

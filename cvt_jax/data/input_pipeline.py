@@ -256,11 +256,11 @@ class _TrainRow:
       try:
         pixels = decode.train_pixels(example, self.spec.image_size, rng_seed, crop)
       except decode.DECODE_ERRORS as e:
-        failed.append(f"{example.key} ({type(e).__name__}: {e})")
+        failed.append(f"{example.key}\t{type(e).__name__}: {e}")
         continue
       return {"image": pixels, "label": np.int32(example.label), "skipped": "\n".join(failed)}
     raise DataError(f"{_STAND_INS} consecutive training images of {self.spec.where(self.spec.train_split)} "
-                    f"failed to decode, e.g. {failed[0]}")
+                    f"failed to decode, e.g. {failed[0].replace(chr(9), ': ')}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -282,7 +282,7 @@ class _EvalRow:
       pixels = decode.eval_pixels(example, self.size)
     except decode.DECODE_ERRORS as e:
       return {"image": blank, "label": np.int32(example.label), "mask": False,
-              "skipped": f"{example.key} ({type(e).__name__}: {e})"}
+              "skipped": f"{example.key}\t{type(e).__name__}: {e}"}
     return {"image": pixels, "label": np.int32(example.label), "mask": True, "skipped": ""}
 
 
@@ -326,21 +326,24 @@ def _exit_with_parent(parent: int, worker_index: int, worker_count: int) -> None
   threading.Thread(target=watch, daemon=True).start()
 
 
-def skipped_keys(batch: Batch) -> list[str]:
-  """The undecodable images a batch reports (and takes out of it)."""
-  return [key for keys in batch.pop("skipped", ()) for key in str(keys).split("\n") if key]
+def skipped(batch: Batch) -> list[tuple[str, str]]:
+  """(key, why) of the undecodable images a batch reports (and takes out of it)."""
+  return [tuple(entry.split("\t", 1)) for entries in batch.pop("skipped", ()) for entry in str(entries).split("\n")
+          if entry]
 
 
 class Prefetcher:
   """Loads and shards the next batches on a background thread while the devices compute.
 
-  Each batch's undecodable images go to `on_skipped` (on that thread) before the batch goes to the devices.
+  Each batch's undecodable images, (key, why), go to `on_skipped` (on that thread) before the batch goes to
+  the devices.
   """
 
   _DONE = object()
 
   def __init__(self, batches: Iterable[Batch], mesh: jax.sharding.Mesh,
-               on_skipped: Callable[[list[str]], None] | None = None, size: int = _BUFFERED_BATCHES):
+               on_skipped: Callable[[list[tuple[str, str]]], None] | None = None,
+               size: int = _BUFFERED_BATCHES):
     self._queue: queue.Queue = queue.Queue(maxsize=size)
     self._closed = threading.Event()
     self._on_skipped = on_skipped
@@ -350,9 +353,9 @@ class Prefetcher:
   def _fill(self, batches: Iterator[Batch], mesh: jax.sharding.Mesh) -> None:
     try:
       for batch in batches:
-        skipped = skipped_keys(batch)
-        if skipped and self._on_skipped:
-          self._on_skipped(skipped)
+        bad = skipped(batch)
+        if bad and self._on_skipped:
+          self._on_skipped(bad)
         if not self._put(parallel.global_batch(batch, mesh)):
           return
       self._put(self._DONE)
@@ -398,11 +401,11 @@ class SkipLog:
     self._seen: set[str] = set()
     self.keys: list[str] = []
 
-  def __call__(self, skipped: list[str]) -> None:
+  def __call__(self, skipped_images: list[tuple[str, str]]) -> None:
     with self._lock:
-      new = list(dict.fromkeys(key for key in skipped if key not in self._seen))
-      self._seen.update(new)
-      self.keys.extend(new)
+      new = [(key, why) for key, why in dict(skipped_images).items() if key not in self._seen]
+      self._seen.update(key for key, _ in new)
+      self.keys.extend(key for key, _ in new)
       total = len(self.keys)
-    for key in new:
-      self._log("Skipping undecodable image %s; %d skipped so far", key, total)
+    for key, why in new:
+      self._log("Skipping undecodable image %s (%s); %d skipped so far", key, why, total)

@@ -95,6 +95,11 @@ def _readable(data: bytes) -> str:
     return f"{type(e).__name__}: {e}"
 
 
+def is_preparation(dst: str) -> bool:
+  """Whether `dst` holds a preparation (finished or not) that `prepare` wrote."""
+  return (epath.Path(dst) / _JOB_FILE).exists()
+
+
 def check_destination(dst: str, job: dict[str, Any]) -> None:
   """Refuses a destination that holds anything but an unfinished or finished preparation of `job`."""
   path = epath.Path(dst)
