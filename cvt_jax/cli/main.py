@@ -14,6 +14,7 @@ COMMANDS = {
     "eval": ("eval", "top-1/top-5 of a checkpoint over every image of a split"),
     "predict": ("predict", "top classes of image files"),
     "convert": ("convert", "any checkpoint (PyTorch, workdir, hub name) to a cvt_jax .npz"),
+    "export": ("export", "a checkpoint as StableHLO (jax.export) for serving without cvt_jax"),
     "summary": ("summary", "parameters and MACs of a variant"),
     "compile": ("compile", "compile the train and eval steps for a TPU slice, a GPU node or this host; "
                            "report memory and fit"),
