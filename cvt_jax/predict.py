@@ -8,8 +8,10 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import jax
 import numpy as np
@@ -19,6 +21,9 @@ from cvt_jax import weights
 from cvt_jax.data import decode
 from cvt_jax.data import labels
 from cvt_jax.data import preprocess
+
+if TYPE_CHECKING:  # cvt_jax.export imports this module
+  from cvt_jax import export
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,17 +36,22 @@ class Prediction:
   probabilities: tuple[float, ...]
 
 
-def class_names(checkpoint: weights.Checkpoint, labels_file: str | None = None) -> tuple[str, ...]:
-  """Display names for the head's labels: from `labels_file`, else those stored with the checkpoint, else
-  the ImageNet names for a 1000-class head, else 'class <index>'."""
+def known_class_names(checkpoint: weights.Checkpoint | export.ExportedModel) -> tuple[str, ...] | None:
+  """The names stored with the checkpoint, else the ImageNet names for a 1000-class head, else None."""
+  if checkpoint.class_names:
+    return checkpoint.class_names
+  if checkpoint.num_classes == 1000:
+    return tuple(name for _, name in labels.imagenet_classes())
+  return None
+
+
+def class_names(checkpoint: weights.Checkpoint | export.ExportedModel,
+                labels_file: str | None = None) -> tuple[str, ...]:
+  """Display names for the head's labels: from `labels_file`, else `known_class_names`, else 'class <index>'."""
   if labels_file:
     names = labels.read_labels(labels_file)
-  elif checkpoint.class_names:
-    names = checkpoint.class_names
-  elif checkpoint.num_classes == 1000:
-    names = tuple(name for _, name in labels.imagenet_classes())
   else:
-    names = tuple(f"class {i}" for i in range(checkpoint.num_classes))
+    names = known_class_names(checkpoint) or tuple(f"class {i}" for i in range(checkpoint.num_classes))
   if len(names) != checkpoint.num_classes:
     raise ValueError(f"{labels_file or checkpoint.source}: {len(names)} class names for a "
                      f"{checkpoint.num_classes}-class head")
@@ -77,16 +87,21 @@ class Predictor:
 
   def probabilities(self, images: np.ndarray) -> np.ndarray:
     """uint8 (N, S, S, 3) -> class probabilities (N, classes), in padded batches of `batch_size`."""
-    out = []
-    for start in range(0, len(images), self.batch_size):
-      chunk = images[start:start + self.batch_size]
-      padded = np.zeros((self.batch_size,) + chunk.shape[1:], np.uint8)
-      padded[:len(chunk)] = chunk
-      out.append(np.asarray(self._probabilities(self._variables, padded))[:len(chunk)])
-    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+    return in_batches(functools.partial(self._probabilities, self._variables), images, self.batch_size)
 
 
-def predict(predictor: Predictor, paths: Sequence[str], names: Sequence[str], top_k: int = 5
+def in_batches(fn: Callable[[np.ndarray], jax.Array], images: np.ndarray, batch_size: int) -> np.ndarray:
+  """`fn` over `images` in zero-padded batches of `batch_size` (one compiled shape), concatenated."""
+  out = []
+  for start in range(0, len(images), batch_size):
+    chunk = images[start:start + batch_size]
+    padded = np.zeros((batch_size,) + chunk.shape[1:], np.uint8)
+    padded[:len(chunk)] = chunk
+    out.append(np.asarray(fn(padded))[:len(chunk)])
+  return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+def predict(predictor: Predictor | export.ExportedModel, paths: Sequence[str], names: Sequence[str], top_k: int = 5
             ) -> tuple[list[Prediction], list[tuple[str, str]]]:
   """Classifies `paths`; returns (predictions, [(path, error message)] for unreadable files)."""
   images, good, failed = [], [], []

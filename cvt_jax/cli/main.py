@@ -17,6 +17,7 @@ COMMANDS = {
     "predict": ("predict", "top classes of image files"),
     "convert": ("convert", "any checkpoint (PyTorch, workdir, hub name) to a cvt_jax .npz"),
     "prepare": ("prepare", "a folder tree or TFDS dataset as ArrayRecord shards for fast, sharded reading"),
+    "export": ("export", "a checkpoint as StableHLO (jax.export) for serving without cvt_jax"),
     "summary": ("summary", "parameters and MACs of a variant"),
     "compile": ("compile", "compile the train and eval steps for a TPU slice, a GPU node or this host; "
                            "report memory and fit"),

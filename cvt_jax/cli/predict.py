@@ -2,8 +2,10 @@ r"""Top classes of image files: `cvt-jax predict --checkpoint X image.jpg [more.
 
   cvt-jax predict --checkpoint CvT-13-224x224-IN-1k.pth cat.jpg dog.png photos/
   cvt-jax predict --checkpoint out/finetune --output predictions.json photos/   # a workdir: its classes
+  cvt-jax predict --exported cvt13_served cat.jpg        # what `cvt-jax export` wrote
 
-The checkpoint is anything `cvt-jax convert` reads. Class names come from --labels (one per line, label
+The checkpoint is anything `cvt-jax convert` reads; --exported takes a `cvt-jax export` folder instead,
+whose resolution and dtype were fixed at export. Class names come from --labels (one per line, label
 order), else those stored with the checkpoint (fine-tuned workdirs and their exports), else the ImageNet
 names for a 1000-class head, else the label index. Images go through the evaluation transform (224:
 resize 256 + centre crop; 384: squash), in float32 unless --dtype says otherwise; greyscale, CMYK, palette
@@ -20,6 +22,7 @@ from collections.abc import Sequence
 from absl import flags
 from etils import epath
 
+from cvt_jax import export
 from cvt_jax import predict
 from cvt_jax import weights
 from cvt_jax import workdir as workdir_lib
@@ -28,6 +31,8 @@ from cvt_jax.cli import runner
 FLAGS = flags.FlagValues()
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir, converted .npz, PyTorch "
                                   ".pth/.bin/.safetensors or hub name.", flag_values=FLAGS)
+_EXPORTED = flags.DEFINE_string("exported", None, "A `cvt-jax export` folder, instead of --checkpoint.",
+                                flag_values=FLAGS)
 _LABELS = flags.DEFINE_string("labels", None, "Class names, one per line in label order.", flag_values=FLAGS)
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", None, "Input resolution (default: the workdir's training "
                                    "resolution, else 224).", lower_bound=32, flag_values=FLAGS)
@@ -40,7 +45,7 @@ _JSON = flags.DEFINE_bool("json", False, "Print one JSON object per image instea
 _OUTPUT = flags.DEFINE_string("output", None, "Also write the predictions to this .json file.",
                               flag_values=FLAGS)
 _HEADS = runner.define_heads_flag(FLAGS)
-flags.mark_flag_as_required("checkpoint", flag_values=FLAGS)
+flags.mark_flags_as_mutual_exclusive(["checkpoint", "exported"], required=True, flag_values=FLAGS)
 
 
 def _as_json(p: predict.Prediction) -> dict:
@@ -56,10 +61,17 @@ def main(argv: Sequence[str]) -> int:
   paths = predict.expand_paths(argv[1:])
   if not paths:
     raise runner.UsageError(f"no image files in {' '.join(argv[1:])}")
-  checkpoint = weights.load(_CHECKPOINT.value, heads=_HEADS.value)
-  names = predict.class_names(checkpoint, _LABELS.value)
-  predictor = predict.Predictor(checkpoint, _IMAGE_SIZE.value or checkpoint.image_size or 224,
-                                _BATCH_SIZE.value, _DTYPE.value)
+  if _EXPORTED.value:
+    fixed = [f"--{f}" for f in (_IMAGE_SIZE.name, _DTYPE.name, _HEADS.name) if FLAGS[f].present]
+    if fixed:
+      raise runner.UsageError(f"{', '.join(fixed)}: fixed when the model was exported; not with --exported")
+    predictor = export.ExportedModel(_EXPORTED.value, _BATCH_SIZE.value)
+    names = predict.class_names(predictor, _LABELS.value)
+  else:
+    checkpoint = weights.load(_CHECKPOINT.value, heads=_HEADS.value)
+    names = predict.class_names(checkpoint, _LABELS.value)
+    predictor = predict.Predictor(checkpoint, _IMAGE_SIZE.value or checkpoint.image_size or 224,
+                                  _BATCH_SIZE.value, _DTYPE.value)
   predictions, failed = predict.predict(predictor, paths, names, _TOP_K.value)
   for p in predictions:
     if _JSON.value:
