@@ -1,9 +1,10 @@
 """Test set-up: several CPU devices so that the sharding code runs for real, and compiles kept cheap.
 
-The suite compiles hundreds of small programs and runs each a few times, so XLA:CPU's backend optimisation
-is lowered (LLVM -O0: compiles take about half as long; the programs are the same HLO, unfused the same
-way, and round the same way or within the tolerances the tests give) and one persistent compilation cache, shared with the subprocesses the tests start, serves
-the programs several tests compile alike. Both are set in the environment before JAX starts.
+The suite compiles hundreds of small programs and runs each a few times, so XLA:CPU's backend optimisation is
+lowered (LLVM -O0: compiles take about half as long; the programs are the same HLO, unfused the same way, and
+round the same way or within the tolerances the tests give) and one persistent compilation cache, shared with
+the subprocesses the tests start, serves the programs several tests compile alike. Both are set in the
+environment before JAX starts.
 """
 
 import atexit

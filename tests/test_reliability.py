@@ -1,10 +1,11 @@
 """Reliability of training runs (issue 7): kills, preemption, bad input, determinism.
 
 The kill/resume chain runs the real command line (`train.py --config configs/demo.py ...`, a CvT of widths
-8/16/24 on ArrayRecord shards of a generated 32 px tree, read by grain worker processes) as subprocesses and interrupts it with SIGKILL while a checkpoint is being
-written, SIGKILL at a random step and SIGTERM at a random step, restarting the same command each time; the
-final train state and every logged loss must be bit-identical to those of an uninterrupted run.
-Subprocesses share a persistent compilation cache, so only the first one compiles the train step.
+8/16/24 on ArrayRecord shards of a generated 32 px tree, read by grain worker processes) as subprocesses and
+interrupts it with SIGKILL while a checkpoint is being written, SIGKILL at a random step and SIGTERM at a
+random step, restarting the same command each time; the final train state and every logged loss must be bit-
+identical to those of an uninterrupted run. Subprocesses share a persistent compilation cache, so only the
+first one compiles the train step.
 """
 
 from __future__ import annotations

@@ -15,7 +15,8 @@ largest batch that fits both frameworks. Every run also measures a large matmul 
 model's FLOPs run faster, so each case gets a roofline img/s) and the input side of training on generated
 JPEGs: `train_batches` from a folder tree and from ArrayRecord shards in 1 and all worker processes, the
 on-device augmentation alone, and the trainer's whole loop on the shards against its bare step. Results go
-to bench/results/local/<time>.{json,md}. PyTorch (and transformers) are needed: `pip install 'cvt-jax[test]'` or `./run.sh bench`.
+to bench/results/local/<time>.{json,md}. PyTorch (and transformers) are needed: `pip install
+'cvt-jax[test]'` or `./run.sh bench`.
 """
 
 from __future__ import annotations

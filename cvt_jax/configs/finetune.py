@@ -10,9 +10,10 @@ the ArrayRecord shards `cvt-jax prepare` wrote of one):
 
 `init` is any checkpoint `init_from` reads (a converted .npz, a workdir, or a PyTorch .pth/.bin/.safetensors
 converted on the fly); the model is its architecture (a named variant or a custom width such as the demo's;
-`variant=cvt-21` checks it instead). Its head is replaced by a fresh one when `classes` differs from its
-class count. `warmup` is clamped below `epochs`, so `epochs=1` trains without warm-up. `res=384` fine-tunes at 384 from 224 weights with no surgery:
-CvT has no position embeddings. The fine-tuned workdir evaluates and predicts with its own class names:
+`variant=cvt-21` checks it instead). Its head is replaced by a fresh one when `classes` differs from its class
+count. `warmup` is clamped below `epochs`, so `epochs=1` trains without warm-up. `res=384` fine-tunes at 384
+from 224 weights with no surgery: CvT has no position embeddings. The fine-tuned workdir evaluates and
+predicts with its own class names:
   cvt-jax eval --config finetune:data=~/flowers,classes=102 --checkpoint out/ft_flowers
   cvt-jax predict --checkpoint out/ft_flowers photo.jpg
 
