@@ -502,14 +502,10 @@ def _loop(run: _Run, state: TrainState, start_step: int, interrupt_at_step: int 
         profiler.before(step)
         state, metrics = run.train_step(state, next(train_batches))
         profiler.after(step, state)
-        if step == start_step + 1:
-          jax.block_until_ready(metrics)
-          logging.info("Step %d of %d done (compiled and ran in %.1f s); progress every %d steps.", step,
-                       total_steps, time.time() - last_log_time, config.log_every_steps)
-          last_log_time, last_log_step = time.time(), step
         history.append((step, metrics))
+        first = step == start_step + 1  # its time is the compile's: logged as such, with no rate
         stop_now = step == interrupt_at_step or stop.is_set() or ckpt.reached_preemption(step)
-        log_now = step % config.log_every_steps == 0 or step == total_steps or stop_now
+        log_now = first or step % config.log_every_steps == 0 or step == total_steps or stop_now
         save_now = ckpt.should_save(step) or step == total_steps or stop_now
         if log_now or save_now:
           # Fetching the metrics waits for these steps; a NaN here must never reach a checkpoint.
@@ -520,18 +516,23 @@ def _loop(run: _Run, state: TrainState, start_step: int, interrupt_at_step: int 
                 f"{bad[1]['grad_norm']}, lr={bad[1]['lr']:.3g}); stopped without saving it. The last good "
                 f"checkpoint is step {ckpt.latest_step()} in {ckpt.directory}. Lower optim.lr or check "
                 "the data, then rerun the command to resume from it.")
-        if log_now and step > last_log_step:  # (the first step of a run has its own line)
+        if log_now:
           host = jax.device_get([m for _, m in history])
           elapsed = time.time() - last_log_time
-          steps_per_sec = (step - last_log_step) / max(elapsed, 1e-9)
           scalars = {"train/loss": float(np.mean([m["loss"] for m in host])), "train/lr": float(host[-1]["lr"]),
                      "train/grad_norm": float(np.mean([m["grad_norm"] for m in host])),
-                     "train/img_per_sec": steps_per_sec * config.global_batch_size,
                      "train/epoch": step / steps_per_epoch}
+          if first:
+            logging.info("step %d/%d (epoch %.2f): loss %.4f, lr %.3g; compiled and ran in %.1f s, progress "
+                         "every %d steps", step, total_steps, step / steps_per_epoch, scalars["train/loss"],
+                         scalars["train/lr"], elapsed, config.log_every_steps)
+          else:
+            steps_per_sec = (step - last_log_step) / max(elapsed, 1e-9)
+            scalars["train/img_per_sec"] = steps_per_sec * config.global_batch_size
+            logging.info("step %d/%d (epoch %.2f): loss %.4f, lr %.3g, %.1f img/s, ETA %s", step, total_steps,
+                         step / steps_per_epoch, scalars["train/loss"], scalars["train/lr"],
+                         scalars["train/img_per_sec"], _format_seconds((total_steps - step) / steps_per_sec))
           writer.write_scalars(step, scalars)
-          logging.info("step %d/%d (epoch %.2f): loss %.4f, lr %.3g, %.1f img/s, ETA %s", step, total_steps,
-                       step / steps_per_epoch, scalars["train/loss"], scalars["train/lr"],
-                       scalars["train/img_per_sec"], _format_seconds((total_steps - step) / steps_per_sec))
           history.clear()
           last_log_time, last_log_step = time.time(), step
         if save_now:

@@ -134,10 +134,15 @@ def check_writable(workdir: str | epath.PathLike) -> None:
 
 def check_output(path: str, suffix: str | None = None) -> None:
   """Fails before any work if `path` cannot be written as a file (a folder, a read-only or missing parent
-  that cannot be made, a wrong suffix). Object-store paths are only checked for the suffix."""
+  that cannot be made, a wrong suffix). Object-store paths are checked for the suffix and their bucket."""
   if suffix and not path.endswith(suffix):
     raise OutputError(f"output {path}: expected a {suffix} file name")
   if "://" in path:
+    scheme, rest = path.split("://", 1)
+    bucket = f"{scheme}://{rest.split('/', 1)[0]}"
+    if not epath.Path(bucket).exists():
+      raise OutputError(f"output {path}: bucket {bucket} does not exist (or cannot be reached with these "
+                        "credentials)")
     return
   if os.path.isdir(path):
     raise OutputError(f"output {path} is a folder; give a file name")

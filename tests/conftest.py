@@ -8,6 +8,7 @@ environment before JAX starts.
 """
 
 import atexit
+import functools
 import os
 import shutil
 import tempfile
@@ -39,9 +40,10 @@ import pytest  # noqa: E402
 TORCHVISION_DIR = os.path.join(sys.prefix, "torchvision-transforms", "torchvision")
 
 
-def _tiny_shapes(data_dir: str, file_format: str) -> str:
-  """A real prepared TFDS dataset 'cvt_tiny_shapes' in `file_format`: JPEGs whose red channel is 8 x a unique
-  id, 4 classes, 22 train and 9 validation examples."""
+@functools.cache
+def _tiny_shapes_builder() -> type:
+  """The TFDS builder of 'cvt_tiny_shapes' (a class TFDS registers once): JPEGs whose red channel is 8 x a
+  unique id, 4 classes, 22 train and 9 validation examples."""
   import tensorflow_datasets as tfds
 
   class CvtTinyShapes(tfds.core.GeneratorBasedBuilder):
@@ -61,20 +63,23 @@ def _tiny_shapes(data_dir: str, file_format: str) -> str:
         image = np.full((24 + i, 30, 3), (8 * i, 100, 50), np.uint8)
         yield i, {"image": image, "label": i % 4}
 
-  CvtTinyShapes(data_dir=data_dir, file_format=file_format).download_and_prepare()
-  return data_dir
+  return CvtTinyShapes
 
 
 @pytest.fixture(scope="session")
 def tiny_tfds_dir(tmp_path_factory):
   """cvt_tiny_shapes in TFRecord files, as most TFDS datasets are prepared (`cvt-jax prepare` converts them)."""
-  return _tiny_shapes(str(tmp_path_factory.mktemp("tiny_tfds")), "tfrecord")
+  root = str(tmp_path_factory.mktemp("tiny_tfds"))
+  _tiny_shapes_builder()(data_dir=root, file_format="tfrecord").download_and_prepare()
+  return root
 
 
 @pytest.fixture(scope="session")
 def tiny_tfds_array_record_dir(tmp_path_factory):
   """cvt_tiny_shapes in array_record files, which the pipeline reads directly (`tfds.data_source`)."""
-  return _tiny_shapes(str(tmp_path_factory.mktemp("tiny_tfds_ar")), "array_record")
+  root = str(tmp_path_factory.mktemp("tiny_tfds_ar"))
+  _tiny_shapes_builder()(data_dir=root, file_format="array_record").download_and_prepare()
+  return root
 
 
 @pytest.fixture(scope="module")

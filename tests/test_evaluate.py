@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -41,6 +42,17 @@ def test_workdir_counts_every_image_and_matches_the_training_eval(finetuned):
     written = json.load(f)
   assert os.path.dirname(summary["output"]) == finetuned.workdir and "_step" in summary["output"]
   assert written["count"] == summary["count"] and written["images_per_second"] > 0
+
+
+def test_a_checkpoint_is_evaluated_at_its_own_resolution_unless_asked_for_another(finetuned, tmp_path, caplog):
+  """The fine-tuned workdir was trained at 32 px; finetune's config says 224."""
+  config = finetuned_tiny.config(finetuned.tree)
+  config.data.image_size = 224
+  own = evaluate.evaluate_checkpoint(config, finetuned.workdir, str(tmp_path / "own.json"))
+  assert own["image_size"] == 32 and own["top1"] == pytest.approx(finetuned.train_eval["top1"], abs=1e-6)
+  asked = evaluate.evaluate_checkpoint(config, finetuned.workdir, str(tmp_path / "asked.json"), image_size=48)
+  assert asked["image_size"] == 48
+  assert "Evaluating at 48 px as asked; " in caplog.text and "was trained at 32 px" in caplog.text
 
 
 def test_exported_npz_gives_the_same_numbers_at_any_batch_size(finetuned, tmp_path):
@@ -113,6 +125,8 @@ def test_command_line(finetuned, tmp_path):
              "--data", finetuned.tree, "--config.eval_batch_size=20", "--output", str(out))
   assert run.returncode == 0, run.stderr[-3000:]
   assert "top-1" in run.stdout and "img/s" in run.stderr  # the progress line
+  # The console reads as a tool's: time and message (absl's full prefix is for log files).
+  assert all(re.match(r"\d\d:\d\d:\d\d \S", line) for line in run.stderr.strip().splitlines()), run.stderr
   summary = json.loads(out.read_text())
   assert summary["count"] == finetuned.train_eval["count"]
   assert np.isclose(summary["top1"], finetuned.train_eval["top1"])

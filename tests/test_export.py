@@ -193,7 +193,9 @@ def test_bfloat16_export_is_the_bfloat16_model(tiny, reloaded, jpegs, tmp_path, 
   images = np.stack([preprocess.eval_image(p, SIZE) for p in jpegs])
   logits = np.asarray(exported.call(images))
   assert logits.dtype == np.float32
-  assert_close(logits, reference_logits(tiny, jpegs, SIZE, "bfloat16"), 1e-6)  # the in-process bf16 model
+  # The in-process bf16 model is another compilation (weights as arguments, not constants: other fusions,
+  # so other points where a bf16 intermediate is rounded): a few roundings of 2^-8 of the largest logit.
+  assert_close(logits, reference_logits(tiny, jpegs, SIZE, "bfloat16"), 2e-2)
   # Against fp32 (bf16 keeps 8 significant bits: each rounding is off by up to 2e-3 relative, and the
   # roundings of every block add up in the logits): measured 2.4e-2 of the largest logit on this model and
   # 1.3e-2 on a real-width CvT-13 with random weights (bench/README.md).

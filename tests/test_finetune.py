@@ -45,6 +45,18 @@ def test_missing_init_and_data_fail_clearly(tmp_path):
     train_lib.validate_config(finetune.get_config(f"init=/no/such.npz,data={tmp_path},classes=5"))
 
 
+def test_one_epoch_from_a_checkpoint_takes_its_architecture(finetuned, tmp_path):
+  """`finetune:init=<an .npz of the demo's custom width>` needs no variant, dims, depths or heads, and a
+  one-epoch run no `warmup=0`."""
+  config = finetune.get_config(f"init={finetuned.npz},data={finetuned.digits},classes=10,res=32,batch=64,"
+                               "epochs=1")
+  config.data.num_workers = 0
+  assert config.schedule.warmup_epochs == 0
+  state, result = train_lib.train_and_evaluate(config, str(tmp_path / "ft"))
+  assert int(state.step) > 0 and result["count"] > 0
+  assert weights.load(str(tmp_path / "ft")).variant.architecture == weights.load(finetuned.npz).variant.architecture
+
+
 def _optim_config(name: str, weight_decay: float) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(name=name, momentum=0.9, weight_decay=weight_decay, b1=0.9, b2=0.999,
                                         eps=1e-8))

@@ -1,4 +1,4 @@
-r"""Fine-tuning vs training from scratch, offline: `python -m cvt_jax.cli.finetune_demo --out demo_out/finetune`.
+r"""Fine-tuning vs training from scratch, offline: `python -m cvt_jax.cli.finetune_demo --out finetune_demo`.
 
 No ImageNet weights exist offline, so the "pretrained checkpoint" is made here with the normal pipeline:
   1. pretrain the narrow demo CvT (configs/demo.py widths, 32 px) on digits 0-4 (all their train images),
@@ -31,7 +31,7 @@ from cvt_jax.data import digits
 
 FLAGS = flags.FlagValues()
 
-_OUT = flags.DEFINE_string("out", "demo_out/finetune", "Data trees, workdirs and results.json go here.",
+_OUT = flags.DEFINE_string("out", "finetune_demo", "Data trees, workdirs and results.json go here.",
                            flag_values=FLAGS)
 _DIGITS = flags.DEFINE_string("digits", "demo_data/digits", "The digits JPEG tree (built if missing).",
                               flag_values=FLAGS)

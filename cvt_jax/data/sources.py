@@ -250,6 +250,11 @@ def tfds_class_names(builder: Any) -> tuple[str, ...]:
 
 
 def tfds_split(name: str, split: str, data_dir: str | None) -> Split:
+  if data_dir and "://" in data_dir:
+    raise ValueError(f"TFDS data_dir {data_dir}: TFDS data sources read local files only (ArrayRecord); write "
+                     f"the dataset as shards into the bucket (cvt-jax prepare tfds:{name} <bucket folder>) and "
+                     "train with --config.data.source=array_record, which copies each host's shards to a "
+                     "local cache")
   builder = tfds_builder(name, data_dir)
   if split not in builder.info.splits:
     raise ValueError(f"TFDS dataset {name!r} has no split {split!r} (splits: {list(builder.info.splits)})")
