@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from cvt_jax import train_lib
-from cvt_jax.configs import common, cvt13, cvt21, cvtw24, demo
+from cvt_jax.configs import cvt13, cvt21, cvtw24, demo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
