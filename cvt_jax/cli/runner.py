@@ -23,6 +23,7 @@ from absl import flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
+from cvt_jax import native
 from cvt_jax import workdir
 
 PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -275,14 +276,5 @@ def _import_tensorflow_into(log_file: str) -> None:
   with that descriptor on the log file."""
   if "tensorflow" in sys.modules or importlib.util.find_spec("tensorflow") is None:
     return
-  sys.stderr.flush()
-  console = os.dup(2)
-  log = os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
-  try:
-    os.dup2(log, 2)
+  with native.stderr_to(log_file):
     import tensorflow  # pylint: disable=g-import-not-at-top,unused-import
-  finally:
-    os.dup2(console, 2)
-    os.close(console)
-    os.close(log)
-
