@@ -81,7 +81,8 @@ def make_train_step(model: model_lib.CvT, tx: optax.GradientTransformation, sche
   def loss_fn(params, batch_stats, images, targets, drop_rng):
     logits, updates = model.apply({"params": params, "batch_stats": batch_stats}, images, train=True,
                                   mutable=["batch_stats"], rngs={"drop_path": drop_rng})
-    return soft_cross_entropy(logits, targets).mean(), updates["batch_stats"]
+    with jax.named_scope("loss"):  # the scopes name the step's parts in the compiled HLO (cvt_jax.hlo)
+      return soft_cross_entropy(logits, targets).mean(), updates["batch_stats"]
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   kernels = ops.resolve_kernels(model.kernels)  # the augmentation's formulation follows the model's
@@ -110,13 +111,15 @@ def make_train_step(model: model_lib.CvT, tx: optax.GradientTransformation, sche
   def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
     # The rng depends only on (seed, step), so a resumed run draws exactly what an uninterrupted one would.
     aug_rng, drop_rng = jax.random.split(jax.random.fold_in(base_rng, state.step))
-    images, targets = augment.train_augment(aug_rng, batch["image"], batch["label"], num_classes,
-                                            augment_config, shards, kernels)
+    with jax.named_scope("augment"):
+      images, targets = augment.train_augment(aug_rng, batch["image"], batch["label"], num_classes,
+                                              augment_config, shards, kernels)
     compute = grad_fn if grad_accum_steps == 1 else accumulated
     (loss, batch_stats), grads = compute(state.params, state.batch_stats, images, targets, drop_rng)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    new_state = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                           batch_stats=batch_stats, opt_state=opt_state)
+    with jax.named_scope("optimizer"):
+      updates, opt_state = tx.update(grads, state.opt_state, state.params)
+      params = optax.apply_updates(state.params, updates)
+    new_state = TrainState(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
     metrics = {"loss": loss, "lr": schedule(state.step), "grad_norm": optax.tree.norm(grads)}
     return new_state, metrics
 
