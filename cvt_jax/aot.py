@@ -271,7 +271,7 @@ def find_batch(config: Any, target: Target, probes: tuple[int, int] = (8, 16),
     raise ValueError(f"{target.kind}: its memory is unknown, so no batch can be fitted to it")
   reports = [compile_steps(config, target, b, with_eval=False)[0] for b in probes]
   for r in reports:
-    log(f"  probe: {r.per_chip_batch} per chip -> {gib(r.total) if r.fits else r.error} "
+    log(f"  probe: {r.per_chip_batch} per {target.unit} -> {gib(r.total) if r.fits else r.error} "
         f"({r.compile_seconds:.0f} s to compile)")
   if not all(r.fits for r in reports):
     smaller = tuple(max(1, b // 4) for b in probes)
@@ -283,7 +283,7 @@ def find_batch(config: Any, target: Target, probes: tuple[int, int] = (8, 16),
   while batch > 0:
     check = compile_steps(config, target, batch, with_eval=False)[0]
     reports.append(check)
-    log(f"  check: {batch} per chip -> {gib(check.total) if check.fits else check.error}")
+    log(f"  check: {batch} per {target.unit} -> {gib(check.total) if check.fits else check.error}")
     if check.fits and check.total <= target.budget:
       return batch, memory, reports
     batch = int(batch * 0.9) // 8 * 8 if batch > 8 else batch - 1

@@ -40,7 +40,7 @@ _INSTRUCTION = re.compile(r"^\s*(ROOT\s+)?%?([\w.\-]+)\s*=\s*")
 _HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->\s*.*\{\s*$")
 _FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all", "partition-id",
          "replica-id", "opt-barrier", "while", "conditional", "call", "add-dependency", "iota"}
-_LAYOUT_OPS = {"copy", "transpose", "copy-start", "reshape"}
+_LAYOUT_OPS = {"copy", "transpose", "reshape"}
 
 
 @dataclasses.dataclass
@@ -264,7 +264,7 @@ def _instruction_flops(instruction: Instruction, shapes: dict[str, str]) -> floa
     config = json.loads("{" + (instruction.attribute("backend_config") or "") + "}")
     numbers = config.get("gemm_backend_config", {}).get("dot_dimension_numbers", {})
     return _dot_flops(instruction.shape, operand(0), [int(d) for d in numbers.get("lhs_contracting_dimensions", [])])
-  if target == "__cudnn$convForward":
+  if target in ("__cudnn$convForward", "__cudnn$convBiasActivationForward"):
     return _conv_flops(instruction.shape, operand(0), instruction)
   if target == "__cudnn$convBackwardInput":  # (dy, w) -> dx: the forward's output is dy
     return _conv_flops(operand(0), instruction.shape, instruction)
@@ -289,6 +289,8 @@ def _kind(instruction: Instruction, module: Module) -> str:
     return f"custom call {target}"
   if re.match(r"(all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)", instruction.opcode):
     return "collective"
+  if instruction.opcode in ("copy-start", "slice-start"):
+    return "move to/from on-chip memory"  # memory-space assignment's prefetches and evictions (TPU)
   if instruction.opcode in _LAYOUT_OPS:
     return "copy/transpose"
   if instruction.opcode == "fusion":
