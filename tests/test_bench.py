@@ -23,6 +23,18 @@ def test_torch_reference_is_cvt13_with_quickgelu():
   torch.testing.assert_close(activations[0](x), x * torch.sigmoid(1.702 * x))
 
 
+def test_the_plain_torch_port_loads_official_weights_and_gives_hugging_faces_logits():
+  """The bench's PyTorch contender without transformers: official names, the same numbers."""
+  from cvt_jax.cli import torch_cvt  # pylint: disable=g-import-not-at-top
+  variant = model.make_variant("tiny", (16, 32, 48), (1, 2, 3), (1, 2, 3), 0.0)  # HF needs depth > stage
+  reference = torch_reference.build_reference(variant, 10, seed=3)
+  port = torch_cvt.CvT(variant, 10).eval()
+  port.load_state_dict(torch_reference.official_state_dict(reference), strict=True)
+  images = torch.randn(2, 3, 64, 64)
+  with torch.no_grad():
+    torch.testing.assert_close(port(images), reference(images).logits, atol=1e-5, rtol=0)
+
+
 def test_interleaved_timing_rotates_the_order():
   calls = []
   contenders = {name: run.Contender(0.0, lambda name=name: calls.append(name)) for name in "abc"}
