@@ -151,7 +151,8 @@ def shard_train_step(train_step: Callable[[TrainState, Batch], tuple[TrainState,
   """`train_step` jitted data-parallel: state donated (replicated unless `state_sharding` says otherwise),
   the batch split over 'data', metrics replicated."""
   state_sharding = parallel.replicated(mesh) if state_sharding is None else state_sharding
-  return jax.jit(train_step, in_shardings=(state_sharding, parallel.batch_sharding(mesh)),
+  return jax.jit(parallel.traced_on(train_step, mesh),
+                 in_shardings=(state_sharding, parallel.batch_sharding(mesh)),
                  out_shardings=(state_sharding, parallel.replicated(mesh)), donate_argnums=0)
 
 
@@ -176,7 +177,8 @@ def shard_eval_step(eval_step: Callable[[Variables, Batch], Metrics], mesh: jax.
                     variables_sharding: Any = None) -> Callable[[Variables, Batch], Metrics]:
   """`eval_step` jitted with the batch split over 'data' (variables replicated unless said otherwise)."""
   variables_sharding = parallel.replicated(mesh) if variables_sharding is None else variables_sharding
-  return jax.jit(eval_step, in_shardings=(variables_sharding, parallel.batch_sharding(mesh)),
+  return jax.jit(parallel.traced_on(eval_step, mesh),
+                 in_shardings=(variables_sharding, parallel.batch_sharding(mesh)),
                  out_shardings=parallel.replicated(mesh))
 
 
