@@ -85,7 +85,10 @@ def make_train_step(model: model_lib.CvT, tx: optax.GradientTransformation, sche
       return soft_cross_entropy(logits, targets).mean(), updates["batch_stats"]
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-  kernels = ops.resolve_kernels(model.kernels)  # the augmentation's formulation follows the model's
+  # RandAugment gathers ('cpu' formulation) where gathers are cheap, on CPUs and GPUs (on an H100 the
+  # gather-free one moves 80x the bytes, bench/README.md); on TPUs, where a gather costs about a memory
+  # tile per element, it gathers nothing.
+  augment_kernels = "plain" if ops.resolve_kernels(model.kernels) == "tpu" else "cpu"
 
   def accumulated(params, batch_stats, images, targets, drop_rng):
     """grad_fn over `grad_accum_steps` micro-batches (a scan, so memory holds one at a time)."""
@@ -113,7 +116,7 @@ def make_train_step(model: model_lib.CvT, tx: optax.GradientTransformation, sche
     aug_rng, drop_rng = jax.random.split(jax.random.fold_in(base_rng, state.step))
     with jax.named_scope("augment"):
       images, targets = augment.train_augment(aug_rng, batch["image"], batch["label"], num_classes,
-                                              augment_config, shards, kernels)
+                                              augment_config, shards, augment_kernels)
     compute = grad_fn if grad_accum_steps == 1 else accumulated
     (loss, batch_stats), grads = compute(state.params, state.batch_stats, images, targets, drop_rng)
     with jax.named_scope("optimizer"):
