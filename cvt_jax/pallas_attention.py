@@ -8,8 +8,8 @@ key and value gradients in VMEM over the query blocks. Memory traffic is q, k, v
 several passes over the (queries x keys) scores in XLA's formulation (bench/README.md).
 
 The queries are split into blocks of a size that divides their count (3136 = 14 x 224), or padded to
-whole blocks and the padded rows dropped; keys and values are not padded. Numerics
-follow `ops.attention`'s 'plain' formulation: scores, softmax and accumulation in fp32, the probabilities
+whole blocks and the padded rows dropped; keys and values are not padded. Numerics follow
+`ops.attention`'s 'plain' formulation: scores, softmax and accumulation in fp32, the probabilities
 cast to the operands' dtype for the second product. Tested against it in Pallas's TPU interpret mode on
 CPU (tests/test_ops.py).
 """
@@ -36,8 +36,8 @@ PADDED_BLOCK_Q = 128
 def block_q(queries: int, keys: int) -> int:
   """Query rows per block: the largest multiple of 16 (bf16's sublane tile) that divides `queries` within
   `BLOCK_SCORES`, else `PADDED_BLOCK_Q` (the queries are then padded)."""
-  largest = max(16, min(512, BLOCK_SCORES // keys) // 16 * 16)
-  return next((b for b in range(largest, 15, -16) if queries % b == 0 and b >= 64), PADDED_BLOCK_Q)
+  largest = min(512, BLOCK_SCORES // keys) // 16 * 16
+  return next((b for b in range(largest, 63, -16) if queries % b == 0), PADDED_BLOCK_Q)
 
 
 def _probabilities(q: jax.Array, k: jax.Array, scale: float) -> tuple[jax.Array, jax.Array]:
@@ -86,7 +86,8 @@ def _specs(q: jax.Array, k: jax.Array) -> tuple[tuple[int, int, int], pl.BlockSp
 
 
 def _cost(q: jax.Array, k: jax.Array, arrays: int, matmuls: int) -> pl.CostEstimate:
-  """XLA's cost analysis of the call: `arrays` q-sized and k-sized arrays moved once, `matmuls` products."""
+  """What XLA's cost analysis counts for the call: `arrays` q-sized and as many k-sized arrays read or
+  written once, `matmuls` (queries x keys x head_dim) products."""
   b, h, nq, d = q.shape
   nk = k.shape[2]
   return pl.CostEstimate(flops=2 * matmuls * b * h * nq * nk * d, transcendentals=b * h * nq * nk,
@@ -115,7 +116,7 @@ def _backward(q, k, v, o, do, scale: float, interpret: bool):
       scratch_shapes=[accumulator, accumulator],
       # The query blocks of one head accumulate its dk and dv: that grid axis runs in order.
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
-      cost_estimate=_cost(q, k, arrays=6, matmuls=5), interpret=interpret, name="cvt_attention_bwd",
+      cost_estimate=_cost(q, k, arrays=4, matmuls=5), interpret=interpret, name="cvt_attention_bwd",
   )(q, k, v, o, do)
 
 
