@@ -76,8 +76,9 @@ def main(argv: Sequence[str]) -> None:
   print(f"compiling {config.model.variant} @{config.data.image_size} for {target.describe()}", flush=True)
   if _FIND_BATCH.value:
     per_chip, memory, _ = aot.find_batch(config, target)
-    print(f"largest per-{target.unit} batch that fits: {per_chip} ({per_chip * target.chips} on {target.chips} "
-          f"{target.unit}s); memory ~ {aot.gib(memory.fixed)} + {memory.per_image / 2**20:.1f} MiB per image")
+    devices = f"{target.chips} {target.unit}" + ("s" if target.chips > 1 else "")
+    print(f"largest per-{target.unit} batch that fits: {per_chip} ({per_chip * target.chips} on {devices}); "
+          f"memory ~ {aot.gib(memory.fixed)} + {memory.per_image / 2**20:.1f} MiB per image")
   else:
     per_chip = _PER_CHIP_BATCH.value or config.global_batch_size // target.chips
     if not _PER_CHIP_BATCH.value and config.global_batch_size % target.chips:
