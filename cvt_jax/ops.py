@@ -13,8 +13,8 @@ patches @ kernel, and weight gradients that transpose the narrower GEMM operand.
 
 `'tpu'`: 'plain' with attention over many keys as one fused Pallas kernel per pass
 (`cvt_jax.pallas_attention`): the (queries x keys) scores stay in the core's memory, where XLA's
-softmax-then-matmul reads and writes them several times over in HBM (the largest share of a TPU training
-step's traffic, bench/README.md).
+softmax-then-matmul reads and writes them several times over in HBM (before it, the largest part of a TPU
+training step's traffic, bench/README.md).
 
 `resolve_kernels` picks 'cpu' for CPU devices, 'tpu' for TPUs and 'plain' otherwise. Callers that compile
 for other devices than the default backend's (a TPU topology compiled on a CPU host) pass the target

@@ -55,6 +55,30 @@ def test_train_and_eval_steps_compile_for_a_tpu_slice(capsys, tmp_path):
   assert evaluation["temporaries"] < train["temporaries"]
 
 
+def test_the_fused_attention_compiles_for_a_tpu_slice():
+  """Mosaic lowers both Pallas kernels, sharded over the slice (tests/test_ops.py checks their numbers):
+  a query count the blocks divide (448) and one that is padded (200)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  from cvt_jax import hlo  # pylint: disable=g-import-not-at-top
+  from cvt_jax import pallas_attention  # pylint: disable=g-import-not-at-top
+
+  mesh = jax.sharding.Mesh(np.asarray(aot.Target("v5e:2x2").devices), ("data",))
+  on_batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+
+  def loss(q, k, v, q2):
+    outs = [pallas_attention.attention(x, k, v, 0.125) for x in (q, q2)]
+    return sum(o.astype(jnp.float32).sum() for o in outs)
+
+  args = [jax.ShapeDtypeStruct((8, n, 2, 64), jnp.bfloat16, sharding=on_batch) for n in (448, 196, 196, 200)]
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+    lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).lower(*args)
+  analysis = hlo.analyse(lowered.compile().as_text())
+  assert analysis.census["Pallas kernel"].count == 4 and analysis.census["Pallas kernel"].flops > 0
+
+
 def test_an_impossible_batch_fails_naming_the_consumer_and_the_switches(capsys):
   status, out, err = compile_cli(capsys, *TINY, "--topology", "v5e:2x2", "--per_chip_batch", "262144")
   assert status == 1
