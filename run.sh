@@ -25,7 +25,7 @@ Commands:
   convert     Convert a PyTorch CvT checkpoint (.pth/.bin/.safetensors), a hub name or a workdir to .npz.
   prepare     Write a folder tree or a TFDS dataset as ArrayRecord shards (./run.sh prepare --help).
   summary     Parameter count and MACs of a variant (./run.sh summary cvt-13 --res 384).
-  compile     Compile the train/eval steps for a TPU slice or this host and report memory and fit.
+  compile     Compile the train/eval steps for a TPU slice, NVIDIA GPUs or this host; report memory and fit.
   bench       Benchmark cvt_jax against PyTorch on this machine (./run.sh bench --help).
 USAGE
 }
@@ -84,6 +84,21 @@ print(next(r.split(";")[0].replace(" ", "") for r in m.requires("jax") if r.star
   fi
 }
 
+# XLA's CUDA compiler for `cvt-jax compile --topology h100` on hosts without a GPU (tests/test_compile.py): the
+# jax-cuda12 PJRT plugin of the installed jaxlib's version, without CUDA libraries (nothing runs), unpacked
+# beside the venv like libtpu (cvt_jax/aot.py looks there). GPU hosts install `jax[cuda12]` instead.
+ensure_cuda_compiler() {
+  local target="$VENV/cuda-compiler"
+  local version
+  version="$("$VENV/bin/python" -c 'import jaxlib; print(jaxlib.__version__)')"
+  if [[ "$(cat "$target/.jaxlib-version" 2>/dev/null)" != "$version" ]]; then
+    rm -rf "$target"
+    "$VENV/bin/python" -m pip install --quiet --no-deps --target "$target" \
+        "jax-cuda12-plugin==$version" "jax-cuda12-pjrt==$version"
+    echo "$version" > "$target/.jaxlib-version"
+  fi
+}
+
 # XLA:CPU allocates a step's temporaries afresh on every call and glibc hands them back to the kernel on
 # free, so every training step faulted them in again (bench/README.md, second round). One arena that never
 # returns memory reuses the pages. Your own GLIBC_TUNABLES wins; other C libraries ignore it. Not used by
@@ -97,11 +112,12 @@ cmd="${1:-}"
 [[ "$cmd" == test ]] || reuse_memory
 case "$cmd" in
   ""|-h|--help|help) usage ;;
-  test)    ensure_venv tfds,demo,test; ensure_torchvision_transforms; ensure_libtpu
+  test)    ensure_venv tfds,demo,test; ensure_torchvision_transforms; ensure_libtpu; ensure_cuda_compiler
            exec "$VENV/bin/python" -m pytest tests "$@" ;;
   lock)    ensure_venv tfds,demo,test; write_lock ;;
   bench)   ensure_venv tfds,demo,test; exec "$VENV/bin/cvt-jax" bench "$@" ;;
-  demo|train|eval|predict|convert|prepare|summary|compile)
+  compile) ensure_venv tfds,demo; ensure_cuda_compiler; exec "$VENV/bin/cvt-jax" compile "$@" ;;
+  demo|train|eval|predict|convert|prepare|summary)
            ensure_venv tfds,demo; exec "$VENV/bin/cvt-jax" "$cmd" "$@" ;;
   *) echo "run.sh: unknown command '$cmd'" >&2; usage >&2; exit 2 ;;
 esac

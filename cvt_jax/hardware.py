@@ -15,6 +15,20 @@ GiB = 2**30
 
 
 @dataclasses.dataclass(frozen=True)
+class GpuSpec:
+  """What XLA's GPU compiler needs to know of a device it cannot see (a `GpuTargetConfigProto`)."""
+
+  device_name: str  # as CUDA names it: the compiled devices' `device_kind`
+  compute_capability: tuple[int, int]
+  sms: int
+  fp32_units_per_sm: int
+  clock_ghz: float  # boost clock
+  l2_bytes: int
+  shared_memory_per_sm: int
+  shared_memory_per_block_optin: int
+
+
+@dataclasses.dataclass(frozen=True)
 class Chip:
   """One accelerator device as the datasheet gives it."""
 
@@ -22,9 +36,29 @@ class Chip:
   hbm: int  # bytes of device memory
   peak_flops: dict[str, float]  # dense FLOP/s by compute dtype
   bandwidth: float  # device-memory bytes/s
+  gpu: GpuSpec | None = None  # NVIDIA GPUs that `cvt-jax compile --topology` can compile for
 
   def peak(self, dtype: str = "bfloat16") -> float | None:
     return self.peak_flops.get(dtype)
+
+  def gpu_target_config(self, cudnn_version: tuple[int, int, int]) -> str:
+    """The `GpuTargetConfigProto` text of this GPU for a deviceless compile (`cudnn_version`: the
+    plugin's)."""
+    g = self.gpu
+    if g is None:
+      raise ValueError(f"{self.name}: no GPU description to compile for")
+    fields = {"threads_per_block_limit": 1024, "threads_per_warp": 32, "shared_memory_per_block": 48 * 1024,
+              "shared_memory_per_core": g.shared_memory_per_sm, "threads_per_core_limit": 2048,
+              "core_count": g.sms, "fpus_per_core": g.fp32_units_per_sm, "block_dim_limit_x": 2**31 - 1,
+              "block_dim_limit_y": 65535, "block_dim_limit_z": 65535, "memory_bandwidth": int(self.bandwidth),
+              "l2_cache_size": g.l2_bytes, "clock_rate_ghz": g.clock_ghz, "device_memory_size": self.hbm,
+              "shared_memory_per_block_optin": g.shared_memory_per_block_optin,
+              "registers_per_core_limit": 65536, "registers_per_block_limit": 65536}
+    major, minor = g.compute_capability
+    info = "\n".join(f"  {k}: {v}" for k, v in fields.items())
+    cudnn = " ".join(f"{k}: {v}" for k, v in zip(("major", "minor", "patch"), cudnn_version))
+    return (f"gpu_device_info {{\n{info}\n  cuda_compute_capability {{ major: {major} minor: {minor} }}\n}}\n"
+            f'platform_name: "CUDA"\ndnn_version_info {{ {cudnn} }}\ndevice_description_str: "{g.device_name}"\n')
 
 
 # By `device_kind` as libtpu names the chip.
@@ -34,14 +68,23 @@ TPU_CHIPS = {
     "TPU v5": Chip("TPU v5p", 95 * GiB, {"bfloat16": 459e12}, 2.76e12),
     "TPU v6 lite": Chip("TPU v6e", 32 * GiB, {"bfloat16": 918e12}, 1.64e12),
 }
-# By a substring of the CUDA device name, first match wins. Memory as the driver reports it usable.
+# Memory as the CUDA driver reports it usable.
+H100 = Chip("H100 SXM", 84_942_979_072, {"bfloat16": 989e12, "float32": 66.9e12}, 3.35e12,
+            GpuSpec("NVIDIA H100 80GB HBM3", (9, 0), 132, 128, 1.98, 50 * 2**20, 228 * 1024, 227 * 1024))
+H200 = Chip("H200 SXM", 151_397_597_184, {"bfloat16": 989e12, "float32": 66.9e12}, 4.8e12,
+            GpuSpec("NVIDIA H200", (9, 0), 132, 128, 1.98, 50 * 2**20, 228 * 1024, 227 * 1024))
+A100 = Chip("A100 SXM 80 GB", 85_100_068_864, {"bfloat16": 312e12, "float32": 19.5e12}, 2.04e12,
+            GpuSpec("NVIDIA A100-SXM4-80GB", (8, 0), 108, 64, 1.41, 40 * 2**20, 164 * 1024, 163 * 1024))
+# By a substring of the CUDA device name, first match wins.
 GPU_CHIPS = (
     ("H100 PCIe", Chip("H100 PCIe", 80 * 10**9, {"bfloat16": 756e12, "float32": 51.2e12}, 2.0e12)),
-    ("H100", Chip("H100 SXM", 84_929_347_584, {"bfloat16": 989e12, "float32": 66.9e12}, 3.35e12)),
-    ("H200", Chip("H200 SXM", 150_754_820_096, {"bfloat16": 989e12, "float32": 66.9e12}, 4.8e12)),
-    ("A100", Chip("A100 SXM 80 GB", 85_198_045_184, {"bfloat16": 312e12, "float32": 19.5e12}, 2.04e12)),
+    ("H100", H100),
+    ("H200", H200),
+    ("A100", A100),
     ("L4", Chip("L4", 24 * 10**9, {"bfloat16": 121e12, "float32": 30.3e12}, 3.0e11)),
 )
+# The GPUs `cvt-jax compile --topology NAME[:N]` compiles for.
+GPU_TOPOLOGIES = {"h100": H100, "h200": H200, "a100": A100}
 
 
 def chip(device_kind: str) -> Chip | None:

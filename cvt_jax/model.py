@@ -326,7 +326,8 @@ class CvT(nn.Module):
     variant: a name from `VARIANTS` ('cvt-13', 'cvt-21', 'cvt-w24') or a custom `Variant`.
     num_classes: head size; 0 returns the final-normed cls embedding instead of logits.
     drop_path_rate: stochastic depth of the last stage; None takes the variant's official rate.
-    kernels: the `cvt_jax.ops` formulation: 'auto' ('cpu' on the CPU backend, else 'plain'), 'plain', 'cpu'.
+    kernels: the `cvt_jax.ops` formulation: 'auto' (the backend's: 'cpu', 'tpu' or, on GPUs, 'plain'), or one
+      of them.
     dtype: compute dtype (e.g. bfloat16). Parameters, norms, softmax and logits stay in fp32.
     remat: recompute each block in the backward pass instead of storing its activations: 'block' keeps
       nothing but the block inputs, 'dots' also keeps the outputs of the linear layers; 'none' (default).

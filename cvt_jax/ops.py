@@ -11,8 +11,14 @@ attention that scales q and normalises the output instead of the scores, the str
 patches @ kernel, and weight gradients that transpose the narrower GEMM operand. Same forward numbers as
 'plain' to ~1e-7 relative; `tests/test_ops.py` checks both values and gradients against 'plain'.
 
-`resolve_kernels` picks 'cpu' for CPU devices and 'plain' otherwise. Callers that compile for other devices
-than the default backend's (a TPU topology compiled on a CPU host) pass the target platform.
+`'tpu'`: 'plain' with attention over many keys as one fused Pallas kernel per pass
+(`cvt_jax.pallas_attention`): the (queries x keys) scores stay in the core's memory, where XLA's
+softmax-then-matmul reads and writes them several times over in HBM (before it, the largest part of a TPU
+training step's traffic, bench/README.md).
+
+`resolve_kernels` picks 'cpu' for CPU devices, 'tpu' for TPUs and 'plain' otherwise. Callers that compile
+for other devices than the default backend's (a TPU topology compiled on a CPU host) pass the target
+platform.
 """
 
 from __future__ import annotations
@@ -23,18 +29,20 @@ from typing import Any, Callable, Literal
 import jax
 import jax.numpy as jnp
 
-Kernels = Literal["plain", "cpu"]
-KERNEL_CHOICES = ("auto", "plain", "cpu")
+from cvt_jax import pallas_attention
+
+Kernels = Literal["plain", "cpu", "tpu"]
+KERNEL_CHOICES = ("auto", "plain", "cpu", "tpu")
 Padding = tuple[tuple[int, int], tuple[int, int]]
 
 
 def resolve_kernels(kernels: str, platform: str | None = None) -> Kernels:
-  """'auto' -> 'cpu' on CPU and 'plain' on GPU/TPU (platform None: the default backend's)."""
+  """'auto' -> 'cpu' on CPU, 'tpu' on TPU and 'plain' on GPU (platform None: the default backend's)."""
   if kernels not in KERNEL_CHOICES:
     raise ValueError(f"kernels={kernels!r}; use one of {KERNEL_CHOICES}.")
   if kernels != "auto":
     return kernels
-  return "cpu" if (platform or jax.default_backend()) == "cpu" else "plain"
+  return {"cpu": "cpu", "tpu": "tpu"}.get(platform or jax.default_backend(), "plain")
 
 
 # ---------------------------------------------------------------------------------- linear layers --
@@ -217,6 +225,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float, kernels: K
   """
   if kernels == "cpu":
     return _attention_cpu(q, k, v, scale)
+  if kernels == "tpu" and k.shape[1] >= pallas_attention.MIN_KEYS:
+    return pallas_attention.attention(q, k, v, scale)
   scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
   return jnp.einsum("bhqk,bkhd->bqhd", probs, v)

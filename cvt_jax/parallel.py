@@ -8,8 +8,9 @@ arrays, so a run can resume on another device count with either layout.
 
 from __future__ import annotations
 
+import functools
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
@@ -58,6 +59,18 @@ def make_mesh(devices: Sequence[Any] | None = None) -> Mesh:
 def platform(mesh: Mesh) -> str:
   """'cpu', 'gpu' or 'tpu': what the mesh's devices are (not necessarily the default backend)."""
   return mesh.devices.flat[0].platform
+
+
+def traced_on(fn: Callable[..., Any], mesh: Mesh) -> Callable[..., Any]:
+  """`fn` traced with `mesh` as the abstract mesh: kernels XLA cannot partition (Pallas) split the batch
+  themselves with shard_map over it (`cvt_jax.pallas_attention`)."""
+
+  @functools.wraps(fn)
+  def traced(*args, **kwargs):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args, **kwargs)
+
+  return traced
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

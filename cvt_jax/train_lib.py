@@ -81,10 +81,14 @@ def make_train_step(model: model_lib.CvT, tx: optax.GradientTransformation, sche
   def loss_fn(params, batch_stats, images, targets, drop_rng):
     logits, updates = model.apply({"params": params, "batch_stats": batch_stats}, images, train=True,
                                   mutable=["batch_stats"], rngs={"drop_path": drop_rng})
-    return soft_cross_entropy(logits, targets).mean(), updates["batch_stats"]
+    with jax.named_scope("loss"):  # the scopes name the step's parts in the compiled HLO (cvt_jax.hlo)
+      return soft_cross_entropy(logits, targets).mean(), updates["batch_stats"]
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-  kernels = ops.resolve_kernels(model.kernels)  # the augmentation's formulation follows the model's
+  # RandAugment gathers ('cpu' formulation) where gathers are cheap, on CPUs and GPUs (on an H100 the
+  # gather-free one moves 80x the bytes, bench/README.md); on TPUs, where a gather costs about a memory
+  # tile per element, it gathers nothing.
+  augment_kernels = "plain" if ops.resolve_kernels(model.kernels) == "tpu" else "cpu"
 
   def accumulated(params, batch_stats, images, targets, drop_rng):
     """grad_fn over `grad_accum_steps` micro-batches (a scan, so memory holds one at a time)."""
@@ -110,13 +114,15 @@ def make_train_step(model: model_lib.CvT, tx: optax.GradientTransformation, sche
   def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
     # The rng depends only on (seed, step), so a resumed run draws exactly what an uninterrupted one would.
     aug_rng, drop_rng = jax.random.split(jax.random.fold_in(base_rng, state.step))
-    images, targets = augment.train_augment(aug_rng, batch["image"], batch["label"], num_classes,
-                                            augment_config, shards, kernels)
+    with jax.named_scope("augment"):
+      images, targets = augment.train_augment(aug_rng, batch["image"], batch["label"], num_classes,
+                                              augment_config, shards, augment_kernels)
     compute = grad_fn if grad_accum_steps == 1 else accumulated
     (loss, batch_stats), grads = compute(state.params, state.batch_stats, images, targets, drop_rng)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    new_state = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                           batch_stats=batch_stats, opt_state=opt_state)
+    with jax.named_scope("optimizer"):
+      updates, opt_state = tx.update(grads, state.opt_state, state.params)
+      params = optax.apply_updates(state.params, updates)
+    new_state = TrainState(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
     metrics = {"loss": loss, "lr": schedule(state.step), "grad_norm": optax.tree.norm(grads)}
     return new_state, metrics
 
@@ -148,7 +154,8 @@ def shard_train_step(train_step: Callable[[TrainState, Batch], tuple[TrainState,
   """`train_step` jitted data-parallel: state donated (replicated unless `state_sharding` says otherwise),
   the batch split over 'data', metrics replicated."""
   state_sharding = parallel.replicated(mesh) if state_sharding is None else state_sharding
-  return jax.jit(train_step, in_shardings=(state_sharding, parallel.batch_sharding(mesh)),
+  return jax.jit(parallel.traced_on(train_step, mesh),
+                 in_shardings=(state_sharding, parallel.batch_sharding(mesh)),
                  out_shardings=(state_sharding, parallel.replicated(mesh)), donate_argnums=0)
 
 
@@ -173,7 +180,8 @@ def shard_eval_step(eval_step: Callable[[Variables, Batch], Metrics], mesh: jax.
                     variables_sharding: Any = None) -> Callable[[Variables, Batch], Metrics]:
   """`eval_step` jitted with the batch split over 'data' (variables replicated unless said otherwise)."""
   variables_sharding = parallel.replicated(mesh) if variables_sharding is None else variables_sharding
-  return jax.jit(eval_step, in_shardings=(variables_sharding, parallel.batch_sharding(mesh)),
+  return jax.jit(parallel.traced_on(eval_step, mesh),
+                 in_shardings=(variables_sharding, parallel.batch_sharding(mesh)),
                  out_shardings=parallel.replicated(mesh))
 
 

@@ -1,6 +1,11 @@
-"""The benchmark's own plumbing (timing, peaks, report, flags, contender processes, input side)."""
+"""The benchmark's own plumbing (timing, peaks, report, flags, contender processes, input side) and the
+prepared GPU run (bench/gpu.sh, cli/train_steps.py)."""
 
+import json
 import os
+import shutil
+import subprocess
+import sys
 import types
 
 import numpy as np
@@ -21,6 +26,18 @@ def test_torch_reference_is_cvt13_with_quickgelu():
   assert len(activations) == 13 and all(isinstance(a, torch_reference.QuickGELU) for a in activations)
   x = torch.linspace(-3, 3, 7)
   torch.testing.assert_close(activations[0](x), x * torch.sigmoid(1.702 * x))
+
+
+def test_the_plain_torch_port_loads_official_weights_and_gives_hugging_faces_logits():
+  """The bench's PyTorch contender without transformers: official names, the same numbers."""
+  from cvt_jax.cli import torch_cvt  # pylint: disable=g-import-not-at-top
+  variant = model.make_variant("tiny", (16, 32, 48), (1, 2, 3), (1, 2, 3), 0.0)  # HF needs depth > stage
+  reference = torch_reference.build_reference(variant, 10, seed=3)
+  port = torch_cvt.CvT(variant, 10).eval()
+  port.load_state_dict(torch_reference.official_state_dict(reference), strict=True)
+  images = torch.randn(2, 3, 64, 64)
+  with torch.no_grad():
+    torch.testing.assert_close(port(images), reference(images).logits, atol=1e-5, rtol=0)
 
 
 def test_interleaved_timing_rotates_the_order():
@@ -147,3 +164,37 @@ def test_a_killed_contender_process_is_reported_with_its_exit_code():
   with pytest.raises(RuntimeError, match=r"jax bench process died, exit code -9 \(killed: out of memory\?\)"):
     contender.step()
   contender.close()
+
+
+def test_the_real_train_step_is_timed_without_tensorflow(tmp_path):
+  """What bench/gpu.sh runs first, in a process where TensorFlow, TFDS and grain cannot be imported."""
+  blocked = "import sys; sys.modules.update(dict.fromkeys(['tensorflow', 'tensorflow_datasets', 'grain']))"
+  steps = (f"{blocked}; from cvt_jax.cli import train_steps; train_steps.run(['train_steps', '--config', "
+           "'demo:batch=4', '--config.model.dims=(8,16,24)', '--config.model.depths=(1,1,1)', "
+           f"'--config.model.heads=(1,1,2)', '--steps', '2', '--warmup', '1', '--json', '{tmp_path}/steps.json'])")
+  done = subprocess.run([sys.executable, "-c", steps], capture_output=True, text=True, timeout=900)
+  assert done.returncode == 0, done.stderr
+  result = json.loads((tmp_path / "steps.json").read_text())
+  assert len(result["step_s"]) == 2 and result["img_per_s"] > 0 and np.isfinite(result["loss_last"])
+  assert "median step" in done.stdout
+
+
+def test_gpu_sh_runs_its_stages_within_the_deadline_and_summarises_them(tmp_path):
+  """bench/gpu.sh's plumbing with a stand-in for Python (no GPU here): every stage runs, a failing one is
+  recorded, the summary collects the logs and the bench's Markdown."""
+  fake = tmp_path / "python"
+  fake.write_text("#!/usr/bin/env bash\n"
+                  "if [[ $1 == - ]]; then cat > /dev/null; echo '{\"gpu\": \"stand-in\"}'; exit 0; fi\n"
+                  "echo \"ran $*\"\n"
+                  "if [[ $* == *bench* ]]; then mkdir -p ${*: -1}; echo '| bench table |' > ${*: -1}/t.md; fi\n"
+                  "[[ $* == *' compile '* ]] && exit 3; exit 0\n")
+  fake.chmod(0o755)
+  repo = tmp_path / "repo"
+  shutil.copytree(os.path.join(os.path.dirname(__file__), "..", "bench"), repo / "bench",
+                  ignore=shutil.ignore_patterns("results"))
+  done = subprocess.run(["bash", str(repo / "bench" / "gpu.sh")], env={**os.environ, "PYTHON": str(fake)},
+                        capture_output=True, text=True, timeout=120)
+  assert done.returncode == 0, done.stderr
+  summary = next((repo / "bench" / "results").glob("gpu-*/summary.md")).read_text()
+  assert '{"gpu": "stand-in"}' in summary and "| compile | exit 3 |" in summary
+  assert "| train-steps | exit 0 |" in summary and "--steps 50" in summary and "| bench table |" in summary

@@ -1,12 +1,15 @@
 """`cvt-jax compile`: the real train and eval steps of a tiny CvT compiled for TPU v5e (compile-only devices
-from libtpu, unpacked by ./run.sh test) and for this host, with the fit verdict and its advice."""
+from libtpu, unpacked by ./run.sh test), for an H100 (XLA's CUDA plugin, likewise) and for this host, with
+the fit verdict and its advice."""
 
 import json
 import os
+import subprocess
 import sys
 
 import pytest
 
+from cvt_jax import aot
 from cvt_jax.cli import main as cli
 
 LIBTPU = os.path.join(sys.prefix, "libtpu", "libtpu", "libtpu.so")
@@ -52,6 +55,30 @@ def test_train_and_eval_steps_compile_for_a_tpu_slice(capsys, tmp_path):
   assert evaluation["temporaries"] < train["temporaries"]
 
 
+def test_the_fused_attention_compiles_for_a_tpu_slice():
+  """Mosaic lowers both Pallas kernels, sharded over the slice (tests/test_ops.py checks their numbers):
+  a query count the blocks divide (448) and one that is padded (200)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  from cvt_jax import hlo  # pylint: disable=g-import-not-at-top
+  from cvt_jax import pallas_attention  # pylint: disable=g-import-not-at-top
+
+  mesh = jax.sharding.Mesh(np.asarray(aot.Target("v5e:2x2").devices), ("data",))
+  on_batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+
+  def loss(q, k, v, q2):
+    outs = [pallas_attention.attention(x, k, v, 0.125) for x in (q, q2)]
+    return sum(o.astype(jnp.float32).sum() for o in outs)
+
+  args = [jax.ShapeDtypeStruct((8, n, 2, 64), jnp.bfloat16, sharding=on_batch) for n in (448, 196, 196, 200)]
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+    lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).lower(*args)
+  analysis = hlo.analyse(lowered.compile().as_text())
+  assert analysis.census["Pallas kernel"].count == 4 and analysis.census["Pallas kernel"].flops > 0
+
+
 def test_an_impossible_batch_fails_naming_the_consumer_and_the_switches(capsys):
   status, out, err = compile_cli(capsys, *TINY, "--topology", "v5e:2x2", "--per_chip_batch", "262144")
   assert status == 1
@@ -71,6 +98,36 @@ def test_without_a_topology_this_host_is_compiled_for(capsys):
 def test_a_bad_topology_is_one_line(capsys):
   status, _, err = compile_cli(capsys, *TINY, "--topology", "v5e:3x7x9")
   assert status == 1 and len(err.strip().splitlines()) == 1 and "--topology v5e:3x7x9" in err
+
+
+def test_train_and_eval_steps_compile_for_an_h100_without_a_gpu(tmp_path):
+  """In a process of its own: JAX looks for the CUDA plugin once, when its first backend starts."""
+  if not os.path.isdir(os.path.join(aot.cuda_compiler_dir(), "jax_plugins", "xla_cuda12")):
+    pytest.fail(f"XLA's CUDA plugin is missing at {aot.cuda_compiler_dir()}: run ./run.sh test, which unpacks "
+                "the jax-cuda12 plugin of the installed jaxlib (pip install --no-deps --target ...)")
+  report = tmp_path / "report.json"
+  done = subprocess.run([sys.executable, "-m", "cvt_jax.cli.main", "compile", *TINY, "--topology", "h100",
+                         "--breakdown", "--json", str(report)], capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr
+  assert "for h100: 1 x NVIDIA H100 80GB HBM3 (79.11 GiB each)" in done.stdout
+  assert "train step, 32 images per GPU: arguments" in done.stdout
+  assert "of 59.33 GiB (75% of 79.11 GiB: JAX's GPU allocator, XLA_CLIENT_MEM_FRACTION): fits" in done.stdout
+  assert "modelled from the HLO" in done.stdout and "cuBLAS GEMM" in done.stdout
+  assert "q/k/v GEMMs" in done.stdout and "optimiser update" in done.stdout
+  assert done.stderr.strip() == "", done.stderr  # the plugin's native notices stay off the console
+  train, evaluation = json.loads(report.read_text())["reports"]
+  census = train["hlo"]["census"]
+  assert census["cuBLAS GEMM"]["count"] > 0 and census["cuDNN convolution"]["count"] > 0
+  assert train["hlo"]["total"]["bytes"] > evaluation["hlo"]["total"]["bytes"] > 0
+  assert train["flops"] == 0 and train["hlo"]["total"]["flops"] > 0  # XLA gives no GPU cost analysis
+
+
+def test_a_gpu_topology_in_a_process_that_started_jax_without_the_plugin_is_one_line(capsys):
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.devices()  # this process's backends start without the plugin
+  status, _, err = compile_cli(capsys, *TINY, "--topology", "a100:2")
+  assert status == 1 and len(err.strip().splitlines()) == 1
+  assert "JAX started its backends without it" in err and "jax-cuda12-plugin==" in err
 
 
 def test_the_fit_table_picks_the_smallest_slice_that_fits_and_resumes(monkeypatch, tmp_path):

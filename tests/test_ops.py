@@ -1,13 +1,16 @@
-"""cvt_jax.ops: the 'cpu' kernels (custom VJPs, conv as matmul) against the 'plain' formulations."""
+"""cvt_jax.ops: the 'cpu' kernels (custom VJPs, conv as matmul) and the 'tpu' one (fused attention) against
+the 'plain' formulations."""
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental.pallas import tpu as pltpu
 
 from cvt_jax import model
 from cvt_jax import ops
+from cvt_jax import pallas_attention
 
 
 def _plain_depthwise(x, kernel, stride):
@@ -101,28 +104,44 @@ def test_attention_plain_and_cpu_agree():
                       (q, k, v), 1e-5)
 
 
-def test_a_cvt_with_plain_and_cpu_kernels_computes_the_same():
-  """The whole model, logits and every parameter gradient (GPU/TPU run 'plain', the CPU 'cpu')."""
+@pytest.mark.parametrize("shapes", [((2, 11, 3, 4), (2, 6, 3, 4)), ((2, 224, 1, 8), (2, 56, 1, 8))])
+def test_fused_attention_matches_plain(shapes):
+  """The Pallas kernels in Pallas's TPU interpret mode: padded query blocks (11 rows) and exact ones
+  (224 = 2 x 112)."""
+  keys = jax.random.split(jax.random.key(8), 3)
+  q = jax.random.normal(keys[0], shapes[0])
+  k, v = (jax.random.normal(key, shapes[1]) for key in keys[1:])
+  with pltpu.force_tpu_interpret_mode():
+    _assert_grads_close(lambda *a: ops.attention(*a, 0.3, "plain"),
+                        lambda *a: pallas_attention.attention(*a, 0.3), (q, k, v), 1e-5)
+
+
+@pytest.mark.parametrize("kernels", ["cpu", "tpu"])
+def test_a_cvt_computes_the_same_with_every_kernel_formulation(kernels, monkeypatch):
+  """The whole model, logits and every parameter gradient, against 'plain' (GPUs); 'tpu' in Pallas's TPU
+  interpret mode, with the fused kernel in every stage (the cls token's too), however few its keys."""
+  monkeypatch.setattr(pallas_attention, "MIN_KEYS", 1)
   variant = model.make_variant("tiny", (8, 16, 24), (1, 1, 2), (1, 2, 3), 0.0)
   images = jax.random.normal(jax.random.key(3), (2, 40, 40, 3))
-  models = {k: model.CvT.from_variant(variant, num_classes=5, kernels=k) for k in ("plain", "cpu")}
+  models = {k: model.CvT.from_variant(variant, num_classes=5, kernels=k) for k in ("plain", kernels)}
   variables = models["plain"].init_variables(jax.random.key(4), 40)
 
   def loss(m):
     return lambda params: jnp.sum(jnp.sin(m.apply({**variables, "params": params}, images)))
 
-  values = {k: jax.value_and_grad(loss(m))(variables["params"]) for k, m in models.items()}
-  np.testing.assert_allclose(values["cpu"][0], values["plain"][0], rtol=1e-5)
+  with pltpu.force_tpu_interpret_mode():
+    values = {k: jax.value_and_grad(loss(m))(variables["params"]) for k, m in models.items()}
+  np.testing.assert_allclose(values[kernels][0], values["plain"][0], rtol=1e-5)
   for path, plain in jax.tree_util.tree_flatten_with_path(values["plain"][1])[0]:
-    cpu = jax.tree_util.tree_flatten_with_path(values["cpu"][1])[0]
-    got = dict((jax.tree_util.keystr(p), x) for p, x in cpu)[jax.tree_util.keystr(path)]
+    other = jax.tree_util.tree_flatten_with_path(values[kernels][1])[0]
+    got = dict((jax.tree_util.keystr(p), x) for p, x in other)[jax.tree_util.keystr(path)]
     np.testing.assert_allclose(got, plain, atol=2e-5 * float(np.abs(plain).max()) + 1e-7,
                                err_msg=jax.tree_util.keystr(path))
 
 
-def test_auto_picks_cpu_kernels_on_cpu_only():
+def test_auto_picks_each_platforms_kernels():
   assert ops.resolve_kernels("auto", "cpu") == "cpu"
-  assert ops.resolve_kernels("auto", "tpu") == ops.resolve_kernels("auto", "gpu") == "plain"
+  assert ops.resolve_kernels("auto", "tpu") == "tpu" and ops.resolve_kernels("auto", "gpu") == "plain"
   assert ops.resolve_kernels("plain", "cpu") == "plain"
   with pytest.raises(ValueError, match="kernels='fast'"):
     ops.resolve_kernels("fast")

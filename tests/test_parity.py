@@ -26,6 +26,7 @@ except ImportError as e:
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from jax.experimental.pallas import tpu as pltpu  # noqa: E402
 
 from cvt_jax import torch_weights  # noqa: E402
 from cvt_jax import weights  # noqa: E402
@@ -75,12 +76,12 @@ class Pair:
           f"{time.perf_counter() - start:.1f}s")
     self.forwards = {}
 
-  def jax_outputs(self, images: np.ndarray, dtype=jnp.float32) -> dict[str, np.ndarray]:
-    if dtype not in self.forwards:
-      model = self.loaded.model(dtype=dtype)
-      self.forwards[dtype] = jax.jit(
+  def jax_outputs(self, images: np.ndarray, dtype=jnp.float32, kernels: str = "auto") -> dict[str, np.ndarray]:
+    if (dtype, kernels) not in self.forwards:
+      model = self.loaded.model(dtype=dtype, kernels=kernels)
+      self.forwards[dtype, kernels] = jax.jit(
           lambda v, x: {"logits": model.apply(v, x), **model.apply(v, x, method="features")})
-    out = self.forwards[dtype](self.loaded.variables, images)
+    out = self.forwards[dtype, kernels](self.loaded.variables, images)
     return {k: np.asarray(v, np.float32) for k, v in out.items()}
 
 
@@ -105,16 +106,27 @@ def test_converter_recognises_the_variant(pair):
 
 @pytest.mark.parametrize("res", [224, 384])
 def test_fp32_parity(pair, res):
+  check_parity(pair, res, "auto")
+
+
+# What TPUs run (the fused Pallas attention), in Pallas's TPU interpret mode on this CPU.
+@pytest.mark.parametrize("pair", ["cvt-13"], indirect=True)
+def test_fp32_parity_of_the_tpu_kernels(pair):
+  with pltpu.force_tpu_interpret_mode():
+    check_parity(pair, 224, "tpu")
+
+
+def check_parity(pair: Pair, res: int, kernels: str) -> None:
   images = images_for(res)
   start = time.perf_counter()
   want = torch_reference.reference_outputs(pair.torch_model, images)
   t_torch = time.perf_counter() - start
-  got = pair.jax_outputs(images)
+  got = pair.jax_outputs(images, kernels=kernels)
   t_jax = time.perf_counter() - start - t_torch
   logit_delta = np.abs(got["logits"] - want["logits"]).max()
   stage_delta = {k: float(np.abs(got[k] - want[k]).max() / np.abs(want[k]).max())
                  for k in ("stage0", "stage1", "stage2", "cls")}
-  print(f"\n[{pair.loaded.variant.name} @{res}] max|Δlogit| {logit_delta:.2e} (|logit| max "
+  print(f"\n[{pair.loaded.variant.name} @{res}, kernels {kernels}] max|Δlogit| {logit_delta:.2e} (|logit| max "
         f"{np.abs(want['logits']).max():.2f}); stage max|Δ|/max|ref| "
         + ", ".join(f"{k} {v:.1e}" for k, v in stage_delta.items())
         + f"; torch {t_torch:.1f}s, jax (incl. compile) {t_jax:.1f}s")

@@ -15,14 +15,17 @@ largest batch that fits both frameworks. Every run also measures a large matmul 
 model's FLOPs run faster, so each case gets a roofline img/s) and the input side of training on generated
 JPEGs: `train_batches` from a folder tree and from ArrayRecord shards in 1 and all worker processes, the
 on-device augmentation alone, and the trainer's whole loop on the shards against its bare step. Results go
-to bench/results/local/<time>.{json,md}. PyTorch (and transformers) are needed: `pip install
-'cvt-jax[test]'` or `./run.sh bench`.
+to bench/results/local/<time>.{json,md}. PyTorch is needed (`pip install
+'cvt-jax[test]'` or `./run.sh bench`); the PyTorch side is Hugging Face's CvT where transformers is installed,
+else `cvt_jax.cli.torch_cvt` (the official model in plain PyTorch).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
+import importlib.metadata
+import importlib.util
 import json
 import multiprocessing
 import os
@@ -62,7 +65,6 @@ def machine_info() -> dict[str, Any]:
   import jaxlib
   import optax
   import torch
-  import transformers
   dev = jax.devices()[0]
   return {
       "host": platform.node(), "os": platform.platform(), "python": platform.python_version(),
@@ -73,8 +75,31 @@ def machine_info() -> dict[str, Any]:
       "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
       "versions": {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__,
                    "optax": optax.__version__, "torch": torch.__version__,
-                   "transformers": transformers.__version__, "numpy": np.__version__},
+                   "transformers": _version("transformers"), "numpy": np.__version__},
+      "torch_cvt": _torch_cvt_source(),
   }
+
+
+def _version(package: str) -> str:
+  try:
+    return importlib.metadata.version(package)
+  except importlib.metadata.PackageNotFoundError:
+    return "not installed"
+
+
+def _torch_cvt_source() -> str:
+  """Hugging Face's CvT (QuickGELU patched in) where transformers is installed: the strongest maintained
+  PyTorch CvT; else `cvt_jax.cli.torch_cvt`, the official model's computation in plain PyTorch."""
+  return "transformers" if importlib.util.find_spec("transformers") else "cvt_jax.cli.torch_cvt"
+
+
+def build_torch_model(variant: str) -> Any:
+  """The PyTorch CvT the bench races (see `_torch_cvt_source`)."""
+  if _torch_cvt_source() == "transformers":
+    from cvt_jax.cli.torch_reference import build_torch_cvt
+    return build_torch_cvt(variant)
+  from cvt_jax.cli import torch_cvt
+  return torch_cvt.CvT(variant)
 
 
 # ----------------------------------------------------------------------------------------------- timing
@@ -208,9 +233,9 @@ def jax_contender(case: Case, dtype: str, kernels: str) -> Contender:
 def torch_contender(case: Case, dtype: str, compiled: bool) -> Contender:
   import torch
 
-  from cvt_jax.cli.torch_reference import build_torch_cvt
   device = "cuda" if torch.cuda.is_available() else "cpu"
-  model = build_torch_cvt(case.model).to(device)
+  model = build_torch_model(case.model).to(device)
+  logits_of = lambda out: getattr(out, "logits", out)  # Hugging Face returns an output object
   images = torch.randn(case.batch, 3, case.res, case.res, device=device)
   labels = torch.randint(0, 1000, (case.batch,), device=device)
   amp = torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
@@ -222,7 +247,7 @@ def torch_contender(case: Case, dtype: str, compiled: bool) -> Contender:
 
     def step():
       with torch.inference_mode(), amp:
-        net(images).logits.float()
+        logits_of(net(images)).float()
       sync()
   else:
     model.train()
@@ -231,7 +256,7 @@ def torch_contender(case: Case, dtype: str, compiled: bool) -> Contender:
     def step():
       opt.zero_grad(set_to_none=True)
       with amp:
-        logits = net(images).logits
+        logits = logits_of(net(images))
       torch.nn.functional.cross_entropy(logits.float(), labels).backward()
       opt.step()
       sync()
@@ -330,7 +355,7 @@ def markdown(report: dict[str, Any]) -> str:
       f"# cvt_jax benchmark, {report['date']}", "",
       f"- machine: {m['cpu']['model']}, {m['cpu']['cores']} cores ({m['cpu']['simd']}), "
       f"device kind {m['device_kind']} x{m['device_count']}, torch device {m['torch_device']}, "
-      f"torch threads {m['torch_threads']}",
+      f"torch threads {m['torch_threads']}, PyTorch CvT from {m.get('torch_cvt', 'transformers')}",
       "- versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
       f"- dtype {report['args']['dtype']}, kernels {report['args']['kernels']}, "
       f"XLA_FLAGS '{m['xla_flags']}', GLIBC_TUNABLES '{m['glibc_tunables']}', "

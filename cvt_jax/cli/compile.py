@@ -1,21 +1,28 @@
-r"""Compile the train and eval steps for a TPU slice (or this host), and report memory and fit per chip.
+r"""Compile the train and eval steps for a TPU slice, NVIDIA GPUs or this host; report memory and fit per device.
 
   cvt-jax compile --config cvt13 --topology v5e:2x2              # the config's global batch over 4 chips
   cvt-jax compile --config cvtw24 --topology v5e:16x16            # W24 @384, global batch 2048, 256 chips
   cvt-jax compile --config cvt13 --topology v5e:2x2 --per_chip_batch 128
   cvt-jax compile --config cvt13 --topology v5e:2x2 --find_batch --config.model.remat=block
+  cvt-jax compile --config cvt13:batch=256 --topology h100        # one H100, from any host
+  cvt-jax compile --config cvt13 --topology h100:8 --breakdown    # a node of 8; FLOPs and bytes per part
+  cvt-jax compile --config cvt13 --topology a100:4x8              # 4 nodes of 8 A100s
   cvt-jax compile --config cvt13                                  # this host's devices (a GPU, say)
   cvt-jax compile --table bench/results/fit-table --jobs 2        # every variant, v4 / v5e / v5p
 
 Nothing runs and no data is read: the real sharded train step (on-device augmentation, forward, backward,
 AdamW) and eval step are lowered with abstract inputs and compiled ahead of time (as MaxText's
 train_compile.py does), for compile-only devices of a TPU topology (libtpu: `pip install 'jax[tpu]'`, on
-any host) or for the local devices. Per chip it prints the arguments (parameters, optimiser state, batch),
-the temporaries, the total against the chip's HBM, and fits / does not fit; then the step's FLOPs, bytes
-accessed, and the step time and MFU they imply at the chip's peak and bandwidth, labelled modelled: a
-compile is no measurement (XLA's cost analysis also counts a loop body once). A step that does not fit
-exits 1 naming the biggest consumer and the switches that help. Memory is linear in the per-chip batch:
-`--find_batch` compiles two batches, solves for the largest one that fits and compiles it to check.
+any host), of NVIDIA GPUs (XLA's CUDA plugin, which `./run.sh compile` unpacks; no GPU needed) or for the
+local devices. Per device it prints the arguments (parameters, optimiser state, batch), the temporaries,
+the total against the device's memory (on GPUs the 75 % JAX's allocator takes), and fits / does not fit;
+then, labelled modelled (a compile is no measurement), XLA's FLOPs and bytes accessed where it gives them
+(TPU), the same from the compiled HLO kernel by kernel (every platform), the kernel census (GEMMs,
+convolutions, fused attention, other fusions, copies) and the step time and MFU they imply at the
+device's peak and bandwidth; `--breakdown` splits FLOPs and bytes over the model's parts. A step that does
+not fit exits 1 naming the biggest consumer and the switches that help. Memory is linear in the
+per-device batch: `--find_batch` compiles two batches, solves for the largest one that fits and compiles
+it to check.
 """
 
 from __future__ import annotations
@@ -35,12 +42,17 @@ from cvt_jax.cli import runner
 FLAGS = flags.FlagValues()
 _CONFIG = runner.define_config_flag(
     FLAGS, "Config name or file with its argument: cvtw24:res=384.")
-_TOPOLOGY = flags.DEFINE_string("topology", None, "TPU topology to compile for (v4:2x2x2, v5e:16x16, "
-                                "v5p:4x4x4, ...); default: this host's devices.", flag_values=FLAGS)
+_TOPOLOGY = flags.DEFINE_string("topology", None, "Devices to compile for: a TPU topology (v4:2x2x2, v5e:16x16, "
+                                "v5p:4x4x4, ...) or NVIDIA GPUs, NAME[:[NODESx]GPUS] with NAME h100, h200 or "
+                                "a100 (h100, h100:8, h100:4x8); default: this host's devices.", flag_values=FLAGS)
 _PER_CHIP_BATCH = flags.DEFINE_integer("per_chip_batch", None, "Images per chip per step (default: the "
                                        "config's global_batch_size over the chips).", lower_bound=1,
                                        flag_values=FLAGS)
 _FIND_BATCH = flags.DEFINE_bool("find_batch", False, "Find the largest per-chip batch that fits.",
+                                flag_values=FLAGS)
+_BREAKDOWN = flags.DEFINE_bool("breakdown", False, "Also print each step's modelled FLOPs and bytes per image "
+                                "by part of the model (patch embeddings, q/k/v projections, attention, MLP, "
+                                "norms, augmentation, loss, optimiser, layout changes), forward and backward.",
                                 flag_values=FLAGS)
 _JSON = flags.DEFINE_string("json", None, "Also write the report to this .json file.", flag_values=FLAGS)
 _TABLE = flags.DEFINE_string("table", None, "Write the fit table of every variant at 224 and 384 on v4, v5e "
@@ -64,7 +76,8 @@ def main(argv: Sequence[str]) -> None:
   print(f"compiling {config.model.variant} @{config.data.image_size} for {target.describe()}", flush=True)
   if _FIND_BATCH.value:
     per_chip, memory, _ = aot.find_batch(config, target)
-    print(f"largest per-chip batch that fits: {per_chip} ({per_chip * target.chips} on {target.chips} chips); "
+    devices = f"{target.chips} {target.unit}" + ("s" if target.chips > 1 else "")
+    print(f"largest per-{target.unit} batch that fits: {per_chip} ({per_chip * target.chips} on {devices}); "
           f"memory ~ {aot.gib(memory.fixed)} + {memory.per_image / 2**20:.1f} MiB per image")
   else:
     per_chip = _PER_CHIP_BATCH.value or config.global_batch_size // target.chips
@@ -75,13 +88,14 @@ def main(argv: Sequence[str]) -> None:
     raise runner.UsageError(f"optim.grad_accum_steps={config.optim.grad_accum_steps} must divide the per-chip "
                          f"batch {per_chip}")
   reports = aot.compile_steps(config, target, per_chip) if per_chip else []
-  for line in aot.report_lines(reports, target, config):
+  for line in aot.report_lines(reports, target, config, _BREAKDOWN.value):
     print(line)
   if _JSON.value:
     epath.Path(_JSON.value).write_text(json.dumps(
-        {"target": target.describe(), "hbm_per_chip": target.hbm, "config": config.to_dict(),
+        {"target": target.describe(), "hbm_per_chip": target.hbm, "budget_per_chip": target.budget,
+         "config": config.to_dict(),
          "reports": [{**dataclasses.asdict(r), "total": r.total} for r in reports]}, indent=1, default=str))
-  failed = [r for r in reports if not r.fits or (target.hbm and r.total > target.hbm)]
+  failed = [r for r in reports if not r.fits or (target.budget and r.total > target.budget)]
   if not reports:
     raise aot.DoesNotFit(f"not even one image per chip fits {target.describe()}")
   if failed:

@@ -68,7 +68,7 @@ def get_config(variant: str = "cvt-13", image_size: int = 224, weight_decay: flo
   # Evaluation computes in fp32 like the official test(); 'bfloat16' is faster on GPU/TPU (README: its cost).
   config.model.eval_dtype = "float32"
   config.model.drop_path_rate = ml_collections.config_dict.placeholder(float)  # None: the variant's.
-  config.model.kernels = "auto"  # cvt_jax.ops: 'cpu' formulations on CPU, 'plain' on GPU/TPU
+  config.model.kernels = "auto"  # cvt_jax.ops: 'cpu' on CPU, 'tpu' (fused attention) on TPU, 'plain' on GPU
   config.model.remat = "none"  # 'block' or 'dots': recompute each block in the backward pass (less memory)
   # A custom width (e.g. the demo's narrow CvT): set all three; `variant` then only names it.
   config.model.dims = ml_collections.config_dict.placeholder(tuple)
