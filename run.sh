@@ -113,7 +113,7 @@ cmd="${1:-}"
 case "$cmd" in
   ""|-h|--help|help) usage ;;
   test)    ensure_venv tfds,demo,test; ensure_torchvision_transforms; ensure_libtpu; ensure_cuda_compiler
-           exec "$VENV/bin/python" -m pytest tests "$@" ;;
+           exec "$VENV/bin/python" -m pytest tests -n auto --dist worksteal "$@" ;;
   lock)    ensure_venv tfds,demo,test; write_lock ;;
   bench)   ensure_venv tfds,demo,test; exec "$VENV/bin/cvt-jax" bench "$@" ;;
   compile) ensure_venv tfds,demo; ensure_cuda_compiler; exec "$VENV/bin/cvt-jax" compile "$@" ;;

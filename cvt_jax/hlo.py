@@ -229,12 +229,20 @@ def _window(attributes: Instruction, rank: int) -> list[dict[str, tuple[int, ...
 
 def _taps(n: int, out: int, axis: dict[str, int]) -> int:
   """(output position, window tap) pairs of one axis that meet an input element, not padding or the holes
-  of a dilated input (TPUs write batched and transposed matmuls as such convolutions)."""
-  o = np.arange(out)[:, None]
-  t = np.arange(axis["size"])[None, :]
-  pos = o * axis["stride"] + t * axis["rhs_dilate"] - axis["pad"]
-  d = axis["lhs_dilate"]
-  return int(((pos >= 0) & (pos <= (n - 1) * d) & (pos % d == 0)).sum())
+  of a dilated input (TPUs write batched and transposed matmuls as such convolutions, with windows as long
+  as the batch: counted per tap in closed form, not as an (outputs x taps) table)."""
+  stride, dilate = axis["stride"], axis["lhs_dilate"]
+  first = np.arange(axis["size"], dtype=np.int64) * axis["rhs_dilate"] - axis["pad"]  # output 0's position
+  lo = np.maximum(0, -(first // stride))  # the outputs whose position lies in [0, (n - 1) * dilate]
+  hi = np.minimum(out - 1, ((n - 1) * dilate - first) // stride)
+  # ... and falls on an input element, not a hole: first + o * stride = 0 (mod dilate).
+  g = math.gcd(stride, dilate)
+  period = dilate // g
+  inverse = pow(stride // g, -1, period) if period > 1 else 0
+  residue = ((-first // g) * inverse) % period
+  hit = lo + (residue - lo) % period
+  counts = np.where((first % g == 0) & (hit <= hi), (hi - hit) // period + 1, 0)
+  return int(counts.sum())
 
 
 def _conv_flops(out_shape: str, lhs_shape: str, attributes: Instruction) -> float:

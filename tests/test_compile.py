@@ -22,16 +22,12 @@ RECIPE = ["--config.augment.randaugment=True", "--config.augment.erasing_prob=0.
 
 @pytest.fixture(scope="module", autouse=True)
 def libtpu():
+  """The suite relies on aot finding the libtpu ./run.sh unpacked beside the venv, as a user's checkout does."""
   if not os.path.isfile(LIBTPU):
     pytest.fail(f"libtpu is missing at {LIBTPU}: run ./run.sh test, which unpacks the libtpu that the "
                 "installed jax pins (pip install --no-deps --target ...)")
-  saved = os.environ.get("TPU_LIBRARY_PATH")
-  os.environ["TPU_LIBRARY_PATH"] = LIBTPU
-  yield
-  if saved is None:
-    del os.environ["TPU_LIBRARY_PATH"]
-  else:
-    os.environ["TPU_LIBRARY_PATH"] = saved
+  if "TPU_LIBRARY_PATH" in os.environ:
+    pytest.fail("TPU_LIBRARY_PATH is set: unset it, the suite tests that compile finds libtpu by itself")
 
 
 def compile_cli(capsys, *args: str) -> tuple[int, str, str]:

@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from cvt_jax import hlo
@@ -102,3 +103,19 @@ def test_a_compiled_program_models_its_matmul_and_conv_flops():
   taps = (8 * 3 - 2) ** 2  # per 8x8 plane: nine taps at each pixel, less those that fall on the padding
   assert analysis.total.flops == pytest.approx(2 * 256 * 64 * 32 + 2 * 4 * 32 * taps)
   assert analysis.total.bytes >= 4 * (256 * 64 + 64 * 32 + 4 * 8 * 8 * 32)
+
+
+def test_convolution_taps_count_what_meets_input_however_long_the_window():
+  """The closed form against the (outputs x taps) table it replaces; then a batch-long window (a batched
+  matmul written as a convolution) that the table could not hold."""
+  rng = np.random.default_rng(0)
+  for _ in range(3000):
+    axis = {"size": int(rng.integers(1, 9)), "stride": int(rng.integers(1, 5)), "pad": int(rng.integers(-3, 7)),
+            "lhs_dilate": int(rng.integers(1, 5)), "rhs_dilate": int(rng.integers(1, 4))}
+    n, out = int(rng.integers(1, 13)), int(rng.integers(1, 16))
+    position = (np.arange(out)[:, None] * axis["stride"] + np.arange(axis["size"])[None, :] * axis["rhs_dilate"]
+                - axis["pad"])
+    table = (position >= 0) & (position <= (n - 1) * axis["lhs_dilate"]) & (position % axis["lhs_dilate"] == 0)
+    assert hlo._taps(n, out, axis) == table.sum(), (n, out, axis)
+  long = {"size": 262144, "stride": 1, "pad": 262143, "lhs_dilate": 1, "rhs_dilate": 1}
+  assert hlo._taps(262144, 1, dict(long, pad=0)) == 262144 and hlo._taps(262144, 262144 * 2 - 1, long) == 262144 ** 2

@@ -130,7 +130,7 @@ def test_a_cvt_computes_the_same_with_every_kernel_formulation(kernels, monkeypa
     return lambda params: jnp.sum(jnp.sin(m.apply({**variables, "params": params}, images)))
 
   with pltpu.force_tpu_interpret_mode():
-    values = {k: jax.value_and_grad(loss(m))(variables["params"]) for k, m in models.items()}
+    values = {k: jax.jit(jax.value_and_grad(loss(m)))(variables["params"]) for k, m in models.items()}
   np.testing.assert_allclose(values[kernels][0], values["plain"][0], rtol=1e-5)
   for path, plain in jax.tree_util.tree_flatten_with_path(values["plain"][1])[0]:
     other = jax.tree_util.tree_flatten_with_path(values[kernels][1])[0]

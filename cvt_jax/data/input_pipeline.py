@@ -300,6 +300,7 @@ def _iterate(batches: Any, num_workers: int | None, spread: np.ndarray | None) -
     stream = batches.to_iter_dataset(grain.ReadOptions(num_threads=os.cpu_count() or 1,
                                                        prefetch_buffer_size=_BUFFERED_BATCHES))
   else:  # one batch at a time per worker: the processes are the parallelism
+    _start_quiet_resource_tracker()
     stream = batches.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=1)).mp_prefetch(
         grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=_BUFFERED_BATCHES),
         worker_init_fn=functools.partial(_exit_with_parent, os.getpid()))
@@ -311,6 +312,21 @@ def _iterate(batches: Any, num_workers: int | None, spread: np.ndarray | None) -
       yield {k: np.array(v if spread is None else v[spread]) for k, v in batch.items()}
   finally:
     iterator.close()
+
+
+def _start_quiet_resource_tracker() -> None:
+  """Before Python 3.13 a process that opens another's shared memory registers it with the resource tracker
+  again (CPython gh-82300), so the tracker reports every block grain's workers sent and this process
+  unlinked as "leaked" at exit. The tracker (one per process tree) starts here with that report muted."""
+  if sys.version_info >= (3, 13):
+    return
+  from multiprocessing import resource_tracker  # pylint: disable=g-import-not-at-top
+  saved = list(sys.warnoptions)
+  sys.warnoptions.append("ignore:resource_tracker:UserWarning")  # the tracker's command line takes these
+  try:
+    resource_tracker.ensure_running()
+  finally:
+    sys.warnoptions[:] = saved
 
 
 def _exit_with_parent(parent: int, worker_index: int, worker_count: int) -> None:
