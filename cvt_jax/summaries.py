@@ -1,4 +1,8 @@
-"""The training run's TensorBoard scalars: clu's metric writers over tensorboardX, without TensorFlow."""
+"""The training run's TensorBoard scalars, written by tensorboardX: no TensorFlow on the training path.
+
+clu's metric writers would do, but importing any of them imports TensorFlow and TensorBoard (their package
+loads its TF summary writer), which a training host need not have.
+"""
 
 from __future__ import annotations
 
@@ -7,38 +11,27 @@ from typing import Any
 
 import jax
 import tensorboardX
-from clu.metric_writers import async_writer
-from clu.metric_writers import interface
-from clu.metric_writers import multi_writer
 
 
-def make_writer(logdir: str) -> interface.MetricWriter:
-  """Scalars into TensorBoard event files in `logdir` (local or gs://), written by process 0 on a thread of
-  its own; the other processes write nothing."""
-  if jax.process_index() > 0:
-    return multi_writer.MultiWriter([])
-  return async_writer.AsyncWriter(TensorboardWriter(logdir))
+class ScalarWriter:
+  """Scalars into TensorBoard event files in `logdir` (local or gs://), written by process 0 only.
 
-
-class TensorboardWriter(interface.MetricWriter):
-  """clu's MetricWriter interface for scalars, written by tensorboardX."""
+  tensorboardX queues each event and writes it on a thread of its own, so the training loop never waits
+  on the file system.
+  """
 
   def __init__(self, logdir: str):
-    super().__init__()
-    self._writer = tensorboardX.SummaryWriter(logdir, flush_secs=30)
+    self._writer = tensorboardX.SummaryWriter(logdir, flush_secs=30) if jax.process_index() == 0 else None
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
-    for key, value in scalars.items():
-      self._writer.add_scalar(key, float(value), global_step=step)
-
-  def _only_scalars(self, *args: Any, **kwargs: Any) -> None:
-    raise NotImplementedError("the training run writes scalars only")
-
-  write_summaries = write_images = write_videos = write_audios = write_texts = write_histograms = (
-      write_hparams) = _only_scalars
+    if self._writer is not None:
+      for key, value in scalars.items():
+        self._writer.add_scalar(key, float(value), global_step=step)
 
   def flush(self) -> None:
-    self._writer.flush()
+    if self._writer is not None:
+      self._writer.flush()
 
   def close(self) -> None:
-    self._writer.close()
+    if self._writer is not None:
+      self._writer.close()

@@ -30,6 +30,7 @@ from cvt_jax import model as model_lib
 from cvt_jax import ops
 from cvt_jax import optim
 from cvt_jax import parallel
+from cvt_jax import summaries
 from cvt_jax import summary
 from cvt_jax import weights
 from cvt_jax import workdir as workdir_lib
@@ -492,8 +493,7 @@ def _loop(run: _Run, state: TrainState, start_step: int, interrupt_at_step: int 
     writer.flush()
     return result
 
-  from cvt_jax import summaries  # pylint: disable=g-import-not-at-top  # the train step needs no clu
-  writer = summaries.make_writer(os.fspath(run.workdir / "tensorboard"))
+  writer = summaries.ScalarWriter(os.fspath(run.workdir / "tensorboard"))
   evaluated: list[int] = []
   profiler = _Profiler(run.workdir, start_step, config.profile_steps)
   last_eval = None

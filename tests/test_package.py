@@ -77,3 +77,17 @@ def test_requirements_pin_every_dependency_within_its_range():
     assert name in pins, f"requirements.txt does not pin {requirement.name} (pyproject.toml: {requirement})"
     assert requirement.specifier.contains(pins[name], prereleases=True), \
         f"requirements.txt pins {name}=={pins[name]}, outside pyproject.toml's {requirement}"
+
+
+def test_training_imports_and_writes_its_summaries_without_tensorflow(tmp_path):
+  """A training host needs no TensorFlow or TensorBoard: the trainer imports, and its scalars land in an
+  event file, with both blocked."""
+  script = ("import sys; sys.modules.update(dict.fromkeys(['tensorflow', 'tensorboard', 'tensorflow_datasets']))\n"
+            "from cvt_jax import summaries, train_lib\n"
+            f"writer = summaries.ScalarWriter({str(tmp_path)!r})\n"
+            "writer.write_scalars(3, {'train/loss': 1.5})\n"
+            "writer.close()\n")
+  run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False)
+  assert run.returncode == 0, run.stderr[-2000:]
+  events = [name for name in os.listdir(tmp_path) if name.startswith("events.out.tfevents")]
+  assert len(events) == 1 and os.path.getsize(tmp_path / events[0]) > 0
