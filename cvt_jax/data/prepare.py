@@ -142,8 +142,9 @@ def prepare(src: str, dst: str, *, splits: Sequence[str] | None = None, data_dir
   done = {split.name: _write_split(root, split, records_per_shard, jobs, log) for split in todo}
   info = records.DatasetInfo(class_names, done, src)
   records.write_info(root, info)
-  log(f"wrote {dst}: {len(class_names)} classes; "
-      + "; ".join(f"{s.name} {s.num_examples} images in {len(s.shards)} shards" for s in done.values()))
+  log(f"wrote {dst}: {len(class_names)} classes; " + "; ".join(
+      f"{s.name} {s.num_examples} images in {len(s.shards)} shard{'' if len(s.shards) == 1 else 's'}"
+      for s in done.values()))
   return info
 
 
