@@ -133,19 +133,23 @@ def _reporting_write_errors(directory: epath.Path) -> Iterator[None]:
     ) from error
 
 
-def _remove_half_written_steps(directory: epath.Path, attempts: int = 20) -> None:
+def _remove_half_written_steps(directory: epath.Path, seconds: float = 30.0, settle: float = 2.0) -> None:
   """Removes the temporary folders of failed saves. orbax reports the first failed write while its other
-  writer threads are still finishing theirs, so a folder can gain files as it is removed: retry a while."""
-  for attempt in range(attempts):
+  writer threads are still finishing theirs, so a folder can gain files as it is removed, or come back
+  after it: done once none has been there for `settle` seconds."""
+  deadline = time.monotonic() + seconds
+  clean_since = time.monotonic()
+  while time.monotonic() < deadline:
     partials = list(directory.glob(f"*{_TMP_MARKER}*"))
-    if not partials:
+    if not partials and time.monotonic() - clean_since >= settle:
       return
     for partial in partials:
+      clean_since = time.monotonic()
       try:
         partial.rmtree()
       except OSError:
         pass
-    time.sleep(0.05 * attempt)
+    time.sleep(0.1)
   logging.warning("Could not remove the half-written checkpoint(s) %s; delete them by hand.",
                   ", ".join(str(p) for p in directory.glob(f"*{_TMP_MARKER}*")))
 
