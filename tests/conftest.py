@@ -1,10 +1,11 @@
 """Test set-up: several CPU devices so that the sharding code runs for real, and compiles kept cheap.
 
-The suite compiles hundreds of small programs and runs each a few times, so XLA:CPU's backend optimisation is
-lowered (LLVM -O0: compiles take about half as long; the programs are the same HLO, unfused the same way, and
-round the same way or within the tolerances the tests give) and one persistent compilation cache, shared with
-the subprocesses the tests start, serves the programs several tests compile alike. Both are set in the
-environment before JAX starts.
+The suite compiles hundreds of small programs and runs each a few times, so XLA:CPU compiles them quickly
+rather than well: LLVM at -O0 and XLA's older loop emitters (the same computation, rounded the same way or
+within the tolerances the tests give), which compile a tiny CvT's train step in about half the time
+(bench/README.md, "The test suite"). A test whose program's run is its cost compiles it with
+OPTIMISED. One persistent compilation cache, shared with pytest-xdist's workers and the subprocesses the tests
+start, serves the programs several tests compile alike. All of it is set before JAX starts.
 """
 
 import atexit
@@ -13,9 +14,12 @@ import os
 import shutil
 import tempfile
 
+TEST_XLA_FLAGS = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false")
+OPTIMISED = {"xla_backend_optimization_level": 2, "xla_cpu_use_fusion_emitters": True}
+
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")  # tests are CPU-only by design
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0"]).strip()
+os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), *TEST_XLA_FLAGS]).strip()
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # else a parent (pytest-xdist's) made it and removes it
   os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="cvt_jax_test_cache_")
   atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)

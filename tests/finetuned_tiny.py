@@ -2,15 +2,20 @@
 
 The converted PyTorch fixture `fixtures/tiny/hf/model.safetensors` (dims 8/16/24, depths 1/2/3, heads 1/2/3,
 a 10-class head) is fine-tuned with `configs/finetune.py` through `train_lib.train_and_evaluate` on digits
-5-9 at 32 px with the AdamW option (3 epochs): its head is replaced by a 5-class one. Built once per test
-session, by the first test that asks.
+5-9 at 32 px with the AdamW option (3 epochs): its head is replaced by a 5-class one. Built once per run of
+the suite, by the first test that asks (the other pytest-xdist workers wait for it), and copied into each
+worker's own temporary folder: the tests may write beside it (e.g. an evaluation summary in the workdir).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import functools
+import json
 import os
+import pathlib
+import shutil
 
 import numpy as np
 
@@ -24,6 +29,7 @@ PTH_FIXTURE = os.path.join(HERE, "fixtures", "tiny", "hf", "model.safetensors")
 ARCHITECTURE = dict(dims=(8, 16, 24), depths=(1, 2, 3), heads=(1, 2, 3))
 CLASSES = ("5", "6", "7", "8", "9")
 IMAGE_SIZE = 32
+TRAIN_EVAL = "train_eval.json"  # the final evaluation, written last: the build is complete
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,15 +55,40 @@ def config(tree: str, init: str = "", arg: str = "epochs=3,batch=64,opt=adamw,lr
   return cfg
 
 
+def shared(tmp_path_factory) -> Finetuned:
+  """The fixture in this worker's temporary folder (see the module docstring)."""
+  base = tmp_path_factory.getbasetemp()
+  run_base = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # shared by the run's workers
+  built = str(run_base / "finetuned_tiny_built")
+  with open(run_base / "finetuned_tiny.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not os.path.exists(os.path.join(built, TRAIN_EVAL)):
+      _build(built)
+  return _copy(built, str(base / "finetuned_tiny"))
+
+
+def _paths(root: str) -> Finetuned:
+  train_eval = os.path.join(root, TRAIN_EVAL)
+  return Finetuned(os.path.join(root, "finetuned"), os.path.join(root, "exported", "finetuned.npz"),
+                   os.path.join(root, "digits"), os.path.join(root, "digits_5-9"),
+                   json.loads(pathlib.Path(train_eval).read_text()) if os.path.exists(train_eval) else {})
+
+
+def _build(root: str) -> None:
+  shutil.rmtree(root, ignore_errors=True)  # what a failed build left
+  paths = _paths(root)
+  demo_data.build_digits_tree(paths.digits, image_size=IMAGE_SIZE)
+  demo_data.subset_tree(paths.digits, paths.tree, CLASSES)
+  _, result = train_lib.train_and_evaluate(config(paths.tree, PTH_FIXTURE), paths.workdir)
+  weights.save(weights.load(paths.workdir), paths.npz)
+  with open(os.path.join(root, TRAIN_EVAL), "w") as f:
+    json.dump(result, f, default=float)
+
+
 @functools.cache
-def build(root: str) -> Finetuned:
-  digits = demo_data.build_digits_tree(os.path.join(root, "digits"), image_size=IMAGE_SIZE)
-  tree = demo_data.subset_tree(digits, os.path.join(root, "digits_5-9"), CLASSES)
-  workdir = os.path.join(root, "finetuned")
-  _, result = train_lib.train_and_evaluate(config(tree, PTH_FIXTURE), workdir)
-  npz = os.path.join(root, "exported", "finetuned.npz")
-  weights.save(weights.load(workdir), npz)
-  return Finetuned(workdir, npz, digits, tree, result)
+def _copy(built: str, root: str) -> Finetuned:
+  shutil.copytree(built, root)  # links (the 5-9 subset's) become files of the copy
+  return _paths(root)
 
 
 def val_images(tree: str, per_class: int = 2) -> list[str]:

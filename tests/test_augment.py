@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from conftest import OPTIMISED
 from PIL import Image, ImageEnhance, ImageOps
 from sklearn.datasets import load_digits
 from sklearn.datasets import load_sample_images
@@ -66,11 +67,12 @@ def photos():
 
 @pytest.mark.parametrize("kernels", ["cpu", "plain"])
 def test_rand_augment_ops_match_pil(photos, kernels):
-  """Both formulations: 'cpu' gathers the taps and table entries, 'plain' (GPU/TPU) gathers nothing."""
+  """Both formulations: 'cpu' gathers the taps and table entries, 'plain' (GPU/TPU) gathers nothing. 256
+  images of 96 x 128 px: the one test here whose program's run, not its compile, is the cost."""
   cases = [(p, k, name, _f32(level), sign) for p in photos for k, name in enumerate(augment.RAND_OPS)
            for level, sign in ((0.9, 1.0), (0.53, -1.0), (0.17, 1.0), (1.0, -1.0))]
   planes = jnp.asarray(np.stack([c[0] for c in cases]).transpose(0, 3, 1, 2))
-  ours = jax.jit(augment.apply_ops, static_argnums=4)(
+  ours = jax.jit(augment.apply_ops, static_argnums=4, compiler_options=OPTIMISED)(
       planes, jnp.asarray([c[1] for c in cases]), jnp.asarray([c[3] for c in cases]),
       jnp.asarray([c[4] for c in cases], jnp.float32), kernels)
   worst = {}

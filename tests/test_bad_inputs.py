@@ -30,7 +30,7 @@ def tiny_arch(dims: str = "(8,16,24)", heads: str = "(1,2,3)") -> list[str]:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
   """The user's files: {name: path}."""
-  finetuned = finetuned_tiny.build(str(tmp_path_factory.getbasetemp() / "finetuned_tiny"))
+  finetuned = finetuned_tiny.shared(tmp_path_factory)
   root = tmp_path_factory.mktemp("world")
   paths = {"workdir": finetuned.workdir, "tree": finetuned.tree, "digits": finetuned.digits,
            "npz": finetuned.npz, "pth": finetuned_tiny.PTH_FIXTURE,

@@ -20,7 +20,7 @@ from cvt_jax.configs import finetune
 
 @pytest.fixture(scope="module")
 def finetuned(tmp_path_factory):
-  return finetuned_tiny.build(str(tmp_path_factory.getbasetemp() / "finetuned_tiny"))
+  return finetuned_tiny.shared(tmp_path_factory)
 
 
 def test_defaults_are_the_papers_recipe(tmp_path):
@@ -48,7 +48,7 @@ def test_missing_init_and_data_fail_clearly(tmp_path):
 def test_one_epoch_from_a_checkpoint_takes_its_architecture(finetuned, tmp_path):
   """`finetune:init=<an .npz of the demo's custom width>` needs no variant, dims, depths or heads, and a
   one-epoch run no `warmup=0`."""
-  config = finetune.get_config(f"init={finetuned.npz},data={finetuned.digits},classes=10,res=32,batch=64,"
+  config = finetune.get_config(f"init={finetuned.npz},data={finetuned.tree},classes=5,res=32,batch=64,"
                                "epochs=1")
   config.data.num_workers = 0
   assert config.schedule.warmup_epochs == 0

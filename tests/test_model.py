@@ -82,13 +82,18 @@ def test_layernorm_uses_pytorch_eps(tiny_variables):
   np.testing.assert_allclose(got, expected, atol=1e-4)
 
 
+def _train_apply(model: CvT):
+  """The model in training mode, jitted (op by op, a CvT compiles each of its hundreds of ops apart)."""
+  return jax.jit(lambda v, x, key: model.apply(v, x, train=True, mutable=["batch_stats"], rngs={"drop_path": key}))
+
+
 def test_eval_is_deterministic_and_train_updates_batch_stats(tiny_variables):
   model = CvT.from_variant(TINY, num_classes=10)
   x = jax.random.normal(jax.random.key(3), (4, 64, 64, 3))
-  a = model.apply(tiny_variables, x)
-  np.testing.assert_array_equal(a, model.apply(tiny_variables, x))
-  out, updates = model.apply(tiny_variables, x, train=True, mutable=["batch_stats"],
-                             rngs={"drop_path": jax.random.key(0)})
+  apply = jax.jit(model.apply)
+  a = apply(tiny_variables, x)
+  np.testing.assert_array_equal(a, apply(tiny_variables, x))
+  out, updates = _train_apply(model)(tiny_variables, x, jax.random.key(0))
   assert out.shape == (4, 10)
   moved = jax.tree_util.tree_map(lambda n, o: float(jnp.max(jnp.abs(n - o))), updates["batch_stats"],
                                  tiny_variables["batch_stats"])
@@ -99,24 +104,21 @@ def test_drop_path_is_random_per_sample_in_training(tiny_variables):
   model = CvT.from_variant(TINY, num_classes=10)
   x = jnp.broadcast_to(jax.random.normal(jax.random.key(3), (1, 64, 64, 3)), (8, 64, 64, 3))
 
-  def run(key):
-    return model.apply(tiny_variables, x, train=True, mutable=["batch_stats"], rngs={"drop_path": key})[0]
-
-  out = run(jax.random.key(1))
+  train = _train_apply(model)
+  out = train(tiny_variables, x, jax.random.key(1))[0]
   assert len({tuple(np.round(row, 4)) for row in np.asarray(out)}) > 1  # same images, different masks
-  assert not np.allclose(out, run(jax.random.key(2)))
+  assert not np.allclose(out, train(tiny_variables, x, jax.random.key(2))[0])
   no_drop = CvT.from_variant(TINY, num_classes=10, drop_path_rate=0.0)
-  same = no_drop.apply(tiny_variables, x, train=True, mutable=["batch_stats"],
-                       rngs={"drop_path": jax.random.key(1)})[0]
+  same = _train_apply(no_drop)(tiny_variables, x, jax.random.key(1))[0]
   np.testing.assert_allclose(same[0], same[1], atol=1e-5)
 
 
 def test_bf16_compute_keeps_fp32_params_and_logits(tiny_variables):
   model = CvT.from_variant(TINY, num_classes=10, dtype=jnp.bfloat16)
   x = jax.random.normal(jax.random.key(3), (2, 64, 64, 3))
-  logits = model.apply(tiny_variables, x)
+  logits = jax.jit(model.apply)(tiny_variables, x)
   assert logits.dtype == jnp.float32
-  reference = CvT.from_variant(TINY, num_classes=10).apply(tiny_variables, x)
+  reference = jax.jit(CvT.from_variant(TINY, num_classes=10).apply)(tiny_variables, x)
   np.testing.assert_allclose(logits, reference, atol=0.05 * float(jnp.max(jnp.abs(reference))) + 0.02)
 
 
@@ -124,6 +126,6 @@ def test_no_head_returns_normed_cls_embedding(tiny_variables):
   model = CvT.from_variant(TINY, num_classes=0)
   variables = {"params": {k: v for k, v in tiny_variables["params"].items() if k != "head"},
                "batch_stats": tiny_variables["batch_stats"]}
-  emb = model.apply(variables, jnp.ones((2, 64, 64, 3)))
+  emb = jax.jit(model.apply)(variables, jnp.ones((2, 64, 64, 3)))
   assert emb.shape == (2, 48)
   np.testing.assert_allclose(jnp.mean(emb, -1), 0, atol=1e-5)  # LayerNorm output, unit scale, zero bias

@@ -24,7 +24,7 @@ ROOT = os.path.dirname(finetuned_tiny.HERE)
 
 @pytest.fixture(scope="module")
 def finetuned(tmp_path_factory):
-  return finetuned_tiny.build(str(tmp_path_factory.getbasetemp() / "finetuned_tiny"))
+  return finetuned_tiny.shared(tmp_path_factory)
 
 
 @pytest.fixture()

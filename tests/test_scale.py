@@ -15,15 +15,15 @@ import functools
 import jax
 import numpy as np
 import pytest
+from test_train import NUM_CLASSES
+from test_train import colour_image
+from test_train import tiny_config
 
 from cvt_jax import checkpointing
 from cvt_jax import model as model_lib
 from cvt_jax import optim
 from cvt_jax import parallel
 from cvt_jax import train_lib
-from test_train import NUM_CLASSES
-from test_train import colour_image
-from test_train import tiny_config
 
 LR = 1e-2
 # fp32 rounding of a gradient summed in another order, relative to the largest update of its array (an

@@ -16,6 +16,7 @@ from cvt_jax import optim
 from cvt_jax import parallel
 from cvt_jax import train_lib
 from cvt_jax.configs import common, demo
+from cvt_jax.data import augment
 from cvt_jax.data import input_pipeline
 
 NUM_CLASSES = 3
@@ -211,20 +212,18 @@ def test_sharded_train_step_never_recompiles_or_transfers_to_the_host(tree):
     assert leaf.sharding.is_fully_replicated and len(leaf.sharding.device_set) == 4
 
 
-def _image_collectives(shards: int, tree: str) -> list[str]:
-  """Collective ops of the compiled 4-device train step that move image-shaped arrays (32 x 32 x 3, in
-  whatever layout XLA gives them)."""
-  config = tiny_config(tree)
+def _image_collectives(shards: int) -> list[str]:
+  """Collective ops that move image-shaped arrays (32 x 32 x 3, in whatever layout XLA gives them) in the
+  train step's augmentation, compiled for 4 devices as the step runs it: the batch split over the devices on
+  the way in and on the way out (into the model). The rest of the step moves no images."""
+  config = tiny_config("unused")
   config.augment.mixup_alpha, config.augment.cutmix_alpha = 0.8, 1.0
-  mesh = parallel.make_mesh()
-  model = model_lib.from_config(config.model, NUM_CLASSES)
-  tx = optim.make_optimizer(config.optim, lambda step: 1e-3)
-  state = train_lib.create_train_state(model.init_variables(jax.random.key(0), 32), tx, mesh)
-  step = train_lib.shard_train_step(train_lib.make_train_step(
-      model, tx, lambda step: 1e-3, NUM_CLASSES, config.augment, jax.random.key(1), shards=shards), mesh)
-  batch = parallel.global_batch({"image": np.zeros((16, 32, 32, 3), np.uint8),
-                                 "label": np.zeros(16, np.int32)}, mesh)
-  hlo = step.lower(state, batch).compile().as_text()
+  on_batch = parallel.batch_sharding(parallel.make_mesh())
+  chain = jax.jit(lambda key, images, labels: augment.train_augment(
+      key, images, labels, NUM_CLASSES, config.augment, shards), out_shardings=on_batch)
+  batch = [jax.ShapeDtypeStruct((16, 32, 32, 3), np.uint8, sharding=on_batch),
+           jax.ShapeDtypeStruct((16,), np.int32, sharding=on_batch)]
+  hlo = chain.lower(jax.random.key(1), *batch).compile().as_text()
   collective = re.compile(r"= \w+\[([\d,]+)\]\S* (collective-permute|all-to-all|all-gather|all-reduce|"
                           r"reduce-scatter)(-start)?\(")
   return [line.strip() for line in hlo.splitlines()
@@ -235,7 +234,7 @@ def _holds_images(shape: tuple[int, ...]) -> bool:
   return shape.count(32) >= 2 and 3 in shape
 
 
-def test_mixup_and_cutmix_never_move_images_between_devices(tree):
+def test_mixup_and_cutmix_never_move_images_between_devices():
   """Per-device mixing (the official per-GPU behaviour); mixing the global batch would permute it."""
-  assert not _image_collectives(shards=4, tree=tree)
-  assert any("collective-permute" in line for line in _image_collectives(shards=1, tree=tree))
+  assert not _image_collectives(shards=4)
+  assert any("collective-permute" in line for line in _image_collectives(shards=1))

@@ -120,8 +120,9 @@ def write_shard(root: epath.Path, split: str, index: int, count: int, records: I
 
   ArrayRecord writes local files only: an object-store root gets the shard through a local temporary.
   """
-  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
   import tempfile  # pylint: disable=g-import-not-at-top
+
+  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
 
   final = root / shard_name(split, index, count)
   final.parent.mkdir(parents=True, exist_ok=True)
