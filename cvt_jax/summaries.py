@@ -10,7 +10,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
-import tensorboardX
 
 
 class ScalarWriter:
@@ -21,7 +20,12 @@ class ScalarWriter:
   """
 
   def __init__(self, logdir: str):
-    self._writer = tensorboardX.SummaryWriter(logdir, flush_secs=30) if jax.process_index() == 0 else None
+    self._writer = None
+    if jax.process_index() == 0:
+      # Imported here: tensorboardX imports PyTorch wherever it is installed (seconds), and the commands that
+      # import the trainer without training (compile, eval, export), like the other processes, write nothing.
+      import tensorboardX  # pylint: disable=g-import-not-at-top
+      self._writer = tensorboardX.SummaryWriter(logdir, flush_secs=30)
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
     if self._writer is not None:
