@@ -23,7 +23,7 @@ class ScalarWriter:
     self._writer = None
     if jax.process_index() == 0:
       # Imported here: tensorboardX imports PyTorch wherever it is installed (seconds), and the commands that
-      # import the trainer without training (compile, eval, export), like the other processes, write nothing.
+      # import the trainer without training (compile, eval), like the other processes, write nothing.
       import tensorboardX  # pylint: disable=g-import-not-at-top
       self._writer = tensorboardX.SummaryWriter(logdir, flush_secs=30)
 

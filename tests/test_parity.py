@@ -79,11 +79,8 @@ class Pair:
   def jax_outputs(self, images: np.ndarray, dtype=jnp.float32, kernels: str = "auto") -> dict[str, np.ndarray]:
     if (dtype, kernels) not in self.forwards:
       model = self.loaded.model(dtype=dtype, kernels=kernels)
-      def forward(v, x):  # one backbone pass for both: what `model.apply(v, x)` computes from the features
-        features = model.apply(v, x, method="features")
-        return {"logits": model.apply(v, features["cls"], method=lambda m, cls: m.head(m.norm(cls))),
-                **features}
-      self.forwards[dtype, kernels] = jax.jit(forward)
+      self.forwards[dtype, kernels] = jax.jit(
+          lambda v, x: {"logits": model.apply(v, x), **model.apply(v, x, method="features")})
     out = self.forwards[dtype, kernels](self.loaded.variables, images)
     return {k: np.asarray(v, np.float32) for k, v in out.items()}
 
