@@ -6,6 +6,8 @@ loads its TF summary writer), which a training host need not have.
 
 from __future__ import annotations
 
+import sys
+import types
 from collections.abc import Mapping
 from typing import Any
 
@@ -21,11 +23,8 @@ class ScalarWriter:
 
   def __init__(self, logdir: str):
     self._writer = None
-    if jax.process_index() == 0:
-      # Imported here: tensorboardX imports PyTorch wherever it is installed (seconds), and the commands that
-      # import the trainer without training (compile, eval), like the other processes, write nothing.
-      import tensorboardX  # pylint: disable=g-import-not-at-top
-      self._writer = tensorboardX.SummaryWriter(logdir, flush_secs=30)
+    if jax.process_index() == 0:  # the other processes, like the commands that only compile, write nothing
+      self._writer = _tensorboardx().SummaryWriter(logdir, flush_secs=30)
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
     if self._writer is not None:
@@ -39,3 +38,17 @@ class ScalarWriter:
   def close(self) -> None:
     if self._writer is not None:
       self._writer.close()
+
+
+def _tensorboardx() -> types.ModuleType:
+  """tensorboardX, imported without PyTorch: it imports torch wherever torch is installed, only to accept torch
+  tensors, which took 2-3 s of every training process's start."""
+  if "torch" in sys.modules:
+    import tensorboardX  # pylint: disable=g-import-not-at-top
+    return tensorboardX
+  sys.modules["torch"] = None  # `import torch` raises ImportError, which tensorboardX expects
+  try:
+    import tensorboardX  # pylint: disable=g-import-not-at-top
+  finally:
+    del sys.modules["torch"]
+  return tensorboardX

@@ -81,12 +81,15 @@ def test_requirements_pin_every_dependency_within_its_range():
 
 def test_training_imports_and_writes_its_summaries_without_tensorflow(tmp_path):
   """A training host needs no TensorFlow or TensorBoard: the trainer imports, and its scalars land in an
-  event file, with both blocked."""
+  event file, with both blocked; the writer does not import the PyTorch installed here, which stays
+  importable."""
   script = ("import sys; sys.modules.update(dict.fromkeys(['tensorflow', 'tensorboard', 'tensorflow_datasets']))\n"
             "from cvt_jax import summaries, train_lib\n"
             f"writer = summaries.ScalarWriter({str(tmp_path)!r})\n"
             "writer.write_scalars(3, {'train/loss': 1.5})\n"
-            "writer.close()\n")
+            "writer.close()\n"
+            "assert 'torch' not in sys.modules, 'the summary writer imported PyTorch'\n"
+            "import torch\n")
   run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False)
   assert run.returncode == 0, run.stderr[-2000:]
   events = [name for name in os.listdir(tmp_path) if name.startswith("events.out.tfevents")]
