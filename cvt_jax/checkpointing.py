@@ -126,7 +126,8 @@ class Checkpointer:
 @functools.cache
 def _register_array_handler() -> None:
   """jax.Arrays are saved by orbax's `ArrayHandler` with `_MIN_SLICE_BYTES_FOR_REPLICA_PARALLEL` (orbax keeps
-  one handler per type for the whole process)."""
+  one handler per type for the whole process). Unlike orbax's default handler it keeps no array-metadata
+  store, which only typed PRNG-key arrays need: the train state holds none."""
   handler = ocp.type_handlers.ArrayHandler(
       min_slice_bytes_for_replica_parallel=_MIN_SLICE_BYTES_FOR_REPLICA_PARALLEL)
   verbosity = logging.get_verbosity()
