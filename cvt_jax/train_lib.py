@@ -31,6 +31,7 @@ from cvt_jax import ops
 from cvt_jax import optim
 from cvt_jax import parallel
 from cvt_jax import summaries
+from cvt_jax import trees
 from cvt_jax import weights
 from cvt_jax import workdir as workdir_lib
 from cvt_jax.data import augment
@@ -441,7 +442,7 @@ def _train(config: Any, workdir: epath.Path, plan: _Plan, interrupt_at_step: int
   del variables
   logging.info("%s: %s parameters; %d train / %d eval examples, %d classes; %d steps/epoch x %d epochs = %d "
                "steps; global batch %d on %s (%s); lr %.3g.", model.spec.name,
-               f"{sum(math.prod(p.shape) for p in jax.tree.leaves(state.params)):,}", info.num_train_examples,
+               f"{trees.size(state.params):,}", info.num_train_examples,
                info.num_eval_examples, info.num_classes, plan.steps_per_epoch, config.num_epochs,
                plan.total_steps, config.global_batch_size, _plural(jax.device_count(), "device"),
                _plural(jax.process_count(), "process"), base_lr)

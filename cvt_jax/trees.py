@@ -37,6 +37,11 @@ def shapes(flat: Mapping[str, Any]) -> dict[str, Shape]:
   return {k: tuple(v.shape) if hasattr(v, "shape") else np.shape(v) for k, v in flat.items()}
 
 
+def size(tree: Any) -> int:
+  """Number of elements in all of a tree's arrays."""
+  return sum(int(np.prod(np.shape(leaf))) for leaf in jax.tree.leaves(tree))
+
+
 def mismatches(want: Mapping[str, Shape], have: Mapping[str, Shape], limit: int = 5) -> str:
   """'' when `have` holds exactly `want`'s keys and shapes; else one line naming the differences.
 

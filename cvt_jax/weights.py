@@ -77,7 +77,7 @@ class Checkpoint:
   @property
   def num_params(self) -> int:
     """Trainable parameters (batch statistics excluded)."""
-    return sum(int(np.prod(np.shape(a))) for a in trees.flatten(self.variables["params"]).values())
+    return trees.size(self.variables["params"])
 
   def without_head(self) -> Checkpoint:
     """The backbone only: fine-tuning from it always starts from a fresh head."""
