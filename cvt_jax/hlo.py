@@ -315,22 +315,41 @@ def _kind(instruction: Instruction, module: Module) -> str:
 
 
 def _fusion_cost(instruction: Instruction, module: Module, shapes: dict[str, str]) -> tuple[float, float]:
-  """(bytes, FLOPs) of a fusion: each operand counted at the size of the slices the fusion reads of it."""
+  """(bytes, FLOPs) of a fusion: each operand counted at the size of the slices the fusion reads of it.
+
+  A dynamic-update-slice of a fusion parameter updates that buffer in place (XLA aliases them; scan loops
+  write each step's slice of their stacked outputs so): it writes the update's bytes, and reads nothing of
+  the buffer.
+  """
   called = module.computations.get(instruction.attribute("calls") or "", [])
   readers: dict[str, list[Instruction]] = {}
   for i in called:
     for o in i.operands:
       readers.setdefault(o, []).append(i)
   params = {int(i.operands[0]): i.name for i in called if i.opcode == "parameter"}
+  inner = {i.name: i.shape for i in called}
+  in_place = {i.operands[0] for i in called if i.opcode == "dynamic-update-slice"
+              and i.operands[0] in params.values() and len(readers[i.operands[0]]) == 1}
   nbytes = float(array_bytes(instruction.shape))
+  for update in (i for i in called if i.opcode == "dynamic-update-slice" and i.operands[0] in in_place):
+    buffer = array_bytes(update.shape)
+    nbytes -= buffer * (1 - math.prod(_dims(inner[update.operands[1]])) / max(1, math.prod(_dims(update.shape))))
   for index, operand in enumerate(instruction.operands):
     size = array_bytes(shapes.get(operand, ""))
     uses = readers.get(params.get(index, ""), [])
-    if uses and all(u.opcode in ("slice", "dynamic-slice") for u in uses):
+    if params.get(index) in in_place:
+      size = 0
+    elif uses and all(u.opcode in ("slice", "dynamic-slice") for u in uses):
       size = min(size, sum(array_bytes(u.shape) for u in uses))
     nbytes += size
+  return nbytes, _fused_flops(called, module)
+
+
+def _fused_flops(called: list[Instruction], module: Module) -> float:
+  """FLOPs of a fused computation, fusions nested in it included (libtpu fuses a GEMM into its consumer's)."""
   inner = {i.name: i.shape for i in called}
-  return nbytes, sum(_instruction_flops(i, inner) for i in called)
+  return sum(_fused_flops(module.computations.get(i.attribute("calls") or "", []), module)
+             if i.opcode == "fusion" else _instruction_flops(i, inner) for i in called)
 
 
 def kernels(module: Module) -> list[Kernel]:
@@ -342,7 +361,7 @@ def kernels(module: Module) -> list[Kernel]:
     owner = _owners(module.computations[computation])
     for instruction in module.computations[computation]:
       if instruction.opcode == "while":
-        trips = _trip_count(instruction)
+        trips = _trip_count(instruction, module)
         walk(instruction.attribute("body"), count * trips)
         walk(instruction.attribute("condition"), count * trips)
         continue
@@ -405,9 +424,19 @@ def _output_bytes(instruction: Instruction) -> int:
   return array_bytes(instruction.shape)
 
 
-def _trip_count(instruction: Instruction) -> int:
+def _trip_count(instruction: Instruction, module: Module) -> int:
+  """The loop's known trip count: XLA's annotation (GPU, CPU), else a condition `counter < constant`
+  (libtpu annotates none; JAX's scan and fori_loop counters start at 0). 1 when unknown."""
   match = re.search(r'"known_trip_count":\{"n":"(\d+)"', instruction.attributes)
-  return int(match[1]) if match else 1
+  if match:
+    return int(match[1])
+  condition = module.computations.get(instruction.attribute("condition") or "", [])
+  constants = {i.name: i.operands[0] for i in condition if i.opcode == "constant" and i.operands}
+  root = condition[-1] if condition else None  # printed last
+  if root and root.opcode == "compare" and "direction=LT" in root.attributes:
+    bound = constants.get(root.operands[1], "")
+    return int(bound) if bound.isdigit() else 1
+  return 1
 
 
 # ----------------------------------------------------------------------------------- attribution --
@@ -426,7 +455,7 @@ PARTS = (
     ("MLP", r"/mlp(/|$)"),
     ("LayerNorms", r"/(norm1|norm2|patch_embed/norm|norm)(/|$)"),
     ("head", r"/head(/|$)"),
-    ("residuals, drop path, tokens", r"/(blocks_\d+|stages_\d+)(/|$)"),
+    ("residuals, drop path, tokens", r"/(blocks_\d+|blocks|stages_\d+)(/|$)"),
 )
 LAYOUT = "layout changes (copies, transposes)"
 OTHER = "other"

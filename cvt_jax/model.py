@@ -9,9 +9,11 @@ The layers' arithmetic comes from `cvt_jax.ops` in the formulation named by `ker
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
-from typing import Any, Callable, Literal
+import re
+from typing import Any, Callable, Literal, Mapping
 
 import flax.linen as nn
 import jax
@@ -157,15 +159,16 @@ def _dense(features: int, kernels: ops.Kernels, dtype: Dtype, name: str, **kwarg
 
 
 class DropPath(nn.Module):
-  """Stochastic depth: drops the whole residual branch per sample (timm's DropPath)."""
+  """Stochastic depth: drops the whole residual branch per sample (timm's DropPath).
 
-  rate: float
+  The rate is a call argument: a Python float, or a traced scalar in blocks under `nn.scan`.
+  """
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    if not train or self.rate == 0.0:
+  def __call__(self, x: jax.Array, rate: float | jax.Array, train: bool) -> jax.Array:
+    if not train or (isinstance(rate, float) and rate == 0.0):
       return x
-    keep = 1.0 - self.rate
+    keep = 1.0 - rate
     mask = jax.random.bernoulli(self.make_rng("drop_path"), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
     return jnp.where(mask, x / keep, 0.0).astype(x.dtype)
 
@@ -244,30 +247,40 @@ class Block(nn.Module):
   """Pre-norm transformer block of a stage; one drop-path rate for both residual branches."""
 
   spec: StageSpec
-  drop_path_rate: float
   kernels: ops.Kernels
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, grid_hw: tuple[int, int], train: bool) -> jax.Array:
-    drop_path = DropPath(self.drop_path_rate, name="drop_path")
+  def __call__(self, x: jax.Array, grid_hw: tuple[int, int], train: bool,
+               drop_path_rate: float | jax.Array) -> jax.Array:
+    drop_path = DropPath(name="drop_path")
     y = _layer_norm("norm1")(x).astype(self.dtype)
     y = Attention(self.spec, self.kernels, self.dtype, name="attn")(y, grid_hw, train)
-    x = x + drop_path(y, train)
+    x = x + drop_path(y, drop_path_rate, train)
     y = _layer_norm("norm2")(x).astype(self.dtype)
-    return x + drop_path(Mlp(self.spec.dim, self.kernels, self.dtype, name="mlp")(y), train)
+    return x + drop_path(Mlp(self.spec.dim, self.kernels, self.dtype, name="mlp")(y), drop_path_rate, train)
+
+
+class ScanStep(Block):
+  """`Block` as one step of `nn.scan` over a stage's blocks: returns (tokens, None)."""
+
+  @nn.compact
+  def __call__(self, x: jax.Array, grid_hw: tuple[int, int], train: bool,
+               drop_path_rate: jax.Array) -> tuple[jax.Array, None]:
+    return super().__call__(x, grid_hw, train, drop_path_rate), None
 
 
 _REMAT_POLICIES = {"block": jax.checkpoint_policies.nothing_saveable,
                    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 
 
-def _block_class(remat: Remat) -> type[Block]:
-  """`Block`, or `Block` recomputed in the backward pass (keeping what the policy names)."""
+def _block_class(remat: Remat, scan: bool) -> type[Block]:
+  """`Block` (`ScanStep` for `nn.scan`), or recomputed in the backward pass (keeping what the policy names)."""
+  block = ScanStep if scan else Block
   if remat == "none":
-    return Block
-  # static_argnums count `self`: grid_hw and train are Python values.
-  return nn.remat(Block, static_argnums=(2, 3), policy=_REMAT_POLICIES[remat])
+    return block
+  # static_argnums count `self`: grid_hw, train and (unless scanned) the drop-path rate are Python values.
+  return nn.remat(block, static_argnums=(2, 3) if scan else (2, 3, 4), policy=_REMAT_POLICIES[remat])
 
 
 class ConvEmbed(nn.Module):
@@ -299,6 +312,7 @@ class Stage(nn.Module):
   kernels: ops.Kernels
   dtype: Dtype = jnp.float32
   remat: Remat = "none"
+  scan_blocks: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array, jax.Array | None]:
@@ -311,9 +325,16 @@ class Stage(nn.Module):
       cls = self.param("cls_token", _trunc_normal_002, (1, 1, c), jnp.float32)
       tokens = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, c)).astype(self.dtype), tokens], axis=1)
     rates = np.linspace(0.0, self.drop_path_rate, s.depth)
-    block = _block_class(self.remat)
-    for i in range(s.depth):
-      tokens = block(s, float(rates[i]), self.kernels, self.dtype, name=f"blocks_{i}")(tokens, (h, w), train)
+    if self.scan_blocks:
+      blocks = nn.scan(_block_class(self.remat, scan=True), variable_axes={"params": 0, "batch_stats": 0},
+                       split_rngs={"params": True, "drop_path": True},
+                       in_axes=(nn.broadcast, nn.broadcast, 0), length=s.depth)
+      tokens, _ = blocks(s, self.kernels, self.dtype, name=SCANNED_BLOCKS)(
+          tokens, (h, w), train, jnp.asarray(rates, jnp.float32))
+    else:
+      block = _block_class(self.remat, scan=False)
+      for i in range(s.depth):
+        tokens = block(s, self.kernels, self.dtype, name=f"blocks_{i}")(tokens, (h, w), train, float(rates[i]))
     cls_out = tokens[:, 0] if s.cls_token else None
     grid = (tokens[:, 1:] if s.cls_token else tokens).reshape(b, h, w, c)
     return grid, cls_out
@@ -331,6 +352,8 @@ class CvT(nn.Module):
     dtype: compute dtype (e.g. bfloat16). Parameters, norms, softmax and logits stay in fp32.
     remat: recompute each block in the backward pass instead of storing its activations: 'block' keeps
       nothing but the block inputs, 'dots' also keeps the outputs of the linear layers; 'none' (default).
+    scan_blocks: run each stage's blocks as one `nn.scan` loop, so that XLA compiles one block per stage
+      (compile time); the blocks' variables are then stacked along a leading axis (`blocks_layout`).
   """
 
   variant: str | Variant = "cvt-13"
@@ -339,6 +362,7 @@ class CvT(nn.Module):
   kernels: str = "auto"
   dtype: Dtype = jnp.float32
   remat: Remat = "none"
+  scan_blocks: bool = False
 
   def setup(self):
     if self.remat not in REMAT_CHOICES:
@@ -347,7 +371,7 @@ class CvT(nn.Module):
     kernels = ops.resolve_kernels(self.kernels)
     self.stages = [
         Stage(s, s.drop_path_rate if self.drop_path_rate is None or i < 2 else self.drop_path_rate,
-              kernels, self.dtype, self.remat)
+              kernels, self.dtype, self.remat, self.scan_blocks)
         for i, s in enumerate(specs)
     ]
     self.norm = _layer_norm("norm")
@@ -395,6 +419,34 @@ def variable_shapes(variant: Variant, num_classes: int) -> dict[str, trees.Shape
   return trees.shapes(trees.flatten(jax.eval_shape(model.init, jax.random.key(0), images)))
 
 
+SCANNED_BLOCKS = "blocks"  # a stage's blocks under nn.scan: one module whose arrays have a leading block axis
+_UNROLLED_KEY = re.compile(r"^(.*/stages_\d+/)blocks_(\d+)/(.*)$")
+_SCANNED_KEY = re.compile(rf"^(.*/stages_\d+/){SCANNED_BLOCKS}/(.*)$")
+
+
+def is_scanned(flat: Mapping[str, Any]) -> bool:
+  """Whether flat variables hold scanned (stacked) blocks."""
+  return any(_SCANNED_KEY.match(key) for key in flat)
+
+
+def blocks_layout(flat: Mapping[str, Any], scanned: bool) -> dict[str, Any]:
+  """Flat variables (numpy) with every stage's blocks stacked into one scanned module (`scan_blocks`) or
+  as the modules `blocks_0`, `blocks_1`, ... (the converter's layout, and that of every exported weight
+  file); variables already in the asked layout pass through."""
+  out: dict[str, Any] = {}
+  stacked: dict[str, dict[int, Any]] = collections.defaultdict(dict)
+  for key, value in flat.items():
+    unrolled, scanned_key = _UNROLLED_KEY.match(key), _SCANNED_KEY.match(key)
+    if scanned and unrolled:
+      stacked[f"{unrolled[1]}{SCANNED_BLOCKS}/{unrolled[3]}"][int(unrolled[2])] = value
+    elif not scanned and scanned_key:
+      out.update({f"{scanned_key[1]}blocks_{i}/{scanned_key[2]}": block for i, block in enumerate(value)})
+    else:
+      out[key] = value
+  out.update({key: np.stack([blocks[i] for i in sorted(blocks)]) for key, blocks in stacked.items()})
+  return out
+
+
 # --------------------------------------------------------------------- building from a config --
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -433,4 +485,5 @@ def from_config(model_config: Any, num_classes: int, platform: str | None = None
                           dtype=compute_dtype(model_config.dtype, platform),
                           drop_path_rate=model_config.drop_path_rate,
                           kernels=ops.resolve_kernels(model_config.kernels, platform),
-                          remat=model_config.get("remat", "none"))
+                          remat=model_config.get("remat", "none"),
+                          scan_blocks=model_config.get("scan_blocks", False))

@@ -29,6 +29,7 @@ from etils import epath
 from huggingface_hub import errors as hub_errors
 
 from cvt_jax import checkpointing
+from cvt_jax import model as model_lib
 from cvt_jax import torch_weights
 from cvt_jax import trees
 from cvt_jax import workdir as workdir_lib
@@ -152,6 +153,8 @@ def _load_workdir(path: epath.Path, variant: Variant | None) -> Checkpoint:
   if info is None and variant is None:
     raise WeightsError(f"workdir {path} has no {workdir_lib.MODEL_INFO}; pass its architecture (--config)")
   variant = info.variant if info else variant
+  # A run with model.scan_blocks saves stacked blocks; every Checkpoint holds them one module each.
+  variables = trees.unflatten(model_lib.blocks_layout(trees.flatten(variables), scanned=False))
   params = variables["params"]
   num_classes = int(np.shape(params["head"]["kernel"])[-1]) if "head" in params else 0
   trees.check(variable_shapes(variant, num_classes), trees.shapes(trees.flatten(variables)),
@@ -234,8 +237,9 @@ def init_from(checkpoint: Checkpoint, target: dict[str, Any], variant: Variant,
     log(f"init_from: the {checkpoint.num_classes}-class head of {checkpoint.source} is replaced by a fresh "
         f"{num_classes}-class head.")
   is_head = lambda key: replace_head and key.startswith("params/head/")
-  return trees.merge(target, trees.flatten(checkpoint.variables), f"init_from {checkpoint.source}",
-                     keep_target=is_head)
+  loaded = model_lib.blocks_layout(trees.flatten(checkpoint.variables),
+                                   scanned=model_lib.is_scanned(trees.flatten(target)))
+  return trees.merge(target, loaded, f"init_from {checkpoint.source}", keep_target=is_head)
 
 
 def _classes_path(weights_path: epath.Path) -> epath.Path:

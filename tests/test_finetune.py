@@ -45,16 +45,25 @@ def test_missing_init_and_data_fail_clearly(tmp_path):
     train_lib.validate_config(finetune.get_config(f"init=/no/such.npz,data={tmp_path},classes=5"))
 
 
-def test_one_epoch_from_a_checkpoint_takes_its_architecture(finetuned, tmp_path):
+@pytest.mark.parametrize("scan_blocks", [False, True])
+def test_one_epoch_from_a_checkpoint_takes_its_architecture(finetuned, tmp_path, scan_blocks):
   """`finetune:init=<an .npz of the demo's custom width>` needs no variant, dims, depths or heads, and a
-  one-epoch run no `warmup=0`."""
+  one-epoch run no `warmup=0`. With scanned blocks the run trains stacked variables, and its workdir loads
+  as every checkpoint does (one module per block) and evaluates to the run's own figure."""
   config = finetune.get_config(f"init={finetuned.npz},data={finetuned.tree},classes=5,res=32,batch=64,"
                                "epochs=1")
   config.data.num_workers = 0
+  config.model.scan_blocks = scan_blocks
   assert config.schedule.warmup_epochs == 0
   state, result = train_lib.train_and_evaluate(config, str(tmp_path / "ft"))
   assert int(state.step) > 0 and result["count"] > 0
-  assert weights.load(str(tmp_path / "ft")).variant.architecture == weights.load(finetuned.npz).variant.architecture
+  assert ("blocks" in state.params["stages_2"]) == scan_blocks
+  trained = weights.load(str(tmp_path / "ft"))
+  assert trained.variant.architecture == weights.load(finetuned.npz).variant.architecture
+  if scan_blocks:
+    summary = evaluate.evaluate_checkpoint(config, str(tmp_path / "ft"))
+    assert summary["count"] == result["count"]
+    assert summary["top1"] == pytest.approx(result["top1"], abs=100 / result["count"])  # one image's rounding
 
 
 def _optim_config(name: str, weight_decay: float) -> ml_collections.ConfigDict:

@@ -60,6 +60,75 @@ TEXT = "\n".join([
 ])
 
 
+# libtpu's idioms: a scan loop with no trip count annotated (only its condition says it), whose body writes its
+# slice of a stacked buffer in place, and a GEMM fused into a fusion nested in its consumer's fusion.
+TPU_TEXT = "\n".join([
+    'HloModule jit_step, is_scheduled=true',
+    '',
+    '%fused_update (param_0: f32[20,64,128], param_1: bf16[1,64,128], param_2: s32[]) -> f32[20,64,128] {',
+    '  %param_0 = f32[20,64,128]{2,1,0} parameter(0)',
+    '  %param_1 = bf16[1,64,128]{2,1,0} parameter(1)',
+    '  %param_2 = s32[] parameter(2)',
+    '  %converted = f32[1,64,128]{2,1,0} convert(%param_1)',
+    '  %zero = s32[] constant(0)',
+    '  ROOT %dus = f32[20,64,128]{2,1,0} dynamic-update-slice(%param_0, %converted, %param_2, %zero, %zero)',
+    '}',
+    '',
+    '%fused_dot (param_0.2: bf16[64,128], param_1.2: bf16[128,256]) -> bf16[64,256] {',
+    '  %param_0.2 = bf16[64,128]{1,0} parameter(0)',
+    '  %param_1.2 = bf16[128,256]{1,0} parameter(1)',
+    '  ROOT %dot.1 = bf16[64,256]{1,0} dot(%param_0.2, %param_1.2), lhs_contracting_dims={1}, '
+    'rhs_contracting_dims={0}',
+    '}',
+    '',
+    '%fused_outer (param_0.3: bf16[64,128], param_1.3: bf16[128,256]) -> bf16[64,256] {',
+    '  %param_0.3 = bf16[64,128]{1,0} parameter(0)',
+    '  %param_1.3 = bf16[128,256]{1,0} parameter(1)',
+    '  %inner = bf16[64,256]{1,0} fusion(%param_0.3, %param_1.3), kind=kOutput, calls=%fused_dot',
+    '  ROOT %gelu = bf16[64,256]{1,0} tanh(%inner)',
+    '}',
+    '',
+    '%body (p: (s32[], f32[20,64,128], bf16[1,64,128])) -> (s32[], f32[20,64,128], bf16[1,64,128]) {',
+    '  %p = (s32[], f32[20,64,128]{2,1,0}, bf16[1,64,128]{2,1,0}) parameter(0)',
+    '  %i = s32[] get-tuple-element(%p), index=0',
+    '  %stack = f32[20,64,128]{2,1,0} get-tuple-element(%p), index=1',
+    '  %g = bf16[1,64,128]{2,1,0} get-tuple-element(%p), index=2',
+    '  %written = f32[20,64,128]{2,1,0} fusion(%stack, %g, %i), kind=kLoop, calls=%fused_update'
+    ', metadata={op_name="jit(step)/transpose(jvp(CvT))/stages_2/while/body/dynamic_update_slice"}',
+    '  ROOT %t = (s32[], f32[20,64,128]{2,1,0}, bf16[1,64,128]{2,1,0}) tuple(%i, %written, %g)',
+    '}',
+    '',
+    '%cond (p.1: (s32[], f32[20,64,128], bf16[1,64,128])) -> pred[] {',
+    '  %p.1 = (s32[], f32[20,64,128]{2,1,0}, bf16[1,64,128]{2,1,0}) parameter(0)',
+    '  %limit = s32[] constant(20)',
+    '  %i.1 = s32[] get-tuple-element(%p.1), index=0',
+    '  ROOT %lt = pred[] compare(%i.1, %limit), direction=LT',
+    '}',
+    '',
+    'ENTRY %main (a: bf16[64,128], b: bf16[128,256], s: f32[20,64,128], g: bf16[1,64,128]) -> bf16[64,256] {',
+    '  %a = bf16[64,128]{1,0} parameter(0)',
+    '  %b = bf16[128,256]{1,0} parameter(1)',
+    '  %s = f32[20,64,128]{2,1,0} parameter(2)',
+    '  %g = bf16[1,64,128]{2,1,0} parameter(3)',
+    '  %zero = s32[] constant(0)',
+    '  %init = (s32[], f32[20,64,128]{2,1,0}, bf16[1,64,128]{2,1,0}) tuple(%zero, %s, %g)',
+    '  %loop = (s32[], f32[20,64,128]{2,1,0}, bf16[1,64,128]{2,1,0}) while(%init), condition=%cond, body=%body',
+    '  ROOT %mlp = bf16[64,256]{1,0} fusion(%a, %b), kind=kOutput, calls=%fused_outer'
+    ', metadata={op_name="jit(step)/jvp(CvT)/stages_2/blocks/mlp/fc1/dot_general"}',
+    '}',
+    '',
+])
+
+
+def test_tpu_loops_count_their_condition_s_trips_write_slices_in_place_and_nested_gemms_count():
+  found = {k.name: k for k in hlo.kernels(hlo.parse(TPU_TEXT))}
+  assert set(found) == {"written", "lt", "mlp"}
+  assert found["written"].count == found["lt"].count == 20
+  # Reads the bf16 update and the index, writes the f32 slice; the stacked buffer is neither read nor copied.
+  assert found["written"].bytes == 2 * 64 * 128 + 4 + 4 * 64 * 128
+  assert found["mlp"].flops == 2 * 64 * 128 * 256 and hlo.part(found["mlp"]) == "MLP"
+
+
 @pytest.fixture(scope="module")
 def found():
   return {k.name: k for k in hlo.kernels(hlo.parse(TEXT))}

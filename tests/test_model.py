@@ -6,7 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cvt_jax import model as model_lib
 from cvt_jax import summary
+from cvt_jax import trees
 from cvt_jax.model import CvT
 from cvt_jax.model import _layer_norm
 from cvt_jax.model import get_variant
@@ -129,3 +131,25 @@ def test_no_head_returns_normed_cls_embedding(tiny_variables):
   emb = jax.jit(model.apply)(variables, jnp.ones((2, 64, 64, 3)))
   assert emb.shape == (2, 48)
   np.testing.assert_allclose(jnp.mean(emb, -1), 0, atol=1e-5)  # LayerNorm output, unit scale, zero bias
+
+
+def test_scanned_blocks_compute_the_unrolled_model_on_stacked_variables(tiny_variables):
+  flat = trees.flatten(jax.device_get(tiny_variables))
+  stacked = model_lib.blocks_layout(flat, scanned=True)
+  scanned = CvT.from_variant(TINY, num_classes=10, scan_blocks=True)
+  images = jnp.zeros((1, 64, 64, 3))
+  trees.check(trees.shapes(trees.flatten(jax.eval_shape(scanned.init, jax.random.key(0), images))),
+              trees.shapes(stacked), "scanned CvT")
+  assert stacked["params/stages_2/blocks/mlp/fc1/kernel"].shape == (2, 48, 192)
+  assert model_lib.is_scanned(stacked) and not model_lib.is_scanned(flat)
+  back = model_lib.blocks_layout(stacked, scanned=False)
+  assert back.keys() == flat.keys() and all(np.array_equal(back[k], flat[k]) for k in flat)
+  assert model_lib.blocks_layout(stacked, scanned=True).keys() == stacked.keys()  # already in that layout
+
+  x = jax.random.normal(jax.random.key(3), (4, 64, 64, 3))
+  unrolled = jax.jit(CvT.from_variant(TINY, num_classes=10).apply)(tiny_variables, x)
+  logits = jax.jit(scanned.apply)(trees.unflatten(stacked), x)
+  np.testing.assert_allclose(logits, unrolled, rtol=0, atol=1e-6 * float(jnp.max(jnp.abs(unrolled))))
+  same = jnp.broadcast_to(x[:1], (8, 64, 64, 3))  # drop path (a traced rate per block) still per sample
+  out = _train_apply(scanned)(trees.unflatten(stacked), same, jax.random.key(1))[0]
+  assert len({tuple(np.round(row, 4)) for row in np.asarray(out)}) > 1

@@ -1,7 +1,8 @@
 """The switches that trade compute or communication for memory give the plain step's numbers (4 CPU devices).
 
-model.remat (recompute each block in the backward pass), optim.grad_accum_steps (micro-batches), and fsdp
-(parameters and optimiser state split over the devices, restorable onto another device count).
+model.remat (recompute each block in the backward pass), model.scan_blocks (one loop per stage, for compile
+time), optim.grad_accum_steps (micro-batches), and fsdp (parameters and optimiser state split over the
+devices, restorable onto another device count).
 
 The steps run SGD with momentum, not AdamW: AdamW divides each update by its gradient's running RMS, which
 turns the rounding noise of a near-zero gradient (summed in another order by another program, or by
@@ -24,6 +25,7 @@ from cvt_jax import model as model_lib
 from cvt_jax import optim
 from cvt_jax import parallel
 from cvt_jax import train_lib
+from cvt_jax import trees
 
 LR = 1e-2
 # fp32 rounding of a gradient summed in another order, relative to the largest update of its array (an
@@ -39,10 +41,16 @@ def _step_config(**overrides):
 
 
 def _initial_state(config, mesh):
+  """The model, optimiser and train state of `config`; the same variables whether the blocks are scanned."""
   model = model_lib.from_config(config.model, NUM_CLASSES)
   tx = optim.make_optimizer(config.optim, lambda step: LR)
-  return model, tx, train_lib.create_train_state(model.init_variables(jax.random.key(0), 32), tx, mesh,
-                                                 config.fsdp)
+  variables = jax.device_get(model.clone(scan_blocks=False).init_variables(jax.random.key(0), 32))
+  variables = _in_layout(variables, model.scan_blocks)
+  return model, tx, train_lib.create_train_state(variables, tx, mesh, config.fsdp)
+
+
+def _in_layout(tree, scanned: bool):
+  return trees.unflatten(model_lib.blocks_layout(trees.flatten(tree), scanned))
 
 
 def _run(config, batch, steps: int = 2):
@@ -62,7 +70,8 @@ def _run(config, batch, steps: int = 2):
     losses.append(float(metrics["loss"]))
     norms.append(float(metrics["grad_norm"]))
   after = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
-  return losses, norms, jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), after, before)
+  return losses, norms, _in_layout(jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), after, before),
+                                   scanned=False)
 
 
 def _batch(repeat_within_shards: int = 1) -> dict[str, np.ndarray]:
@@ -92,6 +101,16 @@ def _assert_same_updates(got, want, rounding=ROUNDING):
 def test_remat_gives_the_plain_step(remat):
   plain_losses, plain_norms, plain = _plain()
   losses, norms, updates = _run(_step_config(**{"model.remat": remat}), _batch())
+  np.testing.assert_allclose(losses, plain_losses, rtol=1e-6)
+  np.testing.assert_allclose(norms, plain_norms, rtol=1e-5)
+  _assert_same_updates(updates, plain)
+
+
+@pytest.mark.parametrize("remat", ["none", "block"])
+def test_scanned_blocks_give_the_plain_step(remat):
+  """One nn.scan loop per stage (its variables stacked) computes the unrolled blocks' step."""
+  plain_losses, plain_norms, plain = _plain()
+  losses, norms, updates = _run(_step_config(**{"model.scan_blocks": True, "model.remat": remat}), _batch())
   np.testing.assert_allclose(losses, plain_losses, rtol=1e-6)
   np.testing.assert_allclose(norms, plain_norms, rtol=1e-5)
   _assert_same_updates(updates, plain)

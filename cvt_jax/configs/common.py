@@ -70,6 +70,7 @@ def get_config(variant: str = "cvt-13", image_size: int = 224, weight_decay: flo
   config.model.drop_path_rate = ml_collections.config_dict.placeholder(float)  # None: the variant's.
   config.model.kernels = "auto"  # cvt_jax.ops: 'cpu' on CPU, 'tpu' (fused attention) on TPU, 'plain' on GPU
   config.model.remat = "none"  # 'block' or 'dots': recompute each block in the backward pass (less memory)
+  config.model.scan_blocks = False  # one nn.scan loop per stage: XLA compiles one block each (compile time)
   # A custom width (e.g. the demo's narrow CvT): set all three; `variant` then only names it.
   config.model.dims = ml_collections.config_dict.placeholder(tuple)
   config.model.depths = ml_collections.config_dict.placeholder(tuple)
