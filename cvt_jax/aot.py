@@ -32,7 +32,11 @@ from cvt_jax import summary
 from cvt_jax import train_lib
 
 _MEGACORE = ("v4", "v5p")  # two TensorCores per chip, deployed as one device per chip
+# libtpu's two ways of saying a program does not fit: "... temporaries (17.57G) ... HBM (15.75G)", and
+# "... Used 15.75G of 15.75G hbm ... Total hbm usage >= 16.00G ... HLO temp 15.32G".
 _OOM = re.compile(r"RESOURCE_EXHAUSTED.*?\(([\d.]+)([KMGT])\).*?HBM \(([\d.]+)([KMGT])\)", re.S)
+_OOM_USAGE = re.compile(r"RESOURCE_EXHAUSTED.*? of ([\d.]+)([KMGT]) hbm.*?Total hbm usage >= ([\d.]+)([KMGT])"
+                        r".*?HLO temp ([\d.]+)([KMGT])", re.S)
 _UNITS = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 
@@ -204,12 +208,16 @@ def _compile(name: str, jitted: Any, args: Sequence[Any], per_chip_batch: int, t
   try:
     compiled = jitted.lower(*args).compile(compiler_options=target.compiler_options or None)
   except Exception as e:  # pylint: disable=broad-except  # libtpu says RESOURCE_EXHAUSTED in several types
-    match = _OOM.search(str(e))
-    if not match:
+    if match := _OOM.search(str(e)):
+      temporaries = match.group(1, 2)
+      error = f"temporaries {match[1]}{match[2]} exceed the HBM ({match[3]}{match[4]})"
+    elif match := _OOM_USAGE.search(str(e)):
+      temporaries = match.group(5, 6)
+      error = f"{match[3]}{match[4]} in all ({match[5]}{match[6]} of temporaries) exceed the HBM ({match[1]}{match[2]})"
+    else:
       raise
-    return StepReport(name, per_chip_batch, fits=False, temporaries=int(float(match[1]) * _UNITS[match[2]]),
-                      compile_seconds=time.perf_counter() - started,
-                      error=f"temporaries {match[1]}{match[2]} exceed the HBM ({match[3]}{match[4]})")
+    return StepReport(name, per_chip_batch, fits=False, compile_seconds=time.perf_counter() - started,
+                      temporaries=int(float(temporaries[0]) * _UNITS[temporaries[1]]), error=error)
   seconds = time.perf_counter() - started
   stats = compiled.memory_analysis()
   cost = compiled.cost_analysis()

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 
@@ -86,6 +87,25 @@ def test_an_impossible_batch_fails_naming_the_consumer_and_the_switches(capsys):
   assert message.startswith("cvt-jax compile: error: train step does not fit v5e:2x2: 4 x TPU v5 lite")
   assert "the biggest consumer is the temporaries" in message
   assert "--config.model.remat=block" in message and "--config.fsdp=True" in message
+
+
+def test_libtpu_s_other_out_of_memory_message_is_a_verdict_too():
+  """libtpu also reports an overflow found late in the compile as the memory used, not the temporaries."""
+  message = ("RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: XLA:TPU compile permanent error. Ran out of memory "
+             "in memory space hbm. Used 15.75G of 15.75G hbm. Exceeded hbm capacity by 3.19M. Total hbm usage "
+             ">= 16.00G: reserved 258.03M program 15.38G arguments 378.73M Output size 365.23M; shares 365.22M "
+             "with arguments. Program hbm requirement 15.38G: global 449.0K scoped 448.0K HLO temp 15.32G (92.2%")
+
+  class Overflowing:
+    def lower(self, *args):
+      return self
+
+    def compile(self, **kwargs):
+      raise RuntimeError(message)
+
+  report = aot._compile("train step", Overflowing(), (), 32, types.SimpleNamespace(compiler_options={}))
+  assert not report.fits and report.temporaries == int(15.32 * 2**30)
+  assert report.error == "16.00G in all (15.32G of temporaries) exceed the HBM (15.75G)"
 
 
 def test_without_a_topology_this_host_is_compiled_for(capsys):
