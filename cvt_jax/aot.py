@@ -213,7 +213,8 @@ def _compile(name: str, jitted: Any, args: Sequence[Any], per_chip_batch: int, t
       error = f"temporaries {match[1]}{match[2]} exceed the HBM ({match[3]}{match[4]})"
     elif match := _OOM_USAGE.search(str(e)):
       temporaries = match.group(5, 6)
-      error = f"{match[3]}{match[4]} in all ({match[5]}{match[6]} of temporaries) exceed the HBM ({match[1]}{match[2]})"
+      error = (f"{match[3]}{match[4]} in all ({match[5]}{match[6]} of temporaries) exceed the HBM "
+               f"({match[1]}{match[2]})")
     else:
       raise
     return StepReport(name, per_chip_batch, fits=False, compile_seconds=time.perf_counter() - started,
