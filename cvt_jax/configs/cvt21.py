@@ -16,7 +16,7 @@ erasing 0.25). 'timm' takes timm's loader at 224 too. Which recipe produced the 
 stated by the official code.
 Batch/LR scaling: `:batch=N` keeps lr = 2e-3 * N / 2048 (linear rule); warm-up and schedule are in epochs.
 Fits (global batch 2048, compiled for TPU by `cvt-jax compile`; README "Before paying for a slice"): @224 on
-v5e:4x4 with model.remat=block (4.0 GiB per chip of 16); @384 on v5e:8x8 (14.0 of 16).
+v5e:4x4 with model.remat=block (4.0 GiB per chip of 16); @384 on v5e:8x8 (7.2 of 16).
 """
 
 from cvt_jax.configs import common
