@@ -328,10 +328,10 @@ def _fusion_cost(instruction: Instruction, module: Module, shapes: dict[str, str
       readers.setdefault(o, []).append(i)
   params = {int(i.operands[0]): i.name for i in called if i.opcode == "parameter"}
   inner = {i.name: i.shape for i in called}
-  in_place = {i.operands[0] for i in called if i.opcode == "dynamic-update-slice"
+  in_place = {i.operands[0]: i for i in called if i.opcode == "dynamic-update-slice"
               and i.operands[0] in params.values() and len(readers[i.operands[0]]) == 1}
   nbytes = float(array_bytes(instruction.shape))
-  for update in (i for i in called if i.opcode == "dynamic-update-slice" and i.operands[0] in in_place):
+  for update in in_place.values():
     buffer = array_bytes(update.shape)
     nbytes -= buffer * (1 - math.prod(_dims(inner[update.operands[1]])) / max(1, math.prod(_dims(update.shape))))
   for index, operand in enumerate(instruction.operands):
@@ -455,7 +455,7 @@ PARTS = (
     ("MLP", r"/mlp(/|$)"),
     ("LayerNorms", r"/(norm1|norm2|patch_embed/norm|norm)(/|$)"),
     ("head", r"/head(/|$)"),
-    ("residuals, drop path, tokens", r"/(blocks_\d+|blocks|stages_\d+)(/|$)"),
+    ("residuals, drop path, tokens", r"/(blocks(_\d+)?|stages_\d+)(/|$)"),
 )
 LAYOUT = "layout changes (copies, transposes)"
 OTHER = "other"

@@ -29,13 +29,14 @@ from etils import epath
 from huggingface_hub import errors as hub_errors
 
 from cvt_jax import checkpointing
-from cvt_jax import model as model_lib
 from cvt_jax import torch_weights
 from cvt_jax import trees
 from cvt_jax import workdir as workdir_lib
 from cvt_jax.data import labels
 from cvt_jax.model import CvT
 from cvt_jax.model import Variant
+from cvt_jax.model import blocks_layout
+from cvt_jax.model import is_scanned
 from cvt_jax.model import variable_shapes
 
 FORMAT = "cvt_jax.weights/1"
@@ -154,7 +155,7 @@ def _load_workdir(path: epath.Path, variant: Variant | None) -> Checkpoint:
     raise WeightsError(f"workdir {path} has no {workdir_lib.MODEL_INFO}; pass its architecture (--config)")
   variant = info.variant if info else variant
   # A run with model.scan_blocks saves stacked blocks; every Checkpoint holds them one module each.
-  variables = trees.unflatten(model_lib.blocks_layout(trees.flatten(variables), scanned=False))
+  variables = trees.unflatten(blocks_layout(trees.flatten(variables), scanned=False))
   params = variables["params"]
   num_classes = int(np.shape(params["head"]["kernel"])[-1]) if "head" in params else 0
   trees.check(variable_shapes(variant, num_classes), trees.shapes(trees.flatten(variables)),
@@ -237,8 +238,7 @@ def init_from(checkpoint: Checkpoint, target: dict[str, Any], variant: Variant,
     log(f"init_from: the {checkpoint.num_classes}-class head of {checkpoint.source} is replaced by a fresh "
         f"{num_classes}-class head.")
   is_head = lambda key: replace_head and key.startswith("params/head/")
-  loaded = model_lib.blocks_layout(trees.flatten(checkpoint.variables),
-                                   scanned=model_lib.is_scanned(trees.flatten(target)))
+  loaded = blocks_layout(trees.flatten(checkpoint.variables), scanned=is_scanned(trees.flatten(target)))
   return trees.merge(target, loaded, f"init_from {checkpoint.source}", keep_target=is_head)
 
 
