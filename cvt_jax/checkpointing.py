@@ -16,7 +16,7 @@ import shutil
 import signal
 import threading
 import time
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import jax
 import numpy as np
@@ -38,7 +38,11 @@ _MIN_SLICE_BYTES_FOR_REPLICA_PARALLEL = 1 << 20
 
 
 class CheckpointMismatchError(ValueError):
-  """A checkpoint written by another model or optimiser configuration."""
+  """A checkpoint written by another model or optimiser configuration; `stored`: its arrays' shapes."""
+
+  def __init__(self, message: str, stored: Mapping[str, trees.Shape]):
+    super().__init__(message)
+    self.stored = stored
 
 
 class CheckpointWriteError(OSError):
@@ -86,13 +90,15 @@ class Checkpointer:
       CheckpointMismatchError: the newest readable step holds other arrays than `target` (another config).
     """
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    want = trees.shapes(trees.flatten(abstract))
     for step in sorted(self._manager.all_steps(), reverse=True):
       path = self.directory / str(step)
-      problems = _mismatches(path, abstract)
+      stored = _stored_shapes(path)
+      problems = trees.mismatches(want, stored) if stored else ""
       if problems:
         raise CheckpointMismatchError(
             f"checkpoint {path} does not fit the configured model and optimiser ({problems}); it was "
-            "written with another config: resume with that config, or train in a new --workdir")
+            "written with another config: resume with that config, or train in a new --workdir", stored)
       try:
         return step, self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
       except Exception as e:  # pylint: disable=broad-except  # any failure to read means a damaged step
@@ -201,16 +207,13 @@ def _disk_space(directory: epath.Path) -> str:
   return f" ({free / 2**20:.1f} MiB free there)"
 
 
-def _mismatches(step_dir: epath.Path, abstract: Any) -> str:
-  """The arrays missing from, unused in and mis-shaped in a step, for `abstract`; '' if they agree or
-  the step's metadata is unreadable (then restoring it fails and it is set aside)."""
+def _stored_shapes(step_dir: epath.Path) -> dict[str, trees.Shape]:
+  """The flat shapes of the arrays in a step; {} when its metadata is unreadable (then restoring it fails
+  and it is set aside)."""
   try:
-    stored = trees.shapes(trees.flatten(ocp.StandardCheckpointHandler().metadata(step_dir / "default")))
+    return trees.shapes(trees.flatten(ocp.StandardCheckpointHandler().metadata(step_dir / "default")))
   except Exception:  # pylint: disable=broad-except
-    return ""
-  if not stored:
-    return ""
-  return trees.mismatches(trees.shapes(trees.flatten(abstract)), stored)
+    return {}
 
 
 def _checkpoints(workdir: str | epath.PathLike) -> epath.Path:

@@ -449,7 +449,7 @@ def _train(config: Any, workdir: epath.Path, plan: _Plan, interrupt_at_step: int
 
   ckpt = checkpointing.Checkpointer(workdir, config.checkpoint_every_steps, config.keep_checkpoints)
   try:
-    restored = ckpt.restore_latest(state)
+    restored = _restore_latest(ckpt, state, config.model.scan_blocks)
     start_step = 0
     if restored:
       start_step, state = restored
@@ -463,6 +463,20 @@ def _train(config: Any, workdir: epath.Path, plan: _Plan, interrupt_at_step: int
     return _loop(run, state, start_step, interrupt_at_step)
   finally:
     ckpt.close()
+
+
+def _restore_latest(ckpt: checkpointing.Checkpointer, state: TrainState,
+                    scan_blocks: bool) -> tuple[int, TrainState] | None:
+  """`ckpt.restore_latest(state)`; its mismatch error names `model.scan_blocks` when the checkpoint's blocks
+  are laid out for the other setting."""
+  try:
+    return ckpt.restore_latest(state)
+  except checkpointing.CheckpointMismatchError as error:
+    if model_lib.is_scanned(error.stored) == scan_blocks:
+      raise
+    raise checkpointing.CheckpointMismatchError(
+        f"{error} (its blocks are {'one module each' if scan_blocks else 'stacked'}: it was written with "
+        f"--config.model.scan_blocks={not scan_blocks})", error.stored) from None
 
 
 def _plural(count: int, noun: str) -> str:

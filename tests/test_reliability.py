@@ -306,6 +306,20 @@ def test_resuming_a_workdir_of_another_model_names_the_arrays(tree, tmp_path):
   assert committed_steps(workdir) == [4]
 
 
+@pytest.mark.parametrize("saved_scanned", [False, True])
+def test_resuming_with_scan_blocks_flipped_names_the_switch(tree, tmp_path, saved_scanned):
+  workdir = str(tmp_path / "other")
+  ckpt = checkpointing.Checkpointer(workdir, 4, 2)
+  ckpt.save(4, _zero_state(make_config(tree, **{"model.scan_blocks": saved_scanned})))
+  ckpt.close()
+  with pytest.raises(checkpointing.CheckpointMismatchError) as err:
+    train_lib.train_and_evaluate(make_config(tree, **{"model.scan_blocks": not saved_scanned}), workdir)
+  message = str(err.value)
+  assert "does not fit" in message and "\n" not in message
+  assert message.endswith(f"it was written with --config.model.scan_blocks={saved_scanned})")
+  assert committed_steps(workdir) == [4]
+
+
 def test_class_count_of_the_head_must_match_the_data(tree, tmp_path):
   with pytest.raises(ValueError, match=f"model.num_classes=5 but dataset 'digits' has {CLASSES} classes"):
     train_lib.train_and_evaluate(make_config(tree, **{"model.num_classes": 5}), str(tmp_path / "w"))
