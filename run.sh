@@ -115,7 +115,7 @@ case "$cmd" in
   test)    ensure_venv tfds,demo,test; ensure_torchvision_transforms; ensure_libtpu; ensure_cuda_compiler
            exec "$VENV/bin/python" -m pytest tests -n auto --dist worksteal "$@" ;;
   lock)    ensure_venv tfds,demo,test; write_lock ;;
-  bench)   ensure_venv tfds,demo,test; exec "$VENV/bin/cvt-jax" bench "$@" ;;
+  bench)   ensure_venv tfds,demo,test; exec "$VENV/bin/python" -m bench.run "$@" ;;
   compile) ensure_venv tfds,demo; ensure_cuda_compiler; exec "$VENV/bin/cvt-jax" compile "$@" ;;
   demo|train|eval|predict|convert|prepare|summary)
            ensure_venv tfds,demo; exec "$VENV/bin/cvt-jax" "$cmd" "$@" ;;

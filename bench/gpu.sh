@@ -6,7 +6,7 @@
 #
 # Needs jax[cuda12], flax, optax, orbax-checkpoint and torch with CUDA (plus cvt_jax's own small
 # dependencies: absl, ml_collections, etils, PIL, huggingface_hub). TensorFlow, grain and datasets are not
-# used; the PyTorch side is Hugging Face's CvT where transformers is installed, else cvt_jax.cli.torch_cvt.
+# used; the PyTorch side is Hugging Face's CvT where transformers is installed, else bench.torch_models.CvT.
 # Stages, in order of importance, each cut short so that the whole run ends within DEADLINE_S:
 #   1. train-steps: 50 steps of the real train step (train_lib.build_steps: RandAugment, mixup/cutmix,
 #      forward, backward, AdamW), CvT-13 @224, bf16, batch 256, synthetic images; step times, img/s, peak memory
@@ -58,14 +58,14 @@ EOF
 echo "| stage | result | time |" > "$OUT/stages.md"
 echo "|---|---|---|" >> "$OUT/stages.md"
 
-stage train-steps 170 "$PYTHON" -m cvt_jax.cli.train_steps --config cvt13:batch=256 --steps 50 \
+stage train-steps 170 "$PYTHON" -m bench.train_steps --config cvt13:batch=256 --steps 50 \
     --json "$OUT/train-steps.json"
 stage compile 100 "$PYTHON" -m cvt_jax.cli.main compile --config cvt13:batch=256 --breakdown \
     --json "$OUT/compile.json"
-stage bench-train 230 "$PYTHON" -m cvt_jax.cli.main bench --models cvt-13 --res 224 --infer_batches= \
+stage bench-train 230 "$PYTHON" -m bench.run --models cvt-13 --res 224 --infer_batches= \
     --train_batches 256 --max_batch "$MAX_BATCH" --pipeline_images 0 --loop_steps 0 --rounds 3 --warmup 2 \
     --out "$OUT/bench-train"
-stage bench-infer 90 "$PYTHON" -m cvt_jax.cli.main bench --models cvt-13 --res 224 --infer_batches 256 \
+stage bench-infer 90 "$PYTHON" -m bench.run --models cvt-13 --res 224 --infer_batches 256 \
     --train_batches= --max_batch 0 --pipeline_images 0 --loop_steps 0 --rounds 3 --warmup 2 \
     --out "$OUT/bench-infer"
 

@@ -68,6 +68,9 @@ TPU_CHIPS = {
     "TPU v5": Chip("TPU v5p", 95 * GiB, {"bfloat16": 459e12}, 2.76e12),
     "TPU v6 lite": Chip("TPU v6e", 32 * GiB, {"bfloat16": 918e12}, 1.64e12),
 }
+# The TPU generations `cvt-jax compile --topology NAME:LAYOUT` compiles for (libtpu's topology names).
+TPU_TOPOLOGIES = {"v4": TPU_CHIPS["TPU v4"], "v5e": TPU_CHIPS["TPU v5 lite"], "v5p": TPU_CHIPS["TPU v5"],
+                  "v6e": TPU_CHIPS["TPU v6 lite"]}
 # Memory as the CUDA driver reports it usable.
 H100 = Chip("H100 SXM", 84_942_979_072, {"bfloat16": 989e12, "float32": 66.9e12}, 3.35e12,
             GpuSpec("NVIDIA H100 80GB HBM3", (9, 0), 132, 128, 1.98, 50 * 2**20, 228 * 1024, 227 * 1024))

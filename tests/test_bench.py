@@ -1,5 +1,5 @@
 """The benchmark's own plumbing (timing, peaks, report, flags, contender processes, input side) and the
-prepared GPU run (bench/gpu.sh, cli/train_steps.py)."""
+prepared GPU run (bench/gpu.sh, bench/train_steps.py)."""
 
 import json
 import os
@@ -10,34 +10,11 @@ import types
 
 import numpy as np
 import pytest
-import torch
 
 from cvt_jax import hardware
 from cvt_jax import model
-from cvt_jax.cli import bench as run
-from cvt_jax.cli import bench_input
-from cvt_jax.cli import torch_reference
-
-
-def test_torch_reference_is_cvt13_with_quickgelu():
-  net = torch_reference.build_torch_cvt("cvt-13")
-  assert sum(p.numel() for p in net.parameters()) == 19_997_480
-  activations = [m.activation for m in net.modules() if hasattr(m, "activation")]
-  assert len(activations) == 13 and all(isinstance(a, torch_reference.QuickGELU) for a in activations)
-  x = torch.linspace(-3, 3, 7)
-  torch.testing.assert_close(activations[0](x), x * torch.sigmoid(1.702 * x))
-
-
-def test_the_plain_torch_port_loads_official_weights_and_gives_hugging_faces_logits():
-  """The bench's PyTorch contender without transformers: official names, the same numbers."""
-  from cvt_jax.cli import torch_cvt  # pylint: disable=g-import-not-at-top
-  variant = model.make_variant("tiny", (16, 32, 48), (1, 2, 3), (1, 2, 3), 0.0)  # HF needs depth > stage
-  reference = torch_reference.build_reference(variant, 10, seed=3)
-  port = torch_cvt.CvT(variant, 10).eval()
-  port.load_state_dict(torch_reference.official_state_dict(reference), strict=True)
-  images = torch.randn(2, 3, 64, 64)
-  with torch.no_grad():
-    torch.testing.assert_close(port(images), reference(images).logits, atol=1e-5, rtol=0)
+from bench import host_input
+from bench import run
 
 
 def test_interleaved_timing_rotates_the_order():
@@ -97,7 +74,7 @@ def test_markdown_names_the_machine_and_the_winner():
 
 def test_help_describes_the_options(capsys):
   with pytest.raises(SystemExit) as exit_:
-    run.run(["cvt-jax bench", "--help"])
+    run.run(["bench", "--help"])
   assert exit_.value.code == 0
   out = capsys.readouterr().out
   for flag in ("--quick", "--models", "--res", "--infer_batches", "--train_batches", "--max_batch",
@@ -113,19 +90,19 @@ def test_help_describes_the_options(capsys):
 ])
 def test_bad_flags_are_one_line_usage_errors(capsys, argv, message):
   with pytest.raises(SystemExit) as exit_:
-    run.run(["cvt-jax bench", *argv])
+    run.run(["bench", *argv])
   err = capsys.readouterr().err
   assert exit_.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_batches_parse_to_int_lists():
-  args = run.parse_args(["cvt-jax bench", "--train_batches", "8,16", "--infer_batches", "", "--res", "64"])
+  args = run.parse_args(["bench", "--train_batches", "8,16", "--infer_batches", "", "--res", "64"])
   assert args.train_batches == [8, 16] and args.infer_batches == [] and args.res == [64]
 
 
 def test_input_pipeline_bench_times_the_loop_between_two_bare_blocks():
   tiny = model.make_variant("tiny", dims=(8, 16, 24), depths=(1, 1, 1), heads=(1, 1, 2), drop_path_rate=0.0)
-  result = bench_input.bench_input_pipeline(num_images=16, batch=4, model=tiny, res=64, dtype="float32",
+  result = host_input.bench_input_pipeline(num_images=16, batch=4, model=tiny, res=64, dtype="float32",
                                             loop_steps=2)
   assert all(len(times) == 2 and min(times) > 0 for times in result["step_s"].values())
   assert set(result["step_s"]) == {"bare_before", "loop", "bare_after"}
@@ -169,7 +146,7 @@ def test_a_killed_contender_process_is_reported_with_its_exit_code():
 def test_the_real_train_step_is_timed_without_tensorflow(tmp_path):
   """What bench/gpu.sh runs first, in a process where TensorFlow, TFDS and grain cannot be imported."""
   blocked = "import sys; sys.modules.update(dict.fromkeys(['tensorflow', 'tensorflow_datasets', 'grain']))"
-  steps = (f"{blocked}; from cvt_jax.cli import train_steps; train_steps.run(['train_steps', '--config', "
+  steps = (f"{blocked}; from bench import train_steps; train_steps.run(['train_steps', '--config', "
            "'demo:batch=4', '--config.model.dims=(8,16,24)', '--config.model.depths=(1,1,1)', "
            f"'--config.model.heads=(1,1,2)', '--steps', '2', '--warmup', '1', '--json', '{tmp_path}/steps.json'])")
   done = subprocess.run([sys.executable, "-c", steps], capture_output=True, text=True, timeout=900)
@@ -186,7 +163,7 @@ def test_gpu_sh_runs_its_stages_within_the_deadline_and_summarises_them(tmp_path
   fake.write_text("#!/usr/bin/env bash\n"
                   "if [[ $1 == - ]]; then cat > /dev/null; echo '{\"gpu\": \"stand-in\"}'; exit 0; fi\n"
                   "echo \"ran $*\"\n"
-                  "if [[ $* == *bench* ]]; then mkdir -p ${*: -1}; echo '| bench table |' > ${*: -1}/t.md; fi\n"
+                  "if [[ $* == *bench.run* ]]; then mkdir -p ${*: -1}; echo '| bench table |' > ${*: -1}/t.md; fi\n"
                   "[[ $* == *' compile '* ]] && exit 3; exit 0\n")
   fake.chmod(0o755)
   repo = tmp_path / "repo"

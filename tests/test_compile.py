@@ -153,14 +153,14 @@ def test_the_fit_table_picks_the_smallest_slice_that_fits_and_resumes(monkeypatc
   """The table's bookkeeping, with a fake compile: memory = 1 GiB + 100 MiB per image (remat: 40 MiB);
   interrupted after the first row's seven compiles, then resumed."""
   from cvt_jax import hardware  # pylint: disable=g-import-not-at-top
-  from cvt_jax.cli import fit_table as compile_lib  # pylint: disable=g-import-not-at-top
+  from bench import fit_table  # pylint: disable=g-import-not-at-top
 
   calls = []
 
   def fake_compile(model, res, topology, per_chip, switch, with_eval):
     calls.append((model, res, topology, per_chip, switch, with_eval))
     total = 2**30 + per_chip * (100 if switch == "plain" else 40) * 2**20
-    hbm = hardware.TPU_CHIPS[compile_lib.CHIP_KINDS[topology.split(":")[0]]].hbm
+    hbm = hardware.TPU_TOPOLOGIES[topology.split(":")[0]].hbm
     names = ["train step", "eval step"] if with_eval else ["train step"]
     return [{"name": name, "per_chip_batch": per_chip, "fits": total <= hbm, "arguments": total,
              "temporaries": 0, "total": total} for name in names]
@@ -171,12 +171,12 @@ def test_the_fit_table_picks_the_smallest_slice_that_fits_and_resumes(monkeypatc
     return fake_compile(*job)
 
   monkeypatch.setattr(compile_lib, "_compile_job", interrupted_compile)
-  compile_lib.write_table(str(tmp_path / "table"))
+  fit_table.write_table(str(tmp_path / "table"))
   markdown = (tmp_path / "table.md").read_text()
   assert "| cvt-13 @224 | 100 / 40 |" in markdown and "v5e:2x4 (remat): 256/chip, train 11.00 GiB" in markdown
   assert "| cvt-13 @384 | not compiled yet |" in markdown
   monkeypatch.setattr(compile_lib, "_compile_job", fake_compile)
-  compile_lib.write_table(str(tmp_path / "table"))
+  fit_table.write_table(str(tmp_path / "table"))
   probes = [c for c in calls if not c[5]]
   assert len(probes) == 6 * 2 * 2 and len(calls) == len(probes) + 6 * 3
   table = json.loads((tmp_path / "table.json").read_text())
@@ -190,5 +190,5 @@ def test_the_fit_table_picks_the_smallest_slice_that_fits_and_resumes(monkeypatc
   markdown = (tmp_path / "table.md").read_text()
   assert markdown.count("| cvt-") == 6 and "v5e:2x4 (remat): 256/chip, train 11.00 GiB" in markdown
   calls.clear()
-  compile_lib.write_table(str(tmp_path / "table"))
+  fit_table.write_table(str(tmp_path / "table"))
   assert not calls

@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import zipfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -30,6 +31,10 @@ def test_a_wheel_installs_into_a_fresh_venv_and_runs_from_another_folder(tmp_pat
   run(sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(wheels), str(source),
       cwd=str(tmp_path))
   (wheel,) = wheels.glob("cvt_jax-*.whl")
+  # The library and its commands only: the benchmark, the PyTorch models and the examples stay in the checkout.
+  packaged = zipfile.ZipFile(wheel).namelist()
+  assert all(name.startswith(("cvt_jax/", "cvt_jax-")) for name in packaged), packaged
+  assert not [name for name in packaged if "torch_models" in name or "bench" in name], packaged
   # The dependencies come from this environment, behind the new venv's own site-packages (resolving them is
   # pip's job; the pins are tested below): what is tested is the wheel's files, package data and script.
   run(sys.executable, "-m", "venv", str(venv), cwd=str(tmp_path))

@@ -1,7 +1,7 @@
 """Full-size parity with PyTorch: CvT-13, CvT-21 and CvT-W24 at 224 and 384, through the real converter.
 
 Reference: transformers' CvtForImageClassification with QuickGELU (identical to microsoft/CvT), random
-unit-gain weights and perturbed norms (cvt_jax.torch_reference), eval mode, fp32. Its state dict
+unit-gain weights and perturbed norms (bench/torch_models.py), eval mode, fp32. Its state dict
 is saved to disk in one format per variant, converted by `cvt_jax.convert`, written to and reloaded from
 the project's `.npz` format (`cvt_jax.weights`) and run by `cvt_jax.model`.
 Needs torch + transformers (installed by `./run.sh test`); in CI (CI=true) their absence is a failure.
@@ -15,7 +15,7 @@ import pytest
 try:
   import safetensors.torch
   import torch
-  import transformers  # noqa: F401 - only checked for: torch_reference needs it
+  import transformers  # noqa: F401 - only checked for: torch_models needs it
 except ImportError as e:
   if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
     raise ImportError(f"CI must run the parity tests, but {e.name!r} is missing: install "
@@ -30,8 +30,9 @@ from jax.experimental.pallas import tpu as pltpu  # noqa: E402
 
 from cvt_jax import torch_weights  # noqa: E402
 from cvt_jax import weights  # noqa: E402
-from cvt_jax.cli import torch_reference  # noqa: E402
+from bench import torch_models  # noqa: E402
 from cvt_jax.model import VARIANTS  # noqa: E402
+from cvt_jax.model import make_variant  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -51,10 +52,10 @@ class Pair:
 
   def __init__(self, name: str, tmp_dir: str):
     start = time.perf_counter()
-    self.torch_model = torch_reference.build_reference(name, NUM_CLASSES, seed=13)
+    self.torch_model = torch_models.build_reference(name, NUM_CLASSES, seed=13)
     fmt = FORMATS[name]
     if fmt == "official .pth":
-      state_dict = torch_reference.official_state_dict(self.torch_model)
+      state_dict = torch_models.official_state_dict(self.torch_model)
       path = os.path.join(tmp_dir, f"{name}.pth")
       torch.save(state_dict, path)
       self.num_keys = len(state_dict)
@@ -119,7 +120,7 @@ def test_fp32_parity_of_the_tpu_kernels(pair):
 def check_parity(pair: Pair, res: int, kernels: str) -> None:
   images = images_for(res)
   start = time.perf_counter()
-  want = torch_reference.reference_outputs(pair.torch_model, images)
+  want = torch_models.reference_outputs(pair.torch_model, images)
   t_torch = time.perf_counter() - start
   got = pair.jax_outputs(images, kernels=kernels)
   t_jax = time.perf_counter() - start - t_torch
@@ -149,3 +150,23 @@ def test_bf16_logits_close_to_fp32(pair):
         f"(|logit| max {np.abs(fp32).max():.2f}, tolerance {BF16_LOGIT_ATOL})")
   assert np.isfinite(bf16).all()
   assert delta <= BF16_LOGIT_ATOL
+
+
+def test_torch_reference_is_cvt13_with_quickgelu():
+  net = torch_models.build_torch_cvt("cvt-13")
+  assert sum(p.numel() for p in net.parameters()) == 19_997_480
+  activations = [m.activation for m in net.modules() if hasattr(m, "activation")]
+  assert len(activations) == 13 and all(isinstance(a, torch_models.QuickGELU) for a in activations)
+  x = torch.linspace(-3, 3, 7)
+  torch.testing.assert_close(activations[0](x), x * torch.sigmoid(1.702 * x))
+
+
+def test_the_plain_torch_port_loads_official_weights_and_gives_hugging_faces_logits():
+  """The bench's PyTorch contender without transformers: official names, the same numbers."""
+  variant = make_variant("tiny", (16, 32, 48), (1, 2, 3), (1, 2, 3), 0.0)  # HF needs depth > stage
+  reference = torch_models.build_reference(variant, 10, seed=3)
+  port = torch_models.CvT(variant, 10).eval()
+  port.load_state_dict(torch_models.official_state_dict(reference), strict=True)
+  images = torch.randn(2, 3, 64, 64)
+  with torch.no_grad():
+    torch.testing.assert_close(port(images), reference(images).logits, atol=1e-5, rtol=0)

@@ -8,7 +8,6 @@ r"""Compile the train and eval steps for a TPU slice, NVIDIA GPUs or this host; 
   cvt-jax compile --config cvt13 --topology h100:8 --breakdown    # a node of 8; FLOPs and bytes per part
   cvt-jax compile --config cvt13 --topology a100:4x8              # 4 nodes of 8 A100s
   cvt-jax compile --config cvt13                                  # this host's devices (a GPU, say)
-  cvt-jax compile --table bench/results/fit-table --jobs 2        # every variant, v4 / v5e / v5p
 
 Nothing runs and no data is read: the real sharded train step (on-device augmentation, forward, backward,
 AdamW) and eval step are lowered with abstract inputs and compiled ahead of time (as MaxText's
@@ -36,7 +35,6 @@ from etils import epath
 
 from cvt_jax import aot
 from cvt_jax import workdir as workdir_lib
-from cvt_jax.cli import fit_table
 from cvt_jax.cli import runner
 
 FLAGS = flags.FlagValues()
@@ -55,20 +53,13 @@ _BREAKDOWN = flags.DEFINE_bool("breakdown", False, "Also print each step's model
                                 "norms, augmentation, loss, optimiser, layout changes), forward and backward.",
                                 flag_values=FLAGS)
 _JSON = flags.DEFINE_string("json", None, "Also write the report to this .json file.", flag_values=FLAGS)
-_TABLE = flags.DEFINE_string("table", None, "Write the fit table of every variant at 224 and 384 on v4, v5e "
-                             "and v5p to <this>.json and .md (hours on a small CPU host).", flag_values=FLAGS)
-_JOBS = flags.DEFINE_integer("jobs", 1, "With --table: compiles at a time, one process and core each.",
-                             lower_bound=1, flag_values=FLAGS)
 
 
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise runner.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  if _TABLE.value:
-    fit_table.write_table(_TABLE.value, _JOBS.value)
-    return
   if _CONFIG.value is None:
-    raise runner.UsageError("--config is required (or --table)")
+    raise runner.UsageError("--config is required")
   if _JSON.value:
     workdir_lib.check_output(_JSON.value, ".json")
   config = _CONFIG.value

@@ -21,7 +21,6 @@ COMMANDS = {
     "summary": ("summary", "parameters and MACs of a variant"),
     "compile": ("compile", "compile the train and eval steps for a TPU slice, a GPU node or this host; "
                            "report memory and fit"),
-    "bench": ("bench", "cvt_jax against PyTorch on this machine"),
     "demo": ("demo", "train a small CvT on offline digit images and print its top-1"),
 }
 

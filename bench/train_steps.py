@@ -1,6 +1,6 @@
 r"""Time the real training step on this machine's devices, fed one synthetic batch (no data is read).
 
-  python -m cvt_jax.cli.train_steps --config cvt13:batch=256 --steps 50 --json steps.json
+  python -m bench.train_steps --config cvt13:batch=256 --steps 50 --json steps.json
 
 The step is the trainer's own (`train_lib.build_steps`: on-device augmentation, forward, backward, AdamW,
 sharded over every local device) on random uint8 images; it reports the compile time, the compiled

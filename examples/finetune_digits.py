@@ -1,4 +1,4 @@
-r"""Fine-tuning vs training from scratch, offline: `python -m cvt_jax.cli.finetune_demo --out finetune_demo`.
+r"""Fine-tuning vs training from scratch, offline: `python examples/finetune_digits.py --out finetune_demo`.
 
 No ImageNet weights exist offline, so the "pretrained checkpoint" is made here with the normal pipeline:
   1. pretrain the narrow demo CvT (configs/demo.py widths, 32 px) on digits 0-4 (all their train images),

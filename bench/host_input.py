@@ -1,4 +1,4 @@
-"""The input side of training next to the step it feeds, on photo-like 500x375 JPEGs (`cvt-jax bench`).
+"""The input side of training next to the step it feeds, on photo-like 500x375 JPEGs (`./run.sh bench`).
 
 The same images as a folder tree and as ArrayRecord shards (`cvt-jax prepare`): `train_batches` (decode +
 pixel-exact random-resized crop + flip) in 1 and in all worker processes, per source; the on-device

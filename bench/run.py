@@ -5,10 +5,10 @@ process of its own, times their compilation apart, warms them up, then times the
 order rotates each round) so that a noisy, shared machine slows every contender alike; the table reports
 medians and the ratio of cvt_jax to the faster PyTorch configuration of the same case.
 
-  cvt-jax bench                        # CPU: CvT-13 @224/384, inference b1/8/32, training step b32, fp32
-  cvt-jax bench --quick                # CvT-13 @224, inference b8 + training b32, 3 rounds (~10 min, 2 cores)
-  cvt-jax bench --models cvt-13 --res 224 --infer_batches 8 --train_batches 32 --rounds 5
-  cvt-jax bench --xla_flags=--xla_cpu_use_onednn=true   # try XLA flags (set before jax starts)
+  ./run.sh bench                        # CPU: CvT-13 @224/384, inference b1/8/32, training step b32, fp32
+  ./run.sh bench --quick                # CvT-13 @224, inference b8 + training b32, 3 rounds (~10 min, 2 cores)
+  ./run.sh bench --models cvt-13 --res 224 --infer_batches 8 --train_batches 32 --rounds 5
+  ./run.sh bench --xla_flags=--xla_cpu_use_onednn=true   # try XLA flags (set before jax starts)
 
 On a GPU the defaults become bf16 (PyTorch: AMP bf16 + fused AdamW), CvT-13/21/W24, batch 256 and the
 largest batch that fits both frameworks. Every run also measures a large matmul (the GEMM ceiling: no
@@ -17,7 +17,7 @@ JPEGs: `train_batches` from a folder tree and from ArrayRecord shards in 1 and a
 on-device augmentation alone, and the trainer's whole loop on the shards against its bare step. Results go
 to bench/results/local/<time>.{json,md}. PyTorch is needed (`pip install
 'cvt-jax[test]'` or `./run.sh bench`); the PyTorch side is Hugging Face's CvT where transformers is installed,
-else `cvt_jax.cli.torch_cvt` (the official model in plain PyTorch).
+else `bench.torch_models.CvT` (the official model in plain PyTorch).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from absl import flags
 
 from cvt_jax import hardware
 from cvt_jax import ops
-from cvt_jax.cli import bench_input
+from bench import host_input
 from cvt_jax.cli import runner
 
 FRAMEWORKS = ("jax", "torch-eager", "torch-compile")
@@ -89,17 +89,17 @@ def _version(package: str) -> str:
 
 def _torch_cvt_source() -> str:
   """Hugging Face's CvT (QuickGELU patched in) where transformers is installed: the strongest maintained
-  PyTorch CvT; else `cvt_jax.cli.torch_cvt`, the official model's computation in plain PyTorch."""
-  return "transformers" if importlib.util.find_spec("transformers") else "cvt_jax.cli.torch_cvt"
+  PyTorch CvT; else `bench.torch_models.CvT`, the official model's computation in plain PyTorch."""
+  return "transformers" if importlib.util.find_spec("transformers") else "bench.torch_models"
 
 
 def build_torch_model(variant: str) -> Any:
   """The PyTorch CvT the bench races (see `_torch_cvt_source`)."""
   if _torch_cvt_source() == "transformers":
-    from cvt_jax.cli.torch_reference import build_torch_cvt
+    from bench.torch_models import build_torch_cvt
     return build_torch_cvt(variant)
-  from cvt_jax.cli import torch_cvt
-  return torch_cvt.CvT(variant)
+  from bench import torch_models
+  return torch_models.CvT(variant)
 
 
 # ----------------------------------------------------------------------------------------------- timing
@@ -380,7 +380,7 @@ def markdown(report: dict[str, Any]) -> str:
                    f"{100 * row['img_per_s'] * case['flops_per_image'] / report['gemm_ceiling']:.0f}% | "
                    f"{ratio} |")
   if report.get("input_pipeline"):
-    lines += bench_input.markdown(report["input_pipeline"])
+    lines += host_input.markdown(report["input_pipeline"])
   for failed in report.get("failed_cases", []):
     error = failed["error"].strip().splitlines()  # a worker's traceback: its first and last lines say it
     lines += ["", f"**Failed:** {failed['model']} @{failed['res']} {failed['mode']} batch {failed['batch']}: "
@@ -523,7 +523,7 @@ def main(argv: Sequence[str]) -> None:
   ceilings.append(hardware.gemm_ceiling(args.dtype))
   report["gemm_ceiling"] = max(ceilings)
   if args.pipeline_images:
-    report["input_pipeline"] = bench_input.bench_input_pipeline(
+    report["input_pipeline"] = host_input.bench_input_pipeline(
         args.pipeline_images, max(args.train_batches or [32]), args.models[0], args.res[0], args.dtype,
         args.loop_steps)
   save()

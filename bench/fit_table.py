@@ -1,4 +1,7 @@
-"""The TPU fit table: every CvT variant at 224 and 384 on TPU v4, v5e and v5p (`cvt-jax compile --table`).
+"""The TPU fit table: every CvT variant at 224 and 384 on TPU v4, v5e and v5p, from compiles on any host.
+
+  python -m bench.fit_table bench/results/fit-table --jobs 2   # hours on a small CPU host
+
 
 For each variant and resolution the train step is compiled for v5e at two per-chip batches, plain and with
 model.remat=block: memory = fixed + per image x batch. That gives each chip's largest per-chip batch (its HBM
@@ -16,13 +19,19 @@ import dataclasses
 import datetime
 import json
 import multiprocessing
-from typing import Any
+from typing import Any, Sequence
 
+from absl import flags
 from etils import epath
 
 from cvt_jax import aot
 from cvt_jax import hardware
-from cvt_jax.configs import cvt13, cvt21, cvtw24
+from cvt_jax.cli import runner
+from cvt_jax.configs import common, cvt13, cvt21, cvtw24
+
+FLAGS = flags.FlagValues()
+_JOBS = flags.DEFINE_integer("jobs", 1, "Compiles at a time, one process and core each.", lower_bound=1,
+                             flag_values=FLAGS)
 
 MODELS = {"cvt-13": cvt13, "cvt-21": cvt21, "cvt-w24": cvtw24}
 RESOLUTIONS = (224, 384)
@@ -39,9 +48,7 @@ SLICES = {
     "v5p": [("v5p:2x2x1", 4), ("v5p:2x2x2", 8), ("v5p:2x2x4", 16), ("v5p:4x4x2", 32), ("v5p:4x4x4", 64),
             ("v5p:4x4x8", 128)],
 }
-CHIP_KINDS = {"v4": "TPU v4", "v5e": "TPU v5 lite", "v5p": "TPU v5"}
 FIT_TOPOLOGY = "v5e:2x2"
-OFFICIAL_BATCH = 2048
 
 
 def config_for(model: str, res: int, switch: str) -> Any:
@@ -130,16 +137,16 @@ def _rows(data: dict, cells: list[tuple[str, int]]) -> list[dict]:
     fits = {switch: aot.MemoryModel.fit(*[_report(p[0]) for p in probes[switch]]) for switch in SWITCHES}
     row["fits"] = {k: dataclasses.asdict(v) for k, v in fits.items()}
     for chip, slices in SLICES.items():
-      hbm = hardware.TPU_CHIPS[CHIP_KINDS[chip]].hbm
+      hbm = hardware.TPU_TOPOLOGIES[chip].hbm
       largest = {switch: fit.largest_batch(hbm) for switch, fit in fits.items()}
       row["largest"][chip] = largest
       choice = next(((topology, chips, switch) for topology, chips in slices for switch in SWITCHES
-                     if OFFICIAL_BATCH // chips <= largest[switch]), None)
+                     if common.OFFICIAL_BATCH // chips <= largest[switch]), None)
       if choice:
         topology, chips, switch = choice
         key = f"{model}@{res} {switch} {topology} official"
         row["official"][chip] = {"key": key, "topology": topology, "switch": switch,
-                                 "per_chip": OFFICIAL_BATCH // chips, "hbm": hbm}
+                                 "per_chip": common.OFFICIAL_BATCH // chips, "hbm": hbm}
         if key in data:
           row["official"][chip]["train"], row["official"][chip]["eval"] = data[key]
   return rows
@@ -164,7 +171,7 @@ def markdown(rows: list[dict]) -> str:
   lines = [
       "# Fit table: CvT on TPU v4 (32 GiB), v5e (16 GiB), v5p (95 GiB), compiled for each chip on a CPU host",
       "",
-      "`cvt-jax compile --table` (cvt_jax/cli/fit_table.py). Per-chip train-step memory = fixed + per image x "
+      "`python -m bench.fit_table` (bench/fit_table.py). Per-chip train-step memory = fixed + per image x "
       f"batch, fitted from two compiles on {FIT_TOPOLOGY} (bf16, full augmentation, AdamW, replicated "
       "state); 'remat' = `--config.model.remat=block`. Largest batch = the largest multiple of 8 under the "
       "chip's HBM by that fit (v4 and v5p: predicted from the v5e compiles). Official recipe = global batch "
@@ -186,3 +193,17 @@ def markdown(rows: list[dict]) -> str:
         + " / ".join(str(largest[c]["remat"]) for c in SLICES) + " | "
         + "; ".join(_official_cell(o) for o in row["official"].values()) + " |")
   return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) != 2:
+    raise runner.UsageError("expected one argument, the output prefix (bench/results/fit-table)")
+  write_table(argv[1], _JOBS.value)
+
+
+def run(argv: Sequence[str] | None = None) -> None:
+  runner.run(main, argv, __doc__, FLAGS)
+
+
+if __name__ == "__main__":
+  run()
