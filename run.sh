@@ -86,7 +86,7 @@ print(next(r.split(";")[0].replace(" ", "") for r in m.requires("jax") if r.star
 
 # XLA's CUDA compiler for `cvt-jax compile --topology h100` on hosts without a GPU (tests/test_compile.py): the
 # jax-cuda12 PJRT plugin of the installed jaxlib's version, without CUDA libraries (nothing runs), unpacked
-# beside the venv like libtpu (cvt_jax/aot.py looks there). GPU hosts install `jax[cuda12]` instead.
+# beside the venv like libtpu (cvt_jax/aot/devices.py looks there). GPU hosts install `jax[cuda12]` instead.
 ensure_cuda_compiler() {
   local target="$VENV/cuda-compiler"
   local version

@@ -24,8 +24,10 @@ from typing import Any, Sequence
 from absl import flags
 from etils import epath
 
-from cvt_jax import aot
-from cvt_jax import hardware
+from cvt_jax.aot import devices
+from cvt_jax.aot import steps
+from cvt_jax.aot.hardware import gib
+from cvt_jax.aot import hardware
 from cvt_jax.cli import runner
 from cvt_jax.configs import common, cvt13, cvt21, cvtw24
 
@@ -92,7 +94,7 @@ class Results:
 
 def _compile_job(model: str, res: int, topology: str, per_chip: int, switch: str,
                  with_eval: bool) -> list[dict]:
-  reports = aot.compile_steps(config_for(model, res, switch), aot.Target(topology), per_chip, with_eval)
+  reports = steps.compile_steps(config_for(model, res, switch), devices.Target(topology), per_chip, with_eval)
   return [{**dataclasses.asdict(r), "total": r.total} for r in reports]
 
 
@@ -134,7 +136,7 @@ def _rows(data: dict, cells: list[tuple[str, int]]) -> list[dict]:
               for switch in SWITCHES}
     if not all(all(probes[switch]) for switch in SWITCHES):
       continue
-    fits = {switch: aot.MemoryModel.fit(*[_report(p[0]) for p in probes[switch]]) for switch in SWITCHES}
+    fits = {switch: steps.MemoryModel.fit(*[_report(p[0]) for p in probes[switch]]) for switch in SWITCHES}
     row["fits"] = {k: dataclasses.asdict(v) for k, v in fits.items()}
     for chip, slices in SLICES.items():
       hbm = hardware.TPU_TOPOLOGIES[chip].hbm
@@ -152,8 +154,8 @@ def _rows(data: dict, cells: list[tuple[str, int]]) -> list[dict]:
   return rows
 
 
-def _report(data: dict) -> aot.StepReport:
-  return aot.StepReport(**{k: v for k, v in data.items() if k != "total"})
+def _report(data: dict) -> steps.StepReport:
+  return steps.StepReport(**{k: v for k, v in data.items() if k != "total"})
 
 
 def _official_cell(official: dict) -> str:
@@ -162,12 +164,11 @@ def _official_cell(official: dict) -> str:
     return f"{head}, not compiled yet"
   train = official["train"]
   verdict = "" if train["fits"] and train["total"] <= official["hbm"] else " (does NOT fit)"
-  return f"{head}, train {train['total'] / 2**30:.2f} GiB{verdict}, eval {official['eval']['total'] / 2**30:.2f} GiB"
+  return f"{head}, train {gib(train['total'])}{verdict}, eval {gib(official['eval']['total'])}"
 
 
 def markdown(rows: list[dict]) -> str:
   """The fit table as Markdown."""
-  gib = lambda n: f"{n / 2**30:.2f}"
   lines = [
       "# Fit table: CvT on TPU v4 (32 GiB), v5e (16 GiB), v5p (95 GiB), compiled for each chip on a CPU host",
       "",
@@ -188,7 +189,7 @@ def markdown(rows: list[dict]) -> str:
       continue
     lines.append(
         f"| {row['model']} @{row['res']} | {fits['plain']['per_image'] / 2**20:.0f} / "
-        f"{fits['remat']['per_image'] / 2**20:.0f} | {gib(fits['plain']['fixed'])} | "
+        f"{fits['remat']['per_image'] / 2**20:.0f} | {fits['plain']['fixed'] / 2**30:.2f} | "
         + " / ".join(str(largest[c]["plain"]) for c in SLICES) + " | "
         + " / ".join(str(largest[c]["remat"]) for c in SLICES) + " | "
         + "; ".join(_official_cell(o) for o in row["official"].values()) + " |")

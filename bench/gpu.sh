@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # cvt_jax on a real NVIDIA GPU, prepared before one was lent: at most ~8 minutes on one H100 or H200.
 #
-#   bench/gpu.sh                                  # -> bench/results/gpu-<device>-<UTC time>/
+#   bench/gpu_wheels.sh                           # here, once: the wheels the GPU image lacks, into .whl/
+#   bench/gpu.sh                                  # there: -> bench/results/gpu-<device>-<UTC time>/
 #   PYTHON=.venv/bin/python MAX_BATCH=1024 DEADLINE_S=420 bench/gpu.sh
 #
-# Needs jax[cuda12], flax, optax, orbax-checkpoint and torch with CUDA (plus cvt_jax's own small
-# dependencies: absl, ml_collections, etils, PIL, huggingface_hub). TensorFlow, grain and datasets are not
-# used; the PyTorch side is Hugging Face's CvT where transformers is installed, else bench.torch_models.CvT.
+# Needs jax with CUDA, flax, optax, orbax-checkpoint and torch with CUDA, plus cvt_jax's own small
+# dependencies (absl, etils, PIL, huggingface_hub, and ml_collections: installed from .whl/ when that
+# folder is there, into a folder of its own on PYTHONPATH, with nothing downloaded). TensorFlow, grain,
+# tensorboardX and ArrayRecord are not used; the PyTorch side is Hugging Face's CvT where transformers is
+# installed, else bench.torch_models.CvT.
 # Stages, in order of importance, each cut short so that the whole run ends within DEADLINE_S:
-#   1. train-steps: 50 steps of the real train step (train_lib.build_steps: RandAugment, mixup/cutmix,
+#   1. train-steps: 50 steps of the real train step (cvt_jax.train.trainer.build_steps: RandAugment, mixup/cutmix,
 #      forward, backward, AdamW), CvT-13 @224, bf16, batch 256, synthetic images; step times, img/s, peak memory
 #   2. compile: `cvt-jax compile` on this device (memory as compiled, kernel census, modelled bytes and the
 #      breakdown by part); its train step comes from stage 1's persistent compilation cache
@@ -26,6 +29,11 @@ device="$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -
 OUT="bench/results/gpu-${device:-unknown}-$(date -u +%Y%m%d-%H%M%S)"
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+if compgen -G ".whl/*.whl" > /dev/null; then
+  "$PYTHON" -m pip install --quiet --no-index --no-deps --no-compile --upgrade --target "$OUT/site" .whl/*.whl \
+      || { echo "[gpu.sh] could not install .whl/*.whl" >&2; exit 1; }
+  export PYTHONPATH="$PYTHONPATH:$PWD/$OUT/site"
+fi
 export JAX_COMPILATION_CACHE_DIR="$OUT/jax-cache" JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0
 export TF_CPP_MIN_LOG_LEVEL=1
 
@@ -81,5 +89,5 @@ stage bench-infer 90 "$PYTHON" -m bench.run --models cvt-13 --res 224 --infer_ba
     [[ -f "$md" ]] && printf '\n## %s\n\n%s\n' "$(basename "$(dirname "$md")")" "$(cat "$md")"
   done
 } > "$OUT/summary.md"
-rm -rf "$OUT/jax-cache"
+rm -rf "$OUT/jax-cache" "$OUT/site"
 echo "[gpu.sh] wrote $OUT/summary.md ($SECONDS s)" >&2

@@ -18,8 +18,6 @@ from typing import Any, Callable
 
 import numpy as np
 
-_SOURCES = ("array_record", "folder")
-
 
 def _write_jpeg_tree(root: pathlib.Path, count: int, classes: int = 4) -> None:
   """`count` photo-like 500x375 JPEGs (ImageNet's median size, quality 90) under root/train/<class>/."""
@@ -96,7 +94,7 @@ def _training_loop_rates(spec: Any, model_name: str, dtype: str, batch: int, ste
   import optax
 
   from cvt_jax import parallel
-  from cvt_jax import train_lib
+  from cvt_jax.train import trainer
   from cvt_jax.data import augment
   from cvt_jax.data import input_pipeline
   from cvt_jax.model import CvT
@@ -104,9 +102,9 @@ def _training_loop_rates(spec: Any, model_name: str, dtype: str, batch: int, ste
   model = CvT.from_variant(model_name, dtype=getattr(jnp, dtype))
   schedule = optax.constant_schedule(1e-3)
   tx = optax.adamw(schedule, weight_decay=0.05)
-  state = train_lib.create_train_state(model.init_variables(jax.random.key(0), spec.image_size), tx, mesh)
-  step = train_lib.shard_train_step(
-      train_lib.make_train_step(model, tx, schedule, 1000, augment.default_config(), jax.random.key(1)), mesh)
+  state = trainer.create_train_state(model.init_variables(jax.random.key(0), spec.image_size), tx, mesh)
+  step = trainer.shard_train_step(
+      trainer.make_train_step(model, tx, schedule, 1000, augment.default_config(), jax.random.key(1)), mesh)
   first = input_pipeline.train_batches(spec, batch, seed=1)
   fixed = parallel.global_batch({k: v for k, v in next(first).items() if k != "skipped"}, mesh)
   first.close()

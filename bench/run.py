@@ -40,7 +40,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from absl import flags
 
-from cvt_jax import hardware
+from cvt_jax.aot import hardware
 from cvt_jax import ops
 from bench import host_input
 from cvt_jax.cli import runner
@@ -322,7 +322,8 @@ def run_case(case: Case, args: types.SimpleNamespace, macs: int, peak: float | N
   finally:
     for contender in contenders.values():
       contender.close()
-  flops_per_image = 2 * macs * (3 if case.mode == "train" else 1)  # backward = 2x forward
+  from cvt_jax import complexity  # pylint: disable=g-import-not-at-top  # jax starts after --xla_flags (main)
+  flops_per_image = complexity.model_flops(macs, train=case.mode == "train")
   rows = {}
   for name, secs in times.items():
     median = statistics.median(secs)
@@ -453,8 +454,8 @@ def main(argv: Sequence[str]) -> None:
   import jax
   import torch
 
+  from cvt_jax import complexity
   from cvt_jax.model import get_variant
-  from cvt_jax.summary import count_macs
   torch.set_num_threads(os.cpu_count() or 1)
   gpu = jax.default_backend() == "gpu"
   if gpu != torch.cuda.is_available():
@@ -514,7 +515,7 @@ def main(argv: Sequence[str]) -> None:
 
   for case in cases:
     try:
-      report["cases"].append(run_case(case, args, count_macs(case.model, case.res), peak))
+      report["cases"].append(run_case(case, args, complexity.count_macs(case.model, case.res), peak))
     except RuntimeError as e:  # a contender failed or died (e.g. out of memory): report it, go on
       print(f"  case failed: {e}", flush=True)
       report["failed_cases"].append({**dataclasses.asdict(case), "error": str(e)})

@@ -2,7 +2,7 @@ r"""Time the real training step on this machine's devices, fed one synthetic bat
 
   python -m bench.train_steps --config cvt13:batch=256 --steps 50 --json steps.json
 
-The step is the trainer's own (`train_lib.build_steps`: on-device augmentation, forward, backward, AdamW,
+The step is the trainer's own (`trainer.build_steps`: on-device augmentation, forward, backward, AdamW,
 sharded over every local device) on random uint8 images; it reports the compile time, the compiled
 memory, each step's time, the median img/s after `--warmup` steps, the first and last loss, and the
 device's peak memory where the backend counts it. `bench/gpu.sh` runs it on a GPU; it needs neither
@@ -23,10 +23,11 @@ from absl import flags
 from etils import epath
 
 from cvt_jax import model as model_lib
-from cvt_jax import optim
+from cvt_jax.train import optim
 from cvt_jax import parallel
-from cvt_jax import train_lib
+from cvt_jax.train import trainer
 from cvt_jax import workdir as workdir_lib
+from cvt_jax.aot.hardware import gib
 from cvt_jax.cli import runner
 
 FLAGS = flags.FlagValues()
@@ -46,11 +47,11 @@ def time_steps(config: Any, steps: int, warmup: int) -> dict[str, Any]:
   size, batch = config.data.image_size, config.global_batch_size
   variables = jax.jit(model.init, out_shardings=parallel.replicated(mesh))(
       jax.random.key(0), jnp.zeros((1, size, size, 3), jnp.float32))
-  state = train_lib.create_train_state(variables, tx, mesh, config.fsdp)
+  state = trainer.create_train_state(variables, tx, mesh, config.fsdp)
   shardings = jax.tree.map(lambda x: x.sharding, state)
-  # The same program as `cvt-jax compile` builds (aot.compile_steps), so a persistent compilation cache
-  # serves one from the other.
-  train_step, _ = train_lib.build_steps(config, model, tx, schedule, mesh, shardings, jax.random.key(0))
+  # The same program as `cvt-jax compile` builds (cvt_jax.aot.steps.compile_steps), so a persistent
+  # compilation cache serves one from the other.
+  train_step, _ = trainer.build_steps(config, model, tx, schedule, mesh, shardings, jax.random.key(0))
   rng = np.random.default_rng(0)
   local = batch // jax.process_count()
   data = parallel.global_batch({"image": rng.integers(0, 256, (local, size, size, 3), dtype=np.uint8),
@@ -87,7 +88,7 @@ def main(argv: Sequence[str]) -> None:
         f"{result['devices']}: compiled in {result['compile_s']:.0f} s; median step "
         f"{result['median_step_s'] * 1e3:.1f} ms = {result['img_per_s']:.0f} img/s over {_STEPS.value} steps; "
         f"loss {result['loss_first']:.3f} -> {result['loss_last']:.3f}"
-        + (f"; peak device memory {peak / 2**30:.2f} GiB" if peak else ""), flush=True)
+        + (f"; peak device memory {gib(peak)}" if peak else ""), flush=True)
   if _JSON.value:
     epath.Path(_JSON.value).write_text(json.dumps(result, indent=1))
 

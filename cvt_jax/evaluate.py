@@ -22,7 +22,7 @@ from etils import epath
 
 from cvt_jax import model as model_lib
 from cvt_jax import parallel
-from cvt_jax import train_lib
+from cvt_jax.train import trainer
 from cvt_jax import weights
 from cvt_jax import workdir as workdir_lib
 from cvt_jax.data import input_pipeline
@@ -160,13 +160,13 @@ def evaluate_checkpoint(config: Any, checkpoint_path: str, output: str | None = 
   model = checkpoint.model(dtype=model_lib.compute_dtype(config.model.eval_dtype, parallel.platform(mesh)),
                            kernels=config.model.kernels)
   variables = jax.device_put(checkpoint.variables, parallel.replicated(mesh))
-  eval_step = train_lib.shard_eval_step(train_lib.make_eval_step(model), mesh)
+  eval_step = trainer.shard_eval_step(trainer.make_eval_step(model), mesh)
   logging.info("Evaluating %s (%s, %d classes) on %s: %d images at %d px, batch %d on %s, %s.",
                checkpoint.source, checkpoint.variant.name, checkpoint.num_classes, where,
                info.num_eval_examples, size, config.eval_batch_size, _devices(jax.device_count()),
                config.model.eval_dtype)
   progress = _Progress(info.num_eval_examples)
-  result = train_lib.evaluate_batches(eval_step, variables,
+  result = trainer.evaluate_batches(eval_step, variables,
                                       progress.wrap(input_pipeline.eval_batches(spec, config.eval_batch_size)),
                                       mesh)
   skipped = result["skipped"]

@@ -13,7 +13,7 @@ import collections
 import dataclasses
 import functools
 import re
-from typing import Any, Callable, Literal, Mapping
+from typing import Any, Callable, Literal, Mapping, get_args
 
 import flax.linen as nn
 import jax
@@ -25,7 +25,7 @@ from cvt_jax import trees
 
 Dtype = Any
 Remat = Literal["none", "block", "dots"]
-REMAT_CHOICES = ("none", "block", "dots")
+REMAT_CHOICES: tuple[str, ...] = get_args(Remat)
 
 # The model's input contract: RGB in [0, 255] normalised with the ImageNet mean and std.
 MEAN_RGB = (0.485, 0.456, 0.406)

@@ -1,24 +1,26 @@
-"""The compute kernels of CvT's layers, in two formulations chosen once per model.
+"""The compute kernels of CvT's layers, in three formulations chosen once per model.
 
 `'plain'`: the textbook formulation differentiated by JAX: a grouped (`feature_group_count`) convolution for
 the depthwise q/k/v projections, `lax.dot_general` for the linear layers and the patch embeddings' convs,
-softmax-then-matmul attention. This is what GPUs and TPUs run: a plain Flax CvT-13 with these formulations
-was the fastest in training on an H100 (bf16), and the cost model of TPU compiles sees nothing unusual.
+softmax-then-matmul attention. This is what GPUs run, and what the cost model of TPU compiles sees as
+ordinary XLA.
 
 `'cpu'`: formulations with hand-written gradients, tuned for XLA:CPU (profiles and A/B measurements in
-bench/README.md): the depthwise conv as nine fused shifted slices whose backward pass stores only the input,
+bench/LOG.md): the depthwise conv as nine fused shifted slices whose backward pass stores only the input,
 attention that scales q and normalises the output instead of the scores, the strided patch embeddings as
 patches @ kernel, and weight gradients that transpose the narrower GEMM operand. Same forward numbers as
 'plain' to ~1e-7 relative; `tests/test_ops.py` checks both values and gradients against 'plain'.
 
 `'tpu'`: 'plain' with attention over many keys as one fused Pallas kernel per pass
-(`cvt_jax.pallas_attention`): the (queries x keys) scores stay in the core's memory, where XLA's
-softmax-then-matmul reads and writes them several times over in HBM (before it, the largest part of a TPU
-training step's traffic, bench/README.md).
+(`cvt_jax.ops_pallas`): the (queries x keys) scores stay in the core's memory, where XLA's
+softmax-then-matmul reads and writes them several times over in HBM (otherwise the largest part of a TPU
+training step's modelled traffic).
 
 `resolve_kernels` picks 'cpu' for CPU devices, 'tpu' for TPUs and 'plain' otherwise. Callers that compile
 for other devices than the default backend's (a TPU topology compiled on a CPU host) pass the target
-platform.
+platform. The fused kernel needs the mesh it splits the batch over when a step spans several devices:
+traced without one (a user's own `jax.jit` with shardings), 'tpu' attention is XLA's (docs/python_api.md
+shows how to keep the kernel).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from typing import Any, Callable, Literal
 import jax
 import jax.numpy as jnp
 
-from cvt_jax import pallas_attention
+from cvt_jax import ops_pallas
 
 Kernels = Literal["plain", "cpu", "tpu"]
 KERNEL_CHOICES = ("auto", "plain", "cpu", "tpu")
@@ -225,8 +227,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float, kernels: K
   """
   if kernels == "cpu":
     return _attention_cpu(q, k, v, scale)
-  if kernels == "tpu" and k.shape[1] >= pallas_attention.MIN_KEYS:
-    return pallas_attention.attention(q, k, v, scale)
+  if kernels == "tpu" and k.shape[1] >= ops_pallas.MIN_KEYS and ops_pallas.splits_here():
+    return ops_pallas.attention(q, k, v, scale)
   scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
   return jnp.einsum("bhqk,bkhd->bqhd", probs, v)

@@ -63,7 +63,7 @@ def platform(mesh: Mesh) -> str:
 
 def traced_on(fn: Callable[..., Any], mesh: Mesh) -> Callable[..., Any]:
   """`fn` traced with `mesh` as the abstract mesh: kernels XLA cannot partition (Pallas) split the batch
-  themselves with shard_map over it (`cvt_jax.pallas_attention`)."""
+  themselves with shard_map over it (`cvt_jax.ops_pallas`)."""
 
   @functools.wraps(fn)
   def traced(*args, **kwargs):

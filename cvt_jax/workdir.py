@@ -2,7 +2,7 @@
 
   <workdir>/model_info.json   architecture, class names in label order, image size, data fingerprint
   <workdir>/checkpoints/      orbax steps (`cvt_jax.checkpointing`)
-  <workdir>/tensorboard/      clu summaries
+  <workdir>/tensorboard/      TensorBoard event files
   <workdir>/train.log         the full log of every run (library INFO lines included)
   <workdir>/.lock             held by the process that trains in it
 

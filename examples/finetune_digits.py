@@ -22,7 +22,7 @@ import jax
 from absl import flags
 from absl import logging
 
-from cvt_jax import train_lib
+from cvt_jax.train import trainer
 from cvt_jax import weights
 from cvt_jax.cli import runner
 from cvt_jax.configs import demo as demo_config
@@ -71,7 +71,7 @@ def _config(data_dir: str, init: str, batch: int, steps: int, train_images: int,
 
 def _run(name: str, config, workdir: str, results: dict) -> dict:
   started = time.time()
-  _, result = train_lib.train_and_evaluate(config, workdir)
+  _, result = trainer.train_and_evaluate(config, workdir)
   results[name] = {**result, "seconds": round(time.time() - started, 1), "init_from": config.init_from,
                    "optim": config.optim.name, "lr": config.optim.lr, "batch": config.global_batch_size,
                    "epochs": config.num_epochs}

@@ -1,7 +1,7 @@
 """A checkpoint made the way users make one, shared by test_evaluate, test_predict and test_finetune.
 
 The converted PyTorch fixture `fixtures/tiny/hf/model.safetensors` (dims 8/16/24, depths 1/2/3, heads 1/2/3,
-a 10-class head) is fine-tuned with `configs/finetune.py` through `train_lib.train_and_evaluate` on digits
+a 10-class head) is fine-tuned with `configs/finetune.py` through `trainer.train_and_evaluate` on digits
 5-9 at 32 px with the AdamW option (3 epochs): its head is replaced by a 5-class one. Built once per run of
 the suite, by the first test that asks (the other pytest-xdist workers wait for it), and copied into each
 worker's own temporary folder: the tests may write beside it (e.g. an evaluation summary in the workdir).
@@ -19,7 +19,7 @@ import shutil
 
 import numpy as np
 
-from cvt_jax import train_lib
+from cvt_jax.train import trainer
 from cvt_jax import weights
 from cvt_jax.configs import finetune
 from cvt_jax.data import digits as demo_data
@@ -79,7 +79,7 @@ def _build(root: str) -> None:
   paths = _paths(root)
   demo_data.build_digits_tree(paths.digits, image_size=IMAGE_SIZE)
   demo_data.subset_tree(paths.digits, paths.tree, CLASSES)
-  _, result = train_lib.train_and_evaluate(config(paths.tree, PTH_FIXTURE), paths.workdir)
+  _, result = trainer.train_and_evaluate(config(paths.tree, PTH_FIXTURE), paths.workdir)
   weights.save(weights.load(paths.workdir), paths.npz)
   with open(os.path.join(root, TRAIN_EVAL), "w") as f:
     json.dump(result, f, default=float)

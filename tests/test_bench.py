@@ -11,7 +11,7 @@ import types
 import numpy as np
 import pytest
 
-from cvt_jax import hardware
+from cvt_jax.aot import hardware
 from cvt_jax import model
 from bench import host_input
 from bench import run

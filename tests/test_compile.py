@@ -10,7 +10,8 @@ import types
 
 import pytest
 
-from cvt_jax import aot
+from cvt_jax.aot import devices
+from cvt_jax.aot import steps
 from cvt_jax.cli import main as cli
 
 LIBTPU = os.path.join(sys.prefix, "libtpu", "libtpu", "libtpu.so")
@@ -39,17 +40,19 @@ def compile_cli(capsys, *args: str) -> tuple[int, str, str]:
 
 
 def test_train_and_eval_steps_compile_for_a_tpu_slice(capsys, tmp_path):
+  """The eval step at the batch evaluation runs at (the demo's eval_batch_size 128 over 4 chips), the report
+  into a folder that does not exist yet."""
   status, out, err = compile_cli(capsys, *TINY, *RECIPE, "--topology", "v5e:2x2", "--json",
-                                 str(tmp_path / "report.json"))
+                                 str(tmp_path / "new" / "report.json"))
   assert status == 0, err
   assert "for v5e:2x2: 4 x TPU v5 lite (16.00 GiB each)" in out
   assert "train step, 8 images per chip: arguments" in out and "of 16.00 GiB: fits" in out
-  assert "eval step, 8 images per chip" in out and "modelled, not measured (XLA cost analysis" in out
-  report = json.loads((tmp_path / "report.json").read_text())
+  assert "eval step, 32 images per chip" in out and "modelled, not measured (XLA cost analysis" in out
+  report = json.loads((tmp_path / "new" / "report.json").read_text())
   train, evaluation = report["reports"]
   assert train["fits"] and 0 < train["temporaries"] < 2**30 and train["flops"] > 0
   assert train["total"] == train["arguments"] + train["outputs"] - train["aliased"] + train["temporaries"]
-  assert evaluation["temporaries"] < train["temporaries"]
+  assert evaluation["per_chip_batch"] == 32 and evaluation["flops"] / 32 < train["flops"] / 8
 
 
 def test_the_fused_attention_compiles_for_a_tpu_slice():
@@ -59,14 +62,14 @@ def test_the_fused_attention_compiles_for_a_tpu_slice():
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
 
-  from cvt_jax import hlo  # pylint: disable=g-import-not-at-top
-  from cvt_jax import pallas_attention  # pylint: disable=g-import-not-at-top
+  from cvt_jax.aot import hlo  # pylint: disable=g-import-not-at-top
+  from cvt_jax import ops_pallas  # pylint: disable=g-import-not-at-top
 
-  mesh = jax.sharding.Mesh(np.asarray(aot.Target("v5e:2x2").devices), ("data",))
+  mesh = jax.sharding.Mesh(np.asarray(devices.Target("v5e:2x2").devices), ("data",))
   on_batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
 
   def loss(q, k, v, q2):
-    outs = [pallas_attention.attention(x, k, v, 0.125) for x in (q, q2)]
+    outs = [ops_pallas.attention(x, k, v, 0.125) for x in (q, q2)]
     return sum(o.astype(jnp.float32).sum() for o in outs)
 
   args = [jax.ShapeDtypeStruct((8, n, 2, 64), jnp.bfloat16, sharding=on_batch) for n in (448, 196, 196, 200)]
@@ -103,7 +106,7 @@ def test_libtpu_s_other_out_of_memory_message_is_a_verdict_too():
     def compile(self, **kwargs):
       raise RuntimeError(message)
 
-  report = aot._compile("train step", Overflowing(), (), 32, types.SimpleNamespace(compiler_options={}))
+  report = steps._compile("train step", Overflowing(), (), 32, types.SimpleNamespace(compiler_options={}))
   assert not report.fits and report.temporaries == int(15.32 * 2**30)
   assert report.error == "16.00G in all (15.32G of temporaries) exceed the HBM (15.75G)"
 
@@ -114,15 +117,50 @@ def test_without_a_topology_this_host_is_compiled_for(capsys):
   assert "for this host: 4 x cpu" in out and "train step, 2 images per chip: arguments" in out
 
 
-def test_a_bad_topology_is_one_line(capsys):
-  status, _, err = compile_cli(capsys, *TINY, "--topology", "v5e:3x7x9")
-  assert status == 1 and len(err.strip().splitlines()) == 1 and "--topology v5e:3x7x9" in err
+@pytest.mark.parametrize("topology", ["v9x:2x2", "gpu", "cpu", "v5e", "h100:3x", "h100:0", "v5e:3x7x9", "v4:2x2"])
+def test_a_bad_topology_is_a_one_line_usage_error_listing_the_accepted_forms(capsys, topology):
+  status, out, err = compile_cli(capsys, *TINY, "--topology", topology)
+  assert status == 2 and out == "" and len(err.strip().splitlines()) == 1, err
+  assert f"--topology {topology}: expected a TPU slice v5e:AxB" in err and "h100:8" in err
+
+
+def test_an_empty_tpu_library_path_counts_as_unset(monkeypatch):
+  monkeypatch.setenv("TPU_LIBRARY_PATH", "")
+  devices._prepare_libtpu()  # pylint: disable=protected-access
+  assert os.environ["TPU_LIBRARY_PATH"] == LIBTPU
+
+
+def test_a_users_own_sharded_step_compiles_for_a_tpu_slice_with_the_default_kernels():
+  """big_vision's pattern: `jax.jit` with NamedSharding in and out, no mesh context. XLA cannot partition the
+  fused Pallas attention, so there the model uses XLA's; traced under the mesh, the fused kernel."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  from cvt_jax import model  # pylint: disable=g-import-not-at-top
+  from cvt_jax import ops  # pylint: disable=g-import-not-at-top
+  from cvt_jax.aot import hlo  # pylint: disable=g-import-not-at-top
+
+  target = devices.Target("v5e:2x2")
+  mesh = jax.sharding.Mesh(np.asarray(target.devices), ("data",))
+  on_batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  variant = model.make_variant("tiny", (8, 16, 24), (1, 1, 1), (1, 1, 1), 0.0)
+  cvt = model.CvT.from_variant(variant, num_classes=5, kernels=ops.resolve_kernels("auto", "tpu"))
+  variables = jax.eval_shape(cvt.init_variables, jax.random.key(0), 96)
+  variables = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), variables)
+  images = jax.ShapeDtypeStruct((8, 96, 96, 3), np.float32, sharding=on_batch)
+  step = jax.jit(cvt.apply, in_shardings=(replicated, on_batch), out_shardings=on_batch)
+
+  kernels = lambda lowered: hlo.analyse(lowered.compile().as_text()).census.get("Pallas kernel")
+  assert kernels(step.lower(variables, images)) is None
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+    assert kernels(step.lower(variables, images)).count > 0
 
 
 def test_train_and_eval_steps_compile_for_an_h100_without_a_gpu(tmp_path):
   """In a process of its own: JAX looks for the CUDA plugin once, when its first backend starts."""
-  if not os.path.isdir(os.path.join(aot.cuda_compiler_dir(), "jax_plugins", "xla_cuda12")):
-    pytest.fail(f"XLA's CUDA plugin is missing at {aot.cuda_compiler_dir()}: run ./run.sh test, which unpacks "
+  if not os.path.isdir(os.path.join(devices.cuda_compiler_dir(), "jax_plugins", "xla_cuda12")):
+    pytest.fail(f"XLA's CUDA plugin is missing at {devices.cuda_compiler_dir()}: run ./run.sh test, which unpacks "
                 "the jax-cuda12 plugin of the installed jaxlib (pip install --no-deps --target ...)")
   report = tmp_path / "report.json"
   done = subprocess.run([sys.executable, "-m", "cvt_jax.cli.main", "compile", *TINY, "--topology", "h100",
@@ -137,7 +175,8 @@ def test_train_and_eval_steps_compile_for_an_h100_without_a_gpu(tmp_path):
   train, evaluation = json.loads(report.read_text())["reports"]
   census = train["hlo"]["census"]
   assert census["cuBLAS GEMM"]["count"] > 0 and census["cuDNN convolution"]["count"] > 0
-  assert train["hlo"]["total"]["bytes"] > evaluation["hlo"]["total"]["bytes"] > 0
+  assert evaluation["per_chip_batch"] == 128  # the demo's eval_batch_size on one GPU
+  assert train["hlo"]["total"]["bytes"] / 32 > evaluation["hlo"]["total"]["bytes"] / 128 > 0
   assert train["flops"] == 0 and train["hlo"]["total"]["flops"] > 0  # XLA gives no GPU cost analysis
 
 
@@ -152,7 +191,7 @@ def test_a_gpu_topology_in_a_process_that_started_jax_without_the_plugin_is_one_
 def test_the_fit_table_picks_the_smallest_slice_that_fits_and_resumes(monkeypatch, tmp_path):
   """The table's bookkeeping, with a fake compile: memory = 1 GiB + 100 MiB per image (remat: 40 MiB);
   interrupted after the first row's seven compiles, then resumed."""
-  from cvt_jax import hardware  # pylint: disable=g-import-not-at-top
+  from cvt_jax.aot import hardware  # pylint: disable=g-import-not-at-top
   from bench import fit_table  # pylint: disable=g-import-not-at-top
 
   calls = []
@@ -170,12 +209,12 @@ def test_the_fit_table_picks_the_smallest_slice_that_fits_and_resumes(monkeypatc
       raise KeyboardInterrupt
     return fake_compile(*job)
 
-  monkeypatch.setattr(compile_lib, "_compile_job", interrupted_compile)
+  monkeypatch.setattr(fit_table, "_compile_job", interrupted_compile)
   fit_table.write_table(str(tmp_path / "table"))
   markdown = (tmp_path / "table.md").read_text()
   assert "| cvt-13 @224 | 100 / 40 |" in markdown and "v5e:2x4 (remat): 256/chip, train 11.00 GiB" in markdown
   assert "| cvt-13 @384 | not compiled yet |" in markdown
-  monkeypatch.setattr(compile_lib, "_compile_job", fake_compile)
+  monkeypatch.setattr(fit_table, "_compile_job", fake_compile)
   fit_table.write_table(str(tmp_path / "table"))
   probes = [c for c in calls if not c[5]]
   assert len(probes) == 6 * 2 * 2 and len(calls) == len(probes) + 6 * 3

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from cvt_jax import train_lib
+from cvt_jax.train import trainer
 from cvt_jax.configs import cvt13, cvt21, cvtw24, demo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,7 +21,7 @@ def test_presets_follow_the_official_recipe(module, variant, wd, res):
   assert config.augment.mixup_alpha == 0.8 and config.augment.cutmix_alpha == 1.0
   assert module.__doc__ and f"--config {module.__name__.rsplit('.', 1)[1]}" in module.__doc__
   assert "top-1" in module.__doc__
-  train_lib.validate_config(config)  # 2048 divides over the 4 test devices
+  trainer.validate_config(config)  # 2048 divides over the 4 test devices
 
 
 def test_arg_string_selects_presets():
@@ -55,13 +55,13 @@ def test_validation_names_the_bad_value(key, value, message):
   section, _, field = key.rpartition(".")
   (config[section] if section else config)[field] = value
   with pytest.raises(ValueError, match=message):
-    train_lib.validate_config(config)
+    trainer.validate_config(config)
 
 
 def test_demo_config_validates_with_a_data_dir(tmp_path):
   config = demo.get_config()
   config.data.data_dir = str(tmp_path)
-  train_lib.validate_config(config)
+  trainer.validate_config(config)
   assert config.data.source == "array_record" and config.model.num_classes == 10
 
 

@@ -11,8 +11,8 @@ import optax
 import pytest
 
 from cvt_jax import evaluate
-from cvt_jax import optim
-from cvt_jax import train_lib
+from cvt_jax.train import optim
+from cvt_jax.train import trainer
 from cvt_jax import trees
 from cvt_jax import weights
 from cvt_jax.configs import finetune
@@ -31,7 +31,7 @@ def test_defaults_are_the_papers_recipe(tmp_path):
   assert (config.global_batch_size, config.schedule.min_lr, config.model.num_classes) == (512, 0.0, 37)
   assert (config.data.source, config.data.data_dir, config.init_from) == ("folder", str(tmp_path), str(init))
   assert not config.augment.randaugment and config.augment.mixup_alpha == config.augment.cutmix_alpha == 0
-  train_lib.validate_config(config)
+  trainer.validate_config(config)
 
   adamw = finetune.get_config("opt=adamw,lr=1e-4,tfds=oxford_iiit_pet,classes=37,res=384")
   assert (adamw.optim.name, adamw.optim.lr, adamw.data.source, adamw.data.name, adamw.data.image_size) == (
@@ -40,9 +40,9 @@ def test_defaults_are_the_papers_recipe(tmp_path):
 
 def test_missing_init_and_data_fail_clearly(tmp_path):
   with pytest.raises(ValueError, match="data.source='folder' needs data.data_dir"):
-    train_lib.validate_config(finetune.get_config("classes=5"))
+    trainer.validate_config(finetune.get_config("classes=5"))
   with pytest.raises(ValueError, match="init_from='/no/such.npz' does not exist"):
-    train_lib.validate_config(finetune.get_config(f"init=/no/such.npz,data={tmp_path},classes=5"))
+    trainer.validate_config(finetune.get_config(f"init=/no/such.npz,data={tmp_path},classes=5"))
 
 
 @pytest.mark.parametrize("scan_blocks", [False, True])
@@ -55,7 +55,7 @@ def test_one_epoch_from_a_checkpoint_takes_its_architecture(finetuned, tmp_path,
   config.data.num_workers = 0
   config.model.scan_blocks = scan_blocks
   assert config.schedule.warmup_epochs == 0
-  state, result = train_lib.train_and_evaluate(config, str(tmp_path / "ft"))
+  state, result = trainer.train_and_evaluate(config, str(tmp_path / "ft"))
   assert int(state.step) > 0 and result["count"] > 0
   assert ("blocks" in state.params["stages_2"]) == scan_blocks
   trained = weights.load(str(tmp_path / "ft"))
@@ -116,7 +116,7 @@ def test_finetune_at_a_new_resolution_needs_no_surgery(finetuned, tmp_path):
   # From the 32-px export to 48 px: the same variables fit, a train step runs, the workdir evaluates.
   config = finetuned_tiny.config(finetuned.tree, finetuned.npz, "epochs=1,warmup=0,batch=64,lr=0.01")
   config.data.image_size = 48
-  train_lib.train_and_evaluate(config, str(tmp_path / "ft48"), interrupt_at_step=1)
+  trainer.train_and_evaluate(config, str(tmp_path / "ft48"), interrupt_at_step=1)
   config.data.image_size = 48
   summary = evaluate.evaluate_checkpoint(config, str(tmp_path / "ft48"))
   assert summary["image_size"] == 48 and summary["step"] == 1 and summary["count"] > 0

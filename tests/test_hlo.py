@@ -1,11 +1,11 @@
-"""`cvt_jax.hlo`: kernels, their modelled bytes and FLOPs, and the parts of the model they belong to."""
+"""`cvt_jax.aot.hlo`: kernels, their modelled bytes and FLOPs, and the parts of the model they belong to."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cvt_jax import hlo
+from cvt_jax.aot import hlo
 
 # A hand-written optimised module in the format of `compiled.as_text()`: a cuBLAS call with its workspace,
 # a fusion that reads a slice of its operand, a TPU-tiled array, a loop of known trip count.

@@ -247,7 +247,7 @@ def test_a_tfrecord_tfds_dataset_is_refused_with_the_command_that_converts_it(ti
 
 def test_the_array_record_path_and_the_train_step_import_no_tensorflow(records_dir):
   # The GPU hosts we benchmark on have no TensorFlow, tfds, clu or ml_collections.
-  code = ("import sys; from cvt_jax import train_lib; from cvt_jax.data import input_pipeline as ip; "
+  code = ("import sys; from cvt_jax.train import trainer; from cvt_jax.data import input_pipeline as ip; "
           f"b = next(ip.train_batches(ip.DataSpec('array_record', '', {records_dir!r}, 'train', 'val', 16, 1), "
           "4, 0)); assert b['image'].shape == (4, 16, 16, 3); "
           "loaded = [m for m in ('tensorflow', 'tensorflow_datasets', 'clu', 'ml_collections') "

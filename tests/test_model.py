@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from cvt_jax import model as model_lib
-from cvt_jax import summary
+from cvt_jax import complexity
 from cvt_jax import trees
 from cvt_jax.model import CvT
 from cvt_jax.model import _layer_norm
@@ -27,11 +27,11 @@ def tiny_variables():
     ("cvt-13", 21841, 28_021_265), ("cvt-21", 21841, 39_646_481), ("cvt-w24", 21841, 298_558_417),
 ])
 def test_param_counts_equal_official(variant, classes, expected):
-  assert summary.count_params(variant, classes) == expected
+  assert complexity.count_params(variant, classes) == expected
 
 
 def test_no_head_drops_exactly_the_head():
-  assert summary.count_params("cvt-13", 0) == 19_997_480 - (384 * 1000 + 1000)
+  assert complexity.count_params("cvt-13", 0) == 19_997_480 - (384 * 1000 + 1000)
 
 
 @pytest.mark.parametrize("variant,res,gmacs", [
@@ -39,7 +39,7 @@ def test_no_head_drops_exactly_the_head():
     ("cvt-w24", 224, 60.92), ("cvt-w24", 384, 194.2),
 ])
 def test_macs_match_paper_within_half_percent(variant, res, gmacs):
-  assert summary.count_macs(variant, res) / 1e9 == pytest.approx(gmacs, rel=5e-3)
+  assert complexity.count_macs(variant, res) / 1e9 == pytest.approx(gmacs, rel=5e-3)
 
 
 def test_variant_names_are_forgiving_and_errors_are_clear():

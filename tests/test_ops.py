@@ -10,7 +10,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from cvt_jax import model
 from cvt_jax import ops
-from cvt_jax import pallas_attention
+from cvt_jax import ops_pallas
 
 
 def _plain_depthwise(x, kernel, stride):
@@ -113,14 +113,14 @@ def test_fused_attention_matches_plain(shapes):
   k, v = (jax.random.normal(key, shapes[1]) for key in keys[1:])
   with pltpu.force_tpu_interpret_mode():
     _assert_grads_close(lambda *a: ops.attention(*a, 0.3, "plain"),
-                        lambda *a: pallas_attention.attention(*a, 0.3), (q, k, v), 1e-5)
+                        lambda *a: ops_pallas.attention(*a, 0.3), (q, k, v), 1e-5)
 
 
 @pytest.mark.parametrize("kernels", ["cpu", "tpu"])
 def test_a_cvt_computes_the_same_with_every_kernel_formulation(kernels, monkeypatch):
   """The whole model, logits and every parameter gradient, against 'plain' (GPUs); 'tpu' in Pallas's TPU
   interpret mode, with the fused kernel in every stage (the cls token's too), however few its keys."""
-  monkeypatch.setattr(pallas_attention, "MIN_KEYS", 1)
+  monkeypatch.setattr(ops_pallas, "MIN_KEYS", 1)
   variant = model.make_variant("tiny", (8, 16, 24), (1, 1, 2), (1, 2, 3), 0.0)
   images = jax.random.normal(jax.random.key(3), (2, 40, 40, 3))
   models = {k: model.CvT.from_variant(variant, num_classes=5, kernels=k) for k in ("plain", kernels)}
@@ -129,7 +129,8 @@ def test_a_cvt_computes_the_same_with_every_kernel_formulation(kernels, monkeypa
   def loss(m):
     return lambda params: jnp.sum(jnp.sin(m.apply({**variables, "params": params}, images)))
 
-  with pltpu.force_tpu_interpret_mode():
+  one_device = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
+  with pltpu.force_tpu_interpret_mode(), jax.set_mesh(one_device):
     values = {k: jax.jit(jax.value_and_grad(loss(m)))(variables["params"]) for k, m in models.items()}
   np.testing.assert_allclose(values[kernels][0], values["plain"][0], rtol=1e-5)
   for path, plain in jax.tree_util.tree_flatten_with_path(values["plain"][1])[0]:

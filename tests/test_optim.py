@@ -10,7 +10,7 @@ import optax
 import pytest
 
 from cvt_jax import model as model_lib
-from cvt_jax import optim
+from cvt_jax.train import optim
 
 BASE = 2e-3
 

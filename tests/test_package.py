@@ -89,8 +89,8 @@ def test_training_imports_and_writes_its_summaries_without_tensorflow(tmp_path):
   event file, with both blocked; the writer does not import the PyTorch installed here, which stays
   importable."""
   script = ("import sys; sys.modules.update(dict.fromkeys(['tensorflow', 'tensorboard', 'tensorflow_datasets']))\n"
-            "from cvt_jax import summaries, train_lib\n"
-            f"writer = summaries.ScalarWriter({str(tmp_path)!r})\n"
+            "from cvt_jax.train import tensorboard, trainer\n"
+            f"writer = tensorboard.ScalarWriter({str(tmp_path)!r})\n"
             "writer.write_scalars(3, {'train/loss': 1.5})\n"
             "writer.close()\n"
             "assert 'torch' not in sys.modules, 'the summary writer imported PyTorch'\n"

@@ -30,8 +30,8 @@ from PIL import Image
 
 from cvt_jax import checkpointing
 from cvt_jax import model as model_lib
-from cvt_jax import optim
-from cvt_jax import train_lib
+from cvt_jax.train import optim
+from cvt_jax.train import trainer
 from cvt_jax.configs import demo
 from cvt_jax.data import prepare
 
@@ -204,16 +204,16 @@ def jax_cache() -> str:
 
 
 @pytest.fixture(scope="module")
-def reference(tree, tmp_path_factory) -> tuple[train_lib.TrainState, str]:
+def reference(tree, tmp_path_factory) -> tuple[trainer.TrainState, str]:
   """The final state and the workdir of an uninterrupted run (in this process: the same program as
   `train.py`'s, bit for bit)."""
   workdir = str(tmp_path_factory.mktemp("reference"))
-  state, result = train_lib.train_and_evaluate(make_config(tree), workdir)
+  state, result = trainer.train_and_evaluate(make_config(tree), workdir)
   assert result["count"] == 2 * CLASSES and int(state.step) == TOTAL_STEPS
   return final_state(workdir, _zero_state(make_config(tree))), workdir
 
 
-def final_state(workdir: str, like: train_lib.TrainState) -> train_lib.TrainState:
+def final_state(workdir: str, like: trainer.TrainState) -> trainer.TrainState:
   ckpt = checkpointing.Checkpointer(workdir, 4, 2)
   try:
     step, state = ckpt.restore_latest(like)
@@ -281,11 +281,11 @@ def test_kills_and_preemption_resume_to_the_uninterrupted_result(tree, reference
   assert all(math.isfinite(v[0]) for v in curve.values())
 
 
-def _zero_state(config) -> train_lib.TrainState:
+def _zero_state(config) -> trainer.TrainState:
   """A train state of zeros with the structure train_and_evaluate builds for `config` (nothing compiled)."""
   model = model_lib.from_config(config.model, config.model.num_classes)
   tx = optim.make_optimizer(config.optim, optim.make_schedule(config.schedule, 1e-3, EPOCHS, STEPS_PER_EPOCH))
-  abstract = train_lib.abstract_train_state(model, tx, 32)
+  abstract = trainer.abstract_train_state(model, tx, 32)
   return jax.tree.map(lambda x: jax.device_put(np.zeros(x.shape, x.dtype)), abstract)
 
 
@@ -296,7 +296,7 @@ def test_resuming_a_workdir_of_another_model_names_the_arrays(tree, tmp_path):
   ckpt.close()
   wider_and_deeper = make_config(tree, **{"model.dims": (8, 16, 30), "model.depths": (1, 1, 2)})
   with pytest.raises(ValueError) as err:
-    train_lib.train_and_evaluate(wider_and_deeper, workdir)
+    trainer.train_and_evaluate(wider_and_deeper, workdir)
   message = str(err.value)
   assert f"checkpoint {os.path.join(workdir, 'checkpoints', '4')} does not fit" in message
   assert "81 missing (batch_stats/stages_2/blocks_1/attn/conv_proj_k/bn/mean (30,), " in message
@@ -313,7 +313,7 @@ def test_resuming_with_scan_blocks_flipped_names_the_switch(tree, tmp_path, save
   ckpt.save(4, _zero_state(make_config(tree, **{"model.scan_blocks": saved_scanned})))
   ckpt.close()
   with pytest.raises(checkpointing.CheckpointMismatchError) as err:
-    train_lib.train_and_evaluate(make_config(tree, **{"model.scan_blocks": not saved_scanned}), workdir)
+    trainer.train_and_evaluate(make_config(tree, **{"model.scan_blocks": not saved_scanned}), workdir)
   message = str(err.value)
   assert "does not fit" in message and "\n" not in message
   assert message.endswith(f"it was written with --config.model.scan_blocks={saved_scanned})")
@@ -322,7 +322,7 @@ def test_resuming_with_scan_blocks_flipped_names_the_switch(tree, tmp_path, save
 
 def test_class_count_of_the_head_must_match_the_data(tree, tmp_path):
   with pytest.raises(ValueError, match=f"model.num_classes=5 but dataset 'digits' has {CLASSES} classes"):
-    train_lib.train_and_evaluate(make_config(tree, **{"model.num_classes": 5}), str(tmp_path / "w"))
+    trainer.train_and_evaluate(make_config(tree, **{"model.num_classes": 5}), str(tmp_path / "w"))
   assert not committed_steps(str(tmp_path / "w"))
 
 
@@ -331,7 +331,7 @@ def test_unwritable_workdir_fails_before_any_work(tree, tmp_path):
   blocker.write_text("")
   workdir = str(blocker / "run")
   with pytest.raises(ValueError, match=f"workdir {workdir} is not writable: Not a directory"):
-    train_lib.train_and_evaluate(make_config(tree), workdir)
+    trainer.train_and_evaluate(make_config(tree), workdir)
 
 
 HEARTBEAT_S = 10

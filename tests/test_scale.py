@@ -22,9 +22,9 @@ from test_train import tiny_config
 
 from cvt_jax import checkpointing
 from cvt_jax import model as model_lib
-from cvt_jax import optim
+from cvt_jax.train import optim
 from cvt_jax import parallel
-from cvt_jax import train_lib
+from cvt_jax.train import trainer
 from cvt_jax import trees
 
 LR = 1e-2
@@ -46,7 +46,7 @@ def _initial_state(config, mesh):
   tx = optim.make_optimizer(config.optim, lambda step: LR)
   variables = jax.device_get(model.clone(scan_blocks=False).init_variables(jax.random.key(0), 32))
   variables = _in_layout(variables, model.scan_blocks)
-  return model, tx, train_lib.create_train_state(variables, tx, mesh, config.fsdp)
+  return model, tx, trainer.create_train_state(variables, tx, mesh, config.fsdp)
 
 
 def _in_layout(tree, scanned: bool):
@@ -60,7 +60,7 @@ def _run(config, batch, steps: int = 2):
   model, tx, state = _initial_state(config, mesh)
   before = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
   shardings = jax.tree.map(lambda x: x.sharding, state)
-  step = train_lib.shard_train_step(train_lib.make_train_step(
+  step = trainer.shard_train_step(trainer.make_train_step(
       model, tx, lambda step: LR, NUM_CLASSES, config.augment, jax.random.key(1), mesh.size,
       config.optim.grad_accum_steps), mesh, shardings)
   batch = parallel.global_batch(batch, mesh)

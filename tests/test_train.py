@@ -12,9 +12,9 @@ from PIL import Image
 
 from cvt_jax import checkpointing
 from cvt_jax import model as model_lib
-from cvt_jax import optim
+from cvt_jax.train import optim
 from cvt_jax import parallel
-from cvt_jax import train_lib
+from cvt_jax.train import trainer
 from cvt_jax.configs import common, demo
 from cvt_jax.data import augment
 from cvt_jax.data import input_pipeline
@@ -79,9 +79,9 @@ def test_loss_is_finite_and_decreases_on_a_learnable_set():
   model = model_lib.from_config(config.model, NUM_CLASSES)
   schedule = lambda step: 1e-3
   tx = optim.make_optimizer(config.optim, schedule)
-  state = train_lib.create_train_state(model.init_variables(jax.random.key(0), 32), tx, mesh)
-  step_fn = train_lib.shard_train_step(
-      train_lib.make_train_step(model, tx, schedule, NUM_CLASSES, config.augment, jax.random.key(1), shards=4),
+  state = trainer.create_train_state(model.init_variables(jax.random.key(0), 32), tx, mesh)
+  step_fn = trainer.shard_train_step(
+      trainer.make_train_step(model, tx, schedule, NUM_CLASSES, config.augment, jax.random.key(1), shards=4),
       mesh)
   rng = np.random.default_rng(0)
   labels = np.arange(32) % NUM_CLASSES
@@ -101,19 +101,19 @@ def test_loss_is_finite_and_decreases_on_a_learnable_set():
 def test_resume_after_a_stop_equals_an_uninterrupted_run(tree, tmp_path, caplog):
   """Stopped at step 4, the latest checkpoint damaged on disk: the run resumes from step 2, bit-identical."""
   config = tiny_config(tree, profile_steps=1)  # profiling changes nothing
-  straight, straight_eval = train_lib.train_and_evaluate(config, str(tmp_path / "straight"))
+  straight, straight_eval = trainer.train_and_evaluate(config, str(tmp_path / "straight"))
   assert int(straight.step) == 6  # 48 // 16 steps per epoch x 2 epochs
   traces = list((tmp_path / "straight" / "profile").glob("plugins/profile/*/*.xplane.pb"))
   assert len(traces) == 1 and traces[0].stat().st_size > 0
 
-  stopped, _ = train_lib.train_and_evaluate(config, str(tmp_path / "resumed"), interrupt_at_step=4)
+  stopped, _ = trainer.train_and_evaluate(config, str(tmp_path / "resumed"), interrupt_at_step=4)
   assert int(stopped.step) == 4
   checkpoints = tmp_path / "resumed" / "checkpoints"
   assert sorted(p.name for p in checkpoints.iterdir()) == ["2", "4"]
   for data in (checkpoints / "4" / "default" / "d").iterdir():
     data.write_bytes(b"\0" * 64)  # a damaged disk
   with caplog.at_level(logging.WARNING):
-    resumed, resumed_eval = train_lib.train_and_evaluate(config, str(tmp_path / "resumed"))
+    resumed, resumed_eval = trainer.train_and_evaluate(config, str(tmp_path / "resumed"))
   warnings = [r.getMessage() for r in caplog.records if "is unreadable" in r.getMessage()]
   assert len(warnings) == 1 and f"{checkpoints / '4'} is unreadable" in warnings[0], warnings
   assert "\n" not in warnings[0] and "using the step before it" in warnings[0]
@@ -123,7 +123,7 @@ def test_resume_after_a_stop_equals_an_uninterrupted_run(tree, tmp_path, caplog)
   assert resumed_eval == straight_eval
   assert straight_eval["count"] == NUM_CLASSES * VAL_PER_CLASS
   # Running the finished command again only re-evaluates the final checkpoint.
-  _, again = train_lib.train_and_evaluate(config, str(tmp_path / "straight"))
+  _, again = trainer.train_and_evaluate(config, str(tmp_path / "straight"))
   assert again == straight_eval
 
 
@@ -132,7 +132,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tree, tmp_path
                                 "checkpoint_every_steps": 1, "eval_every_epochs": 2})
   monkeypatch.chdir(tmp_path)  # a relative workdir, as `--workdir out` gives (orbax wants absolute paths)
   with pytest.raises(FloatingPointError, match="non-finite training loss at step") as error:
-    train_lib.train_and_evaluate(config, "run")
+    trainer.train_and_evaluate(config, "run")
   bad_step = int(re.search(r"at step (\d+)", str(error.value)).group(1))
   ckpt = checkpointing.Checkpointer("run", 1, 3)
   latest = ckpt.latest_step()
@@ -147,9 +147,9 @@ def test_eval_counts_every_example_once(tree):
   mesh = parallel.make_mesh()
   model = model_lib.from_config(config.model, NUM_CLASSES)
   variables = model.init_variables(jax.random.key(0), 32)
-  eval_step = train_lib.shard_eval_step(train_lib.make_eval_step(model), mesh)
+  eval_step = trainer.shard_eval_step(trainer.make_eval_step(model), mesh)
   spec = input_pipeline.DataSpec.from_config(config.data)
-  result = train_lib.evaluate_batches(eval_step, variables, input_pipeline.eval_batches(spec, 4), mesh)
+  result = trainer.evaluate_batches(eval_step, variables, input_pipeline.eval_batches(spec, 4), mesh)
   assert result["count"] == NUM_CLASSES * VAL_PER_CLASS
   assert 0.0 <= result["top1"] <= result["top5"] <= 100.0
 
@@ -163,7 +163,7 @@ def test_train_steps_on_a_tfds_dataset(tmp_path, tiny_tfds_array_record_dir):
                                          "eval_batch_size": 4, "checkpoint_every_steps": 100})
   for key in ("erasing_prob", "mixup_alpha", "cutmix_alpha"):
     config.augment[key] = common.get_config().augment[key]
-  state, result = train_lib.train_and_evaluate(config, str(tmp_path / "work"))
+  state, result = trainer.train_and_evaluate(config, str(tmp_path / "work"))
   assert int(state.step) == 22 // config.global_batch_size
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(state.params))
   assert result["count"] == 9  # every validation example; 4 does not divide 9
@@ -187,8 +187,8 @@ def test_sharded_train_step_never_recompiles_or_transfers_to_the_host(tree):
   model = model_lib.from_config(config.model, NUM_CLASSES)
   schedule = optim.make_schedule(config.schedule, 1e-3, config.num_epochs, steps_per_epoch=3)
   tx = optim.make_optimizer(config.optim, schedule)
-  state = train_lib.create_train_state(model.init_variables(jax.random.key(0), 32), tx, mesh)
-  step_fn = train_lib.make_train_step(model, tx, schedule, NUM_CLASSES, config.augment, jax.random.key(1),
+  state = trainer.create_train_state(model.init_variables(jax.random.key(0), 32), tx, mesh)
+  step_fn = trainer.make_train_step(model, tx, schedule, NUM_CLASSES, config.augment, jax.random.key(1),
                                       shards=4)
   traces = []
 
@@ -196,7 +196,7 @@ def test_sharded_train_step_never_recompiles_or_transfers_to_the_host(tree):
     traces.append(state.step)  # runs once per trace, i.e. per compilation
     return step_fn(state, batch)
 
-  train_step = train_lib.shard_train_step(counted_step, mesh)
+  train_step = trainer.shard_train_step(counted_step, mesh)
   rng = np.random.default_rng(0)
   batches = [parallel.global_batch({"image": rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8),
                                     "label": rng.integers(0, NUM_CLASSES, 16).astype(np.int32)}, mesh)

@@ -10,9 +10,9 @@ from test_train import write_colour_tree
 
 from cvt_jax import checkpointing
 from cvt_jax import model as model_lib
-from cvt_jax import optim
+from cvt_jax.train import optim
 from cvt_jax import parallel
-from cvt_jax import train_lib
+from cvt_jax.train import trainer
 from cvt_jax import workdir as workdir_lib
 
 
@@ -24,7 +24,7 @@ def tree(tmp_path_factory) -> str:
 def test_model_info_is_written_once_state_exists_and_guards_resumes(tree, tmp_path):
   workdir = str(tmp_path / "run")
   config = tiny_config(tree)
-  train_lib.train_and_evaluate(config, workdir, interrupt_at_step=2)
+  trainer.train_and_evaluate(config, workdir, interrupt_at_step=2)
   info = workdir_lib.read_model_info(workdir)
   assert info.class_names == ("blue", "green", "red") and info.image_size == 32
   assert info.variant.architecture == ((16, 32, 48), (1, 1, 2), (1, 2, 3))
@@ -33,7 +33,7 @@ def test_model_info_is_written_once_state_exists_and_guards_resumes(tree, tmp_pa
   wider = tiny_config(tree, **{"model.dims": (16, 32, 64), "model.heads": (1, 2, 4)})
   with pytest.raises(workdir_lib.WorkdirError, match="belongs to another run: it holds a .* the config "
                                                      "asks for a"):
-    train_lib.train_and_evaluate(wider, workdir)
+    trainer.train_and_evaluate(wider, workdir)
   renamed = tmp_path / "renamed"
   for name in ("blue", "green", "red"):  # the same count of classes, other names: a "3" would become a "d"
     os.makedirs(renamed / "train", exist_ok=True)
@@ -41,7 +41,7 @@ def test_model_info_is_written_once_state_exists_and_guards_resumes(tree, tmp_pa
     os.symlink(os.path.join(tree, "train", name), renamed / "train" / f"x{name}")
     os.symlink(os.path.join(tree, "val", name), renamed / "val" / f"x{name}")
   with pytest.raises(workdir_lib.WorkdirError, match="its label 0 is 'blue', the data's is 'xblue'"):
-    train_lib.train_and_evaluate(tiny_config(str(renamed)), workdir)
+    trainer.train_and_evaluate(tiny_config(str(renamed)), workdir)
   assert workdir_lib.read_model_info(workdir) == info
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2"]
 
@@ -92,7 +92,7 @@ def test_a_full_disk_ends_with_one_line_and_keeps_the_previous_checkpoint(tree, 
 
   monkeypatch.setattr(checkpointing.Checkpointer, "save", save_onto_a_filling_disk)
   with pytest.raises(checkpointing.CheckpointWriteError) as error:
-    train_lib.train_and_evaluate(config, workdir)
+    trainer.train_and_evaluate(config, workdir)
   message = str(error.value)
   checkpoints = os.path.join(workdir, "checkpoints")
   assert message.startswith(f"cannot write a checkpoint to {checkpoints}: No space left on device (")
@@ -102,7 +102,7 @@ def test_a_full_disk_ends_with_one_line_and_keeps_the_previous_checkpoint(tree, 
   tx = optim.make_optimizer(config.optim, lambda step: 1e-3)
   ckpt = checkpointing.Checkpointer(workdir, 2, 3)
   try:
-    step, restored = ckpt.restore_latest(train_lib.create_train_state(
+    step, restored = ckpt.restore_latest(trainer.create_train_state(
         model.init_variables(jax.random.key(0), 32), tx, parallel.make_mesh()))
   finally:
     ckpt.close()

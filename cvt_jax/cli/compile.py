@@ -33,7 +33,10 @@ from typing import Sequence
 from absl import flags
 from etils import epath
 
-from cvt_jax import aot
+from cvt_jax.aot import devices
+from cvt_jax.aot import report
+from cvt_jax.aot import steps
+from cvt_jax.aot.hardware import gib
 from cvt_jax import workdir as workdir_lib
 from cvt_jax.cli import runner
 
@@ -63,13 +66,18 @@ def main(argv: Sequence[str]) -> None:
   if _JSON.value:
     workdir_lib.check_output(_JSON.value, ".json")
   config = _CONFIG.value
-  target = aot.Target(_TOPOLOGY.value)
+  if _TOPOLOGY.value:
+    try:
+      devices.check_topology(_TOPOLOGY.value)
+    except ValueError as e:
+      raise runner.UsageError(str(e)) from None
+  target = devices.Target(_TOPOLOGY.value)
   print(f"compiling {config.model.variant} @{config.data.image_size} for {target.describe()}", flush=True)
   if _FIND_BATCH.value:
-    per_chip, memory, _ = aot.find_batch(config, target)
-    devices = f"{target.chips} {target.unit}" + ("s" if target.chips > 1 else "")
-    print(f"largest per-{target.unit} batch that fits: {per_chip} ({per_chip * target.chips} on {devices}); "
-          f"memory ~ {aot.gib(memory.fixed)} + {memory.per_image / 2**20:.1f} MiB per image")
+    per_chip, memory, _ = steps.find_batch(config, target)
+    chips = f"{target.chips} {target.unit}" + ("s" if target.chips > 1 else "")
+    print(f"largest per-{target.unit} batch that fits: {per_chip} ({per_chip * target.chips} on {chips}); "
+          f"memory ~ {gib(memory.fixed)} + {memory.per_image / 2**20:.1f} MiB per image")
   else:
     per_chip = _PER_CHIP_BATCH.value or config.global_batch_size // target.chips
     if not _PER_CHIP_BATCH.value and config.global_batch_size % target.chips:
@@ -78,19 +86,20 @@ def main(argv: Sequence[str]) -> None:
   if per_chip and config.optim.grad_accum_steps > 1 and per_chip % config.optim.grad_accum_steps:
     raise runner.UsageError(f"optim.grad_accum_steps={config.optim.grad_accum_steps} must divide the per-chip "
                          f"batch {per_chip}")
-  reports = aot.compile_steps(config, target, per_chip) if per_chip else []
-  for line in aot.report_lines(reports, target, config, _BREAKDOWN.value):
+  reports = steps.compile_steps(config, target, per_chip) if per_chip else []
+  for line in report.report_lines(reports, target, config, _BREAKDOWN.value):
     print(line)
   if _JSON.value:
+    epath.Path(_JSON.value).parent.mkdir(parents=True, exist_ok=True)  # check_output allowed a parent to make
     epath.Path(_JSON.value).write_text(json.dumps(
         {"target": target.describe(), "hbm_per_chip": target.hbm, "budget_per_chip": target.budget,
          "config": config.to_dict(),
          "reports": [{**dataclasses.asdict(r), "total": r.total} for r in reports]}, indent=1, default=str))
   failed = [r for r in reports if not r.fits or (target.budget and r.total > target.budget)]
   if not reports:
-    raise aot.DoesNotFit(f"not even one image per chip fits {target.describe()}")
+    raise steps.DoesNotFit(f"not even one image per chip fits {target.describe()}")
   if failed:
-    raise aot.DoesNotFit(f"{failed[0].name} does not fit {target.describe()}: {aot.advice(failed[0], config)}")
+    raise steps.DoesNotFit(f"{failed[0].name} does not fit {target.describe()}: {report.advice(failed[0], config)}")
 
 
 def run(argv: Sequence[str] | None = None) -> None:

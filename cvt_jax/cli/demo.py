@@ -15,7 +15,7 @@ from typing import Iterator, Sequence
 from absl import flags
 from absl import logging
 
-from cvt_jax import train_lib
+from cvt_jax.train import trainer
 from cvt_jax import workdir as workdir_lib
 from cvt_jax.cli import runner
 from cvt_jax.configs import demo as demo_config
@@ -50,7 +50,7 @@ def main(argv: Sequence[str]) -> None:
                    workdir, path)
       yield
 
-  _, result = train_lib.train_and_evaluate(config, workdir, log_to=log_to, fresh=_FRESH.value)
+  _, result = trainer.train_and_evaluate(config, workdir, log_to=log_to, fresh=_FRESH.value)
   minutes = (time.time() - started) / 60
   print(f"Final validation top-1: {result['top1']:.2f}% (top-5 {result['top5']:.2f}%) over "
         f"{result['count']} images; {minutes:.1f} min wall time.", flush=True)

@@ -13,7 +13,7 @@ from typing import Sequence
 
 from absl import flags
 
-from cvt_jax import summary
+from cvt_jax import complexity
 from cvt_jax.cli import runner
 from cvt_jax.model import VARIANTS
 from cvt_jax.model import get_variant
@@ -41,8 +41,8 @@ def main(argv: Sequence[str]) -> None:
   except ValueError as e:
     raise runner.UsageError(str(e)) from e
   resolutions = (224, 384) if _ALL.value else (_RES.value,)
-  rows = [(name, res, summary.count_params(name, _NUM_CLASSES.value),
-           summary.count_macs(name, res, _NUM_CLASSES.value)) for name in names for res in resolutions]
+  rows = [(name, res, complexity.count_params(name, _NUM_CLASSES.value),
+           complexity.count_macs(name, res, _NUM_CLASSES.value)) for name in names for res in resolutions]
   print(format_table(rows))
 
 

@@ -23,7 +23,7 @@ from absl import flags
 from absl import logging
 
 from cvt_jax import parallel
-from cvt_jax import train_lib
+from cvt_jax.train import trainer
 from cvt_jax.cli import runner
 
 FLAGS = flags.FlagValues()
@@ -51,10 +51,10 @@ def main(argv: Sequence[str]) -> None:
   if _JAX_DISTRIBUTED.value or config.jax_distributed:
     parallel.initialize_distributed(_HEARTBEAT_TIMEOUT.value, _STARTUP_TIMEOUT.value)
   try:
-    train_lib.validate_config(config)
+    trainer.validate_config(config)
   except ValueError as e:
     raise runner.UsageError(str(e)) from e
-  train_lib.train_and_evaluate(config, _WORKDIR.value, log_to=functools.partial(_run_log, config))
+  trainer.train_and_evaluate(config, _WORKDIR.value, log_to=functools.partial(_run_log, config))
 
 
 @contextlib.contextmanager

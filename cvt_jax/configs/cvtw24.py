@@ -9,10 +9,9 @@ Command:
 
 Expected ImageNet-1k val top-1 of the released 22k-pretrained weights at 384: 87.6.
 Batch/LR scaling: `:batch=N` keeps lr = 2e-3 * N / 2048 (linear rule); warm-up and schedule are in epochs.
-Fits (global batch 2048, compiled for TPU by `cvt-jax compile`; README "Before paying for a slice"), with
-model.remat=block: @384 on v5e:16x16 (4.9 GiB per chip of 16) and v5p:4x4x2 (31.6 of 95); @224 on v5e:16x16
-(4.6 of 16). `--config.model.scan_blocks=true` compiles its train step 3.5x faster (92 s instead of 332 s
-for v5e:16x16 on a 2-core CPU host) for 4 % more modelled HBM traffic per step (README, the switches).
+Fits a TPU v5e:16x16 at 384 with `--config.model.remat=block` (`cvt-jax compile --config cvtw24 --topology
+v5e:16x16`; docs/scaling.md). `--config.model.scan_blocks=true` compiles the train step several times faster
+for a little more modelled HBM traffic (docs/performance.md has the figures).
 """
 
 from cvt_jax.configs import common

@@ -42,7 +42,7 @@ class ScalarWriter:
 
 def _tensorboardx() -> types.ModuleType:
   """tensorboardX, imported without PyTorch: it imports torch wherever torch is installed, only to accept torch
-  tensors, which took 2-3 s of every training process's start."""
+  tensors, which would add seconds to every training process's start."""
   if "torch" in sys.modules:
     import tensorboardX  # pylint: disable=g-import-not-at-top
     return tensorboardX

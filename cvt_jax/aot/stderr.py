@@ -1,8 +1,7 @@
-"""Native libraries' console noise: C++ that writes to file descriptor 2 before any log level applies.
+"""Console noise of native code: C++ that writes to file descriptor 2 before any log level applies.
 
-TensorFlow's import (oneDNN notices) and the CUDA PJRT plugin's load ("All log messages before
-absl::InitializeLog() ...", "Could not find cuda drivers") print that way; `stderr_to` points the
-descriptor elsewhere for the length of such a call.
+The CUDA PJRT plugin prints that way as it loads ("All log messages before absl::InitializeLog() ...",
+"Could not find cuda drivers"); `redirected` points the descriptor elsewhere for the length of such a call.
 """
 
 from __future__ import annotations
@@ -14,7 +13,7 @@ from typing import Iterator
 
 
 @contextlib.contextmanager
-def stderr_to(path: str = os.devnull) -> Iterator[None]:
+def redirected(path: str = os.devnull) -> Iterator[None]:
   """File descriptor 2 appends to `path` inside the block (Python's sys.stderr is flushed first)."""
   sys.stderr.flush()
   console = os.dup(2)

@@ -137,6 +137,13 @@ def _attention_bwd(scale, interpret, residuals, do):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
+def splits_here() -> bool:
+  """Whether the fused kernel can run in the program being traced. XLA cannot partition a Pallas kernel, so
+  over several devices it needs the mesh to split the batch over (`jax.sharding.use_abstract_mesh`, which
+  `cvt_jax.parallel.traced_on` sets); a step jitted with shardings but no such mesh gets XLA's attention."""
+  return not jax.sharding.get_abstract_mesh().empty or jax.device_count() == 1
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float, interpret: bool = False) -> jax.Array:
   """softmax(q k^T * scale) v for q (B, Nq, H, D), k and v (B, Nk, H, D) -> (B, Nq, H, D), fused.
 

@@ -45,3 +45,8 @@ def count_macs(variant: str | Variant, image_size: int = 224, num_classes: int =
     macs += s.depth * per_block
     channels = c
   return macs + channels * num_classes
+
+
+def model_flops(macs: int, train: bool) -> int:
+  """FLOPs of one image: 2 per MAC forward; a training step's backward pass costs two forwards more."""
+  return 2 * macs * (3 if train else 1)

@@ -28,9 +28,9 @@ from etils import epath
 from cvt_jax import checkpointing
 from cvt_jax import model as model_lib
 from cvt_jax import ops
-from cvt_jax import optim
+from cvt_jax.train import optim
 from cvt_jax import parallel
-from cvt_jax import summaries
+from cvt_jax.train import tensorboard
 from cvt_jax import trees
 from cvt_jax import weights
 from cvt_jax import workdir as workdir_lib
@@ -82,13 +82,12 @@ def make_train_step(model: model_lib.CvT, tx: optax.GradientTransformation, sche
   def loss_fn(params, batch_stats, images, targets, drop_rng):
     logits, updates = model.apply({"params": params, "batch_stats": batch_stats}, images, train=True,
                                   mutable=["batch_stats"], rngs={"drop_path": drop_rng})
-    with jax.named_scope("loss"):  # the scopes name the step's parts in the compiled HLO (cvt_jax.hlo)
+    with jax.named_scope("loss"):  # the scopes name the step's parts in the compiled HLO (cvt_jax.aot.hlo)
       return soft_cross_entropy(logits, targets).mean(), updates["batch_stats"]
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-  # RandAugment gathers ('cpu' formulation) where gathers are cheap, on CPUs and GPUs (on an H100 the
-  # gather-free one moves 80x the bytes, bench/README.md); on TPUs, where a gather costs about a memory
-  # tile per element, it gathers nothing.
+  # RandAugment gathers ('cpu' formulation) where gathers are cheap, on CPUs and GPUs; on TPUs, where a
+  # gather costs about a memory tile per element, it gathers nothing (docs/performance.md).
   augment_kernels = "plain" if ops.resolve_kernels(model.kernels) == "tpu" else "cpu"
 
   def accumulated(params, batch_stats, images, targets, drop_rng):
@@ -507,7 +506,7 @@ def _loop(run: _Run, state: TrainState, start_step: int, interrupt_at_step: int 
     writer.flush()
     return result
 
-  writer = summaries.ScalarWriter(os.fspath(run.workdir / "tensorboard"))
+  writer = tensorboard.ScalarWriter(os.fspath(run.workdir / "tensorboard"))
   evaluated: list[int] = []
   profiler = _Profiler(run.workdir, start_step, config.profile_steps)
   last_eval = None
