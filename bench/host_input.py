@@ -104,7 +104,7 @@ def _training_loop_rates(spec: Any, model_name: str, dtype: str, batch: int, ste
   tx = optax.adamw(schedule, weight_decay=0.05)
   state = trainer.create_train_state(model.init_variables(jax.random.key(0), spec.image_size), tx, mesh)
   step = trainer.shard_train_step(
-      trainer.make_train_step(model, tx, schedule, 1000, augment.default_config(), jax.random.key(1)), mesh)
+      trainer.make_train_step(model, tx, schedule, augment.default_config(), jax.random.key(1)), mesh)
   first = input_pipeline.train_batches(spec, batch, seed=1)
   fixed = parallel.global_batch({k: v for k, v in next(first).items() if k != "skipped"}, mesh)
   first.close()

@@ -22,8 +22,6 @@ import numpy as np
 from absl import flags
 from etils import epath
 
-from cvt_jax import model as model_lib
-from cvt_jax.train import optim
 from cvt_jax import parallel
 from cvt_jax.train import trainer
 from cvt_jax import workdir as workdir_lib
@@ -41,17 +39,14 @@ def time_steps(config: Any, steps: int, warmup: int) -> dict[str, Any]:
   """Compiles `config`'s train step for the local devices and runs it `steps` times on one batch."""
   mesh = parallel.make_mesh()
   num_classes = config.model.num_classes
-  model = model_lib.from_config(config.model, num_classes, parallel.platform(mesh))
-  schedule = optim.make_schedule(config.schedule, config.optim.lr, config.num_epochs, steps_per_epoch=1000)
-  tx = optim.make_optimizer(config.optim, schedule)
+  setup = trainer.make_setup(config, mesh)
   size, batch = config.data.image_size, config.global_batch_size
-  variables = jax.jit(model.init, out_shardings=parallel.replicated(mesh))(
+  variables = jax.jit(setup.model.init, out_shardings=parallel.replicated(mesh))(
       jax.random.key(0), jnp.zeros((1, size, size, 3), jnp.float32))
-  state = trainer.create_train_state(variables, tx, mesh, config.fsdp)
-  shardings = jax.tree.map(lambda x: x.sharding, state)
+  state = trainer.create_train_state(variables, setup.tx, mesh, config.fsdp)
   # The same program as `cvt-jax compile` builds (cvt_jax.aot.steps.compile_steps), so a persistent
   # compilation cache serves one from the other.
-  train_step, _ = trainer.build_steps(config, model, tx, schedule, mesh, shardings, jax.random.key(0))
+  train_step, _ = trainer.build_steps(config, setup, mesh, jax.random.key(0))
   rng = np.random.default_rng(0)
   local = batch // jax.process_count()
   data = parallel.global_batch({"image": rng.integers(0, 256, (local, size, size, 3), dtype=np.uint8),

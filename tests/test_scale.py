@@ -61,8 +61,8 @@ def _run(config, batch, steps: int = 2):
   before = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
   shardings = jax.tree.map(lambda x: x.sharding, state)
   step = trainer.shard_train_step(trainer.make_train_step(
-      model, tx, lambda step: LR, NUM_CLASSES, config.augment, jax.random.key(1), mesh.size,
-      config.optim.grad_accum_steps), mesh, shardings)
+      model, tx, lambda step: LR, config.augment, jax.random.key(1), shards=mesh.size,
+      grad_accum_steps=config.optim.grad_accum_steps), mesh, shardings)
   batch = parallel.global_batch(batch, mesh)
   losses, norms = [], []
   for _ in range(steps):

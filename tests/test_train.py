@@ -81,7 +81,7 @@ def test_loss_is_finite_and_decreases_on_a_learnable_set():
   tx = optim.make_optimizer(config.optim, schedule)
   state = trainer.create_train_state(model.init_variables(jax.random.key(0), 32), tx, mesh)
   step_fn = trainer.shard_train_step(
-      trainer.make_train_step(model, tx, schedule, NUM_CLASSES, config.augment, jax.random.key(1), shards=4),
+      trainer.make_train_step(model, tx, schedule, config.augment, jax.random.key(1), shards=4),
       mesh)
   rng = np.random.default_rng(0)
   labels = np.arange(32) % NUM_CLASSES
@@ -188,8 +188,7 @@ def test_sharded_train_step_never_recompiles_or_transfers_to_the_host(tree):
   schedule = optim.make_schedule(config.schedule, 1e-3, config.num_epochs, steps_per_epoch=3)
   tx = optim.make_optimizer(config.optim, schedule)
   state = trainer.create_train_state(model.init_variables(jax.random.key(0), 32), tx, mesh)
-  step_fn = trainer.make_train_step(model, tx, schedule, NUM_CLASSES, config.augment, jax.random.key(1),
-                                      shards=4)
+  step_fn = trainer.make_train_step(model, tx, schedule, config.augment, jax.random.key(1), shards=4)
   traces = []
 
   def counted_step(state, batch):

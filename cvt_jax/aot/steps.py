@@ -22,8 +22,6 @@ import jax.numpy as jnp
 from cvt_jax.aot import hlo as hlo_lib
 from cvt_jax.aot.devices import Target
 from cvt_jax.aot.hardware import gib
-from cvt_jax import model as model_lib
-from cvt_jax.train import optim
 from cvt_jax import parallel
 from cvt_jax.train import trainer
 
@@ -91,15 +89,12 @@ def _compile(name: str, jitted: Any, args: Sequence[Any], per_chip_batch: int, t
 def compile_steps(config: Any, target: Target, per_chip_batch: int,
                   with_eval: bool = True) -> list[StepReport]:
   """The train step (and the eval step) of `config`, compiled for `target` at `per_chip_batch` images."""
-  num_classes = config.model.num_classes
   mesh = parallel.make_mesh(target.devices)
-  model = model_lib.from_config(config.model, num_classes, target.platform)
-  schedule = optim.make_schedule(config.schedule, config.optim.lr, config.num_epochs, steps_per_epoch=1000)
-  tx = optim.make_optimizer(config.optim, schedule)
-  abstract = trainer.abstract_train_state(model, tx, config.data.image_size)
-  shardings = parallel.state_shardings(abstract, mesh, config.fsdp)
-  state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
-  train_step, eval_step = trainer.build_steps(config, model, tx, schedule, mesh, shardings, jax.random.key(0))
+  setup = trainer.make_setup(config, mesh)
+  abstract = trainer.abstract_train_state(setup.model, setup.tx, config.data.image_size)
+  state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract,
+                       setup.state_sharding)
+  train_step, eval_step = trainer.build_steps(config, setup, mesh, jax.random.key(0))
   on_batch = parallel.batch_sharding(mesh)
 
   def abstract_batch(per_chip: int, masked: bool = False) -> dict[str, jax.ShapeDtypeStruct]:

@@ -62,13 +62,13 @@ def soft_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
 
 
 def make_train_step(model: model_lib.CvT, tx: optax.GradientTransformation, schedule: optim.Schedule,
-                    num_classes: int, augment_config: Any, base_rng: jax.Array, shards: int = 1,
-                    grad_accum_steps: int = 1) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+                    augment_config: Any, base_rng: jax.Array, *, shards: int = 1, grad_accum_steps: int = 1
+                    ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
   """The pure train step (jit it): augment on device, forward/backward, AdamW update, metrics.
 
   Args:
-    model, tx, schedule: the model, the optimiser and its learning-rate schedule (for the metrics).
-    num_classes: size of the soft targets.
+    model, tx, schedule: the model (its `num_classes` sizes the soft targets), the optimiser and its
+      learning-rate schedule (for the metrics).
     augment_config: `config.augment`.
     base_rng: the run's rng; step k uses `fold_in(base_rng, k)`.
     shards: mixup/cutmix pair images within this many equal parts of the batch (the device count).
@@ -115,7 +115,7 @@ def make_train_step(model: model_lib.CvT, tx: optax.GradientTransformation, sche
     # The rng depends only on (seed, step), so a resumed run draws exactly what an uninterrupted one would.
     aug_rng, drop_rng = jax.random.split(jax.random.fold_in(base_rng, state.step))
     with jax.named_scope("augment"):
-      images, targets = augment.train_augment(aug_rng, batch["image"], batch["label"], num_classes,
+      images, targets = augment.train_augment(aug_rng, batch["image"], batch["label"], model.num_classes,
                                               augment_config, shards, augment_kernels)
     compute = grad_fn if grad_accum_steps == 1 else accumulated
     (loss, batch_stats), grads = compute(state.params, state.batch_stats, images, targets, drop_rng)
@@ -185,19 +185,48 @@ def shard_eval_step(eval_step: Callable[[Variables, Batch], Metrics], mesh: jax.
                  out_shardings=parallel.replicated(mesh))
 
 
-def build_steps(config: Any, model: model_lib.CvT, tx: optax.GradientTransformation, schedule: optim.Schedule,
-                mesh: jax.sharding.Mesh, state_sharding: Any, base_rng: jax.Array
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """What a config trains on a mesh: the model, its learning-rate schedule and optimiser, and the shardings
+  of the train state."""
+
+  model: model_lib.CvT
+  base_lr: float  # scaled to the global batch
+  schedule: optim.Schedule
+  tx: optax.GradientTransformation
+  state_sharding: Any
+
+
+def make_setup(config: Any, mesh: jax.sharding.Mesh, steps_per_epoch: int = 1, num_classes: int | None = None,
+          variant: model_lib.Variant | None = None) -> Setup:
+  """The one wiring of config -> model -> schedule -> optimiser, shared by the trainer, `cvt-jax compile`
+  and the benchmarks: the learning rate scaled to the global batch, the schedule in epochs of
+  `steps_per_epoch` steps (what compiles and benchmarks pass matters to no program shape), the classes and
+  architecture of the data and checkpoint where they differ from the config's."""
+  model = model_lib.from_config(config.model, num_classes or config.model.num_classes, parallel.platform(mesh),
+                                variant=variant)
+  base_lr = optim.scaled_lr(config.optim.lr, config.optim.lr_batch_size, config.global_batch_size)
+  schedule = optim.make_schedule(config.schedule, base_lr, config.num_epochs, steps_per_epoch)
+  tx = optim.make_optimizer(config.optim, schedule)
+  state_sharding = parallel.state_shardings(abstract_train_state(model, tx, config.data.image_size), mesh,
+                                            config.fsdp)
+  return Setup(model, base_lr, schedule, tx, state_sharding)
+
+
+def build_steps(config: Any, setup: Setup, mesh: jax.sharding.Mesh, base_rng: jax.Array
                 ) -> tuple[Callable[[TrainState, Batch], tuple[TrainState, Metrics]],
                            Callable[[Variables, Batch], Metrics]]:
-  """The jitted, sharded train and eval steps of `config` for `model` on `mesh` (what training runs and
-  `cvt_jax.aot` compiles). The eval step computes in `config.model.eval_dtype`, without remat."""
+  """The jitted, sharded train and eval steps of `config` on `mesh` (what training runs and `cvt_jax.aot`
+  compiles). The eval step computes in `config.model.eval_dtype`, without remat."""
+  model, sharding = setup.model, setup.state_sharding
   train_step = shard_train_step(
-      make_train_step(model, tx, schedule, model.num_classes, config.augment, base_rng,
-                      mesh.shape[parallel.DATA_AXIS], config.optim.grad_accum_steps), mesh, state_sharding)
+      make_train_step(model, setup.tx, setup.schedule, config.augment, base_rng,
+                      shards=mesh.shape[parallel.DATA_AXIS], grad_accum_steps=config.optim.grad_accum_steps),
+      mesh, sharding)
   eval_model = model.clone(dtype=model_lib.compute_dtype(config.model.eval_dtype, parallel.platform(mesh)),
                            remat="none")
   eval_step = shard_eval_step(make_eval_step(eval_model), mesh,
-                              {"params": state_sharding.params, "batch_stats": state_sharding.batch_stats})
+                              {"params": sharding.params, "batch_stats": sharding.batch_stats})
   return train_step, eval_step
 
 
@@ -422,14 +451,9 @@ def _train(config: Any, workdir: epath.Path, plan: _Plan, interrupt_at_step: int
            ) -> tuple[TrainState, dict[str, float] | None]:
   mesh = parallel.make_mesh()
   info = plan.info
-  model = model_lib.from_config(config.model, info.num_classes, parallel.platform(mesh),
-                                variant=plan.model_info.variant)
-  base_lr = optim.scaled_lr(config.optim.lr, config.optim.lr_batch_size, config.global_batch_size)
-  schedule = optim.make_schedule(config.schedule, base_lr, config.num_epochs, plan.steps_per_epoch)
-  tx = optim.make_optimizer(config.optim, schedule)
+  training = make_setup(config, mesh, plan.steps_per_epoch, info.num_classes, plan.model_info.variant)
+  model, tx = training.model, training.tx
   init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
-  state_sharding = parallel.state_shardings(abstract_train_state(model, tx, config.data.image_size), mesh,
-                                            config.fsdp)
 
   dummy = jnp.zeros((1, config.data.image_size, config.data.image_size, 3), jnp.float32)
   variables = jax.jit(model.init, out_shardings=parallel.replicated(mesh))(init_rng, dummy)
@@ -444,7 +468,7 @@ def _train(config: Any, workdir: epath.Path, plan: _Plan, interrupt_at_step: int
                f"{trees.size(state.params):,}", info.num_train_examples,
                info.num_eval_examples, info.num_classes, plan.steps_per_epoch, config.num_epochs,
                plan.total_steps, config.global_batch_size, _plural(jax.device_count(), "device"),
-               _plural(jax.process_count(), "process"), base_lr)
+               _plural(jax.process_count(), "process"), training.base_lr)
 
   ckpt = checkpointing.Checkpointer(workdir, config.checkpoint_every_steps, config.keep_checkpoints)
   try:
@@ -457,7 +481,7 @@ def _train(config: Any, workdir: epath.Path, plan: _Plan, interrupt_at_step: int
       logging.info("Starting from the weights in %s.", config.init_from)
     if jax.process_index() == 0 and plan.stored_info != plan.model_info:
       workdir_lib.write_model_info(workdir, plan.model_info)  # state exists now: the workdir describes it
-    train_step, eval_step = build_steps(config, model, tx, schedule, mesh, state_sharding, train_rng)
+    train_step, eval_step = build_steps(config, training, mesh, train_rng)
     run = _Run(config, workdir, plan, mesh, train_step, eval_step, ckpt)
     return _loop(run, state, start_step, interrupt_at_step)
   finally:
