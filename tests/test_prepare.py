@@ -281,6 +281,29 @@ def test_verify_finds_records_or_files_that_disagree_with_the_info(tree, tmp_pat
   assert message in _one_line(capsys)
 
 
+def test_a_bucket_preparation_refuses_a_changed_tree_restarts_and_verifies(tree, tmp_path):
+  """gs:// destinations: the same job checks, and --verify reads each shard through a local copy (it hung
+  on ArrayRecord's reader of a gs:// path)."""
+  from gcs_emulator import GcsEmulator  # pylint: disable=g-import-not-at-top
+
+  emulator = GcsEmulator().start()
+  try:
+    dst = str(epath.Path(emulator.create_bucket()) / "records")
+    prepare.prepare(tree, dst, records_per_shard=4, log=lambda _: None)
+    _image(os.path.join(tree, "train", "ant", "0.jpg"), (90, 90, 90))
+    with pytest.raises(prepare.PrepareError, match="classes added: ant"):
+      prepare.prepare(tree, dst, records_per_shard=4, log=lambda _: None)
+    prepare.prepare(tree, dst, records_per_shard=8, restart=True, log=lambda _: None)
+    assert sorted(p.name for p in (epath.Path(dst) / "train").iterdir()) == [
+        ".done", "train-00000-of-00002.array_record", "train-00001-of-00002.array_record"]
+    logged = []
+    assert records.verify(dst, log=logged.append).class_names == ("ant", "cat", "dog")
+    assert logged == ["train: 2 shards, 11 records, checksums, labels and order match",
+                      "val: 1 shard, 4 records, checksums, labels and order match"]
+  finally:
+    emulator.stop()
+
+
 # ------------------------------------------------------------------------- Ctrl-C and kill -9, for real --
 
 

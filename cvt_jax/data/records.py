@@ -17,12 +17,14 @@ against its class folder), the order of the records, and that the split folders 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import re
 import struct
-from collections.abc import Callable, Iterable, Sequence
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from etils import epath
@@ -128,8 +130,6 @@ def write_shard(root: epath.Path, split: str, index: int, count: int, records: I
 
   ArrayRecord writes local files only: an object-store root gets the shard through a local temporary.
   """
-  import tempfile  # pylint: disable=g-import-not-at-top
-
   from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
 
   final = root / shard_name(split, index, count)
@@ -151,7 +151,7 @@ def write_shard(root: epath.Path, split: str, index: int, count: int, records: I
       tmp_file.rename(final)
     else:
       tmp_file.copy(final, overwrite=True)
-  done = root / split / _DONE / f"{index:05d}.json"
+  done = done_folder(root, split) / f"{index:05d}.json"
   done.parent.mkdir(parents=True, exist_ok=True)
   write_json(done, dataclasses.asdict(shard))
   return shard
@@ -159,7 +159,7 @@ def write_shard(root: epath.Path, split: str, index: int, count: int, records: I
 
 def finished_shard(root: epath.Path, split: str, index: int, count: int) -> Shard | None:
   """The shard's record if a previous run finished it and the file is still the one it wrote."""
-  done = root / split / _DONE / f"{index:05d}.json"
+  done = done_folder(root, split) / f"{index:05d}.json"
   if not done.exists():
     return None
   shard = Shard(**json.loads(done.read_text()))
@@ -176,8 +176,6 @@ def verify(root: str | epath.PathLike, log: Callable[[str], None] = print) -> Da
   names; for a folder tree, the name of the record's class folder) and place (records follow their source's
   sorted order, each once). A split folder may hold nothing but its listed shards and their markers.
   """
-  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
-
   root = epath.Path(root)
   info = read_info(root)
   folder_keys = bool(info.source) and not info.source.startswith("tfds:")
@@ -192,28 +190,42 @@ def verify(root: str | epath.PathLike, log: Callable[[str], None] = print) -> Da
     total, previous = 0, None
     for shard in split.shards:
       path = root / shard.file
-      if not path.exists():
-        raise RecordsError(f"{path} is missing")
-      if sha256(path) != shard.sha256:
-        raise RecordsError(f"{path} does not match its checksum in {INFO_FILE} (damaged or replaced)")
-      reader = array_record_module.ArrayRecordReader(str(path))
-      try:
-        count = reader.num_records()
-        if count != shard.num_records:
-          raise RecordsError(f"{path} holds {count} records, {INFO_FILE} says {shard.num_records}")
-        for start in range(0, count, _READ_BLOCK):
-          for raw in reader.read(start, min(count, start + _READ_BLOCK)):
-            record = Record.parse(raw)
-            previous = _check_record(record, previous, info.class_names, folder_keys, path)
-      finally:
-        reader.close()
-      total += count
+      for record in _checked_records(path, shard):
+        previous = _check_record(record, previous, info.class_names, folder_keys, path)
+      total += shard.num_records
     if total != split.num_examples:
       raise RecordsError(f"split {split.name!r}: {total} records in its shards, {INFO_FILE} says "
                          f"{split.num_examples}")
     log(f"{split.name}: {len(split.shards)} shard{'' if len(split.shards) == 1 else 's'}, {total} records, "
         "checksums, labels and order match")
   return info
+
+
+def _checked_records(path: epath.Path, shard: Shard) -> Iterator[Record]:
+  """The records of the shard file at `path`, once its checksum and record count are `shard`'s.
+
+  ArrayRecord reads local files only: a shard on an object store is read from a temporary local copy.
+  """
+  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+
+  if not path.exists():
+    raise RecordsError(f"{path} is missing")
+  remote = "://" in str(path)
+  with tempfile.TemporaryDirectory() if remote else contextlib.nullcontext() as tmp:
+    local = epath.Path(tmp) / path.name if remote else path
+    if remote:
+      path.copy(local)
+    if sha256(local) != shard.sha256:
+      raise RecordsError(f"{path} does not match its checksum in {INFO_FILE} (damaged or replaced)")
+    reader = array_record_module.ArrayRecordReader(str(local))
+    try:
+      count = reader.num_records()
+      if count != shard.num_records:
+        raise RecordsError(f"{path} holds {count} records, {INFO_FILE} says {shard.num_records}")
+      for start in range(0, count, _READ_BLOCK):
+        yield from map(Record.parse, reader.read(start, min(count, start + _READ_BLOCK)))
+    finally:
+      reader.close()
 
 
 def _check_record(record: Record, previous: tuple[str, ...] | None, class_names: Sequence[str],
