@@ -2,7 +2,7 @@ r"""Write a dataset as ArrayRecord shards for fast, sharded reading: `cvt-jax pr
 
   cvt-jax prepare ~/imagenet /data/imagenet_ar                        # a folder tree: train/, val/
   cvt-jax prepare tfds:imagenet2012 gs://bucket/imagenet_ar --data_dir ~/tensorflow_datasets
-  cvt-jax prepare --verify /data/imagenet_ar                         # check counts and checksums
+  cvt-jax prepare --verify /data/imagenet_ar                         # check counts, checksums, labels
   cvt-jax train --config cvt13 --workdir out --config.data.source=array_record \
       --config.data.data_dir=/data/imagenet_ar
 
