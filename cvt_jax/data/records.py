@@ -3,21 +3,28 @@
   <root>/dataset_info.json                         class names, and per split its shards, counts, checksums
   <root>/<split>/<split>-00000-of-00128.array_record
   <root>/<split>/.done/00000.json                  a finished shard (written last, so resumes trust it)
+  <root>/<split>/tmpXXXXXXXX/                      a shard being written (a killed `prepare` leaves it; the
+                                                   next run removes it)
 
 A record is one image as its file stored it (the encoded JPEG/PNG bytes, decoded by the training pipeline
 with the same PIL calls as a folder tree) with its label and its key (the file's path under the source,
 for messages): `<u32 label><u16 key length><key utf-8><image bytes>`, little-endian. Records are stored
 in the source's sorted order, a fixed number per shard, so that an interrupted `prepare` knows which
-shards are finished and writes only the rest.
+shards are finished and writes only the rest. `verify` checks a dataset against its info file: every
+shard's count and checksum, every record's label against the class names (and a folder tree's record
+against its class folder), the order of the records, and that the split folders hold nothing else.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
+import re
 import struct
-from collections.abc import Callable, Iterable, Sequence
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from etils import epath
@@ -25,6 +32,9 @@ from etils import epath
 INFO_FILE = "dataset_info.json"
 FORMAT = "cvt_jax.records/1"
 _HEADER = struct.Struct("<IH")
+_DONE = ".done"
+_PARTIAL_PREFIX = "tmp"  # tempfile's name for the folder of a shard being written
+_READ_BLOCK = 1024  # records read at a time by `verify`
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,14 +130,12 @@ def write_shard(root: epath.Path, split: str, index: int, count: int, records: I
 
   ArrayRecord writes local files only: an object-store root gets the shard through a local temporary.
   """
-  import tempfile  # pylint: disable=g-import-not-at-top
-
   from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
 
   final = root / shard_name(split, index, count)
   final.parent.mkdir(parents=True, exist_ok=True)
   local = "://" not in str(root)
-  with tempfile.TemporaryDirectory(dir=str(final.parent) if local else None) as tmp:
+  with tempfile.TemporaryDirectory(prefix=_PARTIAL_PREFIX, dir=str(final.parent) if local else None) as tmp:
     tmp_file = epath.Path(tmp) / final.name
     writer = array_record_module.ArrayRecordWriter(str(tmp_file), "group_size:1")
     written = 0
@@ -143,15 +151,15 @@ def write_shard(root: epath.Path, split: str, index: int, count: int, records: I
       tmp_file.rename(final)
     else:
       tmp_file.copy(final, overwrite=True)
-  done = root / split / ".done" / f"{index:05d}.json"
+  done = done_folder(root, split) / f"{index:05d}.json"
   done.parent.mkdir(parents=True, exist_ok=True)
-  done.write_text(json.dumps(dataclasses.asdict(shard)))
+  write_json(done, dataclasses.asdict(shard))
   return shard
 
 
 def finished_shard(root: epath.Path, split: str, index: int, count: int) -> Shard | None:
   """The shard's record if a previous run finished it and the file is still the one it wrote."""
-  done = root / split / ".done" / f"{index:05d}.json"
+  done = done_folder(root, split) / f"{index:05d}.json"
   if not done.exists():
     return None
   shard = Shard(**json.loads(done.read_text()))
@@ -162,39 +170,121 @@ def finished_shard(root: epath.Path, split: str, index: int, count: int) -> Shar
 
 
 def verify(root: str | epath.PathLike, log: Callable[[str], None] = print) -> DatasetInfo:
-  """Checks every shard of a prepared dataset against the counts and checksums of `dataset_info.json`."""
-  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+  """Checks a prepared dataset against its `dataset_info.json`; fails in one line at the first disagreement.
 
+  Every shard is read whole: its checksum and record count, and each record's label (one of the class
+  names; for a folder tree, the name of the record's class folder) and place (records follow their source's
+  sorted order, each once). A split folder may hold nothing but its listed shards and their markers.
+  """
   root = epath.Path(root)
   info = read_info(root)
+  folder_keys = bool(info.source) and not info.source.startswith("tfds:")
   for split in info.splits.values():
-    total = 0
+    listed = {epath.Path(shard.file).name for shard in split.shards} | {_DONE}
+    stray = sorted(p.name for p in _entries(root / split.name) if p.name not in listed)
+    if stray:
+      raise RecordsError(f"{root / split.name / stray[0]} is not listed in {INFO_FILE}"
+                         f"{f' (nor are {len(stray) - 1} more)' if len(stray) > 1 else ''}: left by an "
+                         "interrupted or earlier preparation (rerun `cvt-jax prepare` with --restart to "
+                         "write the dataset again without it)")
+    total, previous = 0, None
     for shard in split.shards:
       path = root / shard.file
-      if not path.exists():
-        raise RecordsError(f"{path} is missing")
-      if sha256(path) != shard.sha256:
-        raise RecordsError(f"{path} does not match its checksum in {INFO_FILE} (damaged or replaced)")
-      reader = array_record_module.ArrayRecordReader(str(path))
-      try:
-        count = reader.num_records()
-      finally:
-        reader.close()
-      if count != shard.num_records:
-        raise RecordsError(f"{path} holds {count} records, {INFO_FILE} says {shard.num_records}")
-      total += count
+      for record in _checked_records(path, shard):
+        previous = _check_record(record, previous, info.class_names, folder_keys, path)
+      total += shard.num_records
     if total != split.num_examples:
       raise RecordsError(f"split {split.name!r}: {total} records in its shards, {INFO_FILE} says "
                          f"{split.num_examples}")
-    log(f"{split.name}: {len(split.shards)} shards, {total} records, checksums match")
+    log(f"{split.name}: {len(split.shards)} shard{'' if len(split.shards) == 1 else 's'}, {total} records, "
+        "checksums, labels and order match")
   return info
 
 
+def _checked_records(path: epath.Path, shard: Shard) -> Iterator[Record]:
+  """The records of the shard file at `path`, once its checksum and record count are `shard`'s.
+
+  ArrayRecord reads local files only: a shard on an object store is read from a temporary local copy.
+  """
+  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+
+  if not path.exists():
+    raise RecordsError(f"{path} is missing")
+  remote = "://" in str(path)
+  with tempfile.TemporaryDirectory() if remote else contextlib.nullcontext() as tmp:
+    local = epath.Path(tmp) / path.name if remote else path
+    if remote:
+      path.copy(local)
+    if sha256(local) != shard.sha256:
+      raise RecordsError(f"{path} does not match its checksum in {INFO_FILE} (damaged or replaced)")
+    reader = array_record_module.ArrayRecordReader(str(local))
+    try:
+      count = reader.num_records()
+      if count != shard.num_records:
+        raise RecordsError(f"{path} holds {count} records, {INFO_FILE} says {shard.num_records}")
+      for start in range(0, count, _READ_BLOCK):
+        yield from map(Record.parse, reader.read(start, min(count, start + _READ_BLOCK)))
+    finally:
+      reader.close()
+
+
+def _check_record(record: Record, previous: tuple[str, ...] | None, class_names: Sequence[str],
+                  folder_keys: bool, path: epath.Path) -> tuple[str, ...] | None:
+  """Fails unless `record` agrees with the class names and comes after `previous`; returns its place."""
+  where = f"{path}: the record of {record.key}"
+  if not 0 <= record.label < len(class_names):
+    raise RecordsError(f"{where} has label {record.label}, not one of the {len(class_names)} classes of "
+                       f"{INFO_FILE}")
+  if not folder_keys:
+    return None
+  # A folder tree's key is <split>/<class>/<file>; its records are sorted by class folder, then file.
+  place = tuple(record.key.split("/")[-2:])
+  if place[0] != class_names[record.label]:
+    raise RecordsError(f"{where} has label {record.label} ({class_names[record.label]!r}), not its class "
+                       f"folder {place[0]!r}: the records disagree with the class names of {INFO_FILE} "
+                       "(prepare the tree again with --restart)")
+  if previous is not None and place <= previous:
+    raise RecordsError(f"{where} comes after that of {'/'.join(previous)} "
+                       f"({'stored twice' if place == previous else 'out of order'}: prepare the tree again "
+                       "with --restart)")
+  return place
+
+
 def write_info(root: str | epath.PathLike, info: DatasetInfo) -> None:
-  path = epath.Path(root) / INFO_FILE
+  write_json(epath.Path(root) / INFO_FILE, info.to_json())
+
+
+def write_json(path: epath.Path, value: Any) -> None:
+  """Writes `path` whole or not at all (through a temporary name): a killed run leaves no half a file."""
   tmp = path.parent / f".{path.name}.tmp"
-  tmp.write_text(json.dumps(info.to_json(), indent=1))
+  tmp.write_text(json.dumps(value, indent=1))
   tmp.replace(path)
+
+
+def done_folder(root: epath.Path, split: str) -> epath.Path:
+  """Where `write_shard` marks a split's finished shards (and `prepare` keeps its unreadable files)."""
+  return root / split / _DONE
+
+
+def is_shard_file(split: str, name: str) -> bool:
+  """Whether `name` is a shard file name of `split` (of any shard count)."""
+  return re.fullmatch(rf"{re.escape(split)}-\d{{5}}-of-\d{{5}}\.array_record", name) is not None
+
+
+def partial_shards(split_dir: epath.Path) -> list[epath.Path]:
+  """The folders of shards whose writing was cut short (a killed `prepare`; other exits remove them)."""
+  return [p for p in _entries(split_dir) if p.name.startswith(_PARTIAL_PREFIX) and p.is_dir()
+          and all(is_shard_file(split_dir.name, f.name) for f in p.iterdir())]
+
+
+def written_by_prepare(split_dir: epath.Path) -> list[epath.Path]:
+  """What `prepare` writes in a split folder: shards (of any shard count), their markers, partial shards."""
+  return [p for p in _entries(split_dir) if p.name == _DONE or is_shard_file(split_dir.name, p.name)
+          ] + partial_shards(split_dir)
+
+
+def _entries(folder: epath.Path) -> list[epath.Path]:
+  return list(folder.iterdir()) if folder.is_dir() else []
 
 
 def blocks(count: int, per_shard: int) -> Sequence[range]:

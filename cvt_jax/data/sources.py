@@ -124,7 +124,7 @@ def folder_split(root: str, split: str, class_names: tuple[str, ...]) -> Split:
                               f"({', '.join(decode.IMAGE_EXTENSIONS)})")
     paths.extend(os.path.join(class_dir, f) for f in files)
     labels.extend([index[name]] * len(files))
-  logging.info("Found %d images in %d classes under %s", len(paths), len(found), split_dir)
+  logging.info("Found %d files in %d classes under %s", len(paths), len(found), split_dir)
   return Split(FolderSource(paths, np.asarray(labels)), class_names)
 
 
