@@ -1,6 +1,8 @@
-"""The README's cheap command blocks run as pasted (those marked `<!-- runs as pasted -->`, the line before
-their fence): every shell line and every Python snippet, from the repository root, in a fresh process."""
+"""The documentation's cheap command blocks run as pasted: those marked `<!-- runs as pasted -->` (the line
+before their fence) in README.md and docs/*.md, every shell line and every Python snippet, from the
+repository root, in a fresh process."""
 
+import glob
 import os
 import re
 import shutil
@@ -12,21 +14,36 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MARKER = "<!-- runs as pasted -->"
 _BLOCK = re.compile(re.escape(MARKER) + r"\n```(bash|python)\n(.*?)\n```", re.S)
+PAGES = ["README.md", *sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "*.md")))]
 
 
-def _blocks() -> list[tuple[str, str]]:
-  with open(os.path.join(ROOT, "README.md")) as f:
-    return _BLOCK.findall(f.read())
+def _blocks() -> list[tuple[str, str, str]]:
+  """(page, kind, text) of every marked block, in page order."""
+  found = []
+  for page in PAGES:
+    with open(os.path.join(ROOT, page)) as f:
+      found += [(page, kind, text) for kind, text in _BLOCK.findall(f.read())]
+  return found
 
 
-def test_the_readme_marks_its_cheap_blocks():
-  assert len(_blocks()) >= 4
+def test_the_pages_mark_their_cheap_blocks():
+  # The README keeps at least one; the marked blocks of the user guide cover the Python API, features,
+  # converting, evaluating and serving (a marker whose fence does not follow it is not found, and fails here).
+  pages = [page for page, _, _ in _blocks()]
+  assert "README.md" in pages
+  assert len(pages) >= 6, pages
+  for page in PAGES:
+    with open(os.path.join(ROOT, page)) as f:
+      text = f.read()
+    markers = re.findall("^" + re.escape(MARKER) + "$", text, re.M)
+    assert len(markers) == len(_BLOCK.findall(text)), f"{page}: a marker not followed by a fenced block"
 
 
-@pytest.mark.parametrize("index", range(len(_blocks())))
+@pytest.mark.parametrize("index", range(len(_blocks())),
+                         ids=[f"{page}-{i}" for i, (page, _, _) in enumerate(_blocks())])
 def test_a_marked_block_runs_as_pasted(index, tmp_path):
-  kind, text = _blocks()[index]
-  # The README's `.venv/bin/` is this interpreter's bin/ (the same venv under ./run.sh test).
+  _, kind, text = _blocks()[index]
+  # The pages' `.venv/bin/` is this interpreter's bin/ (the same venv under ./run.sh test).
   bin_dir = os.path.dirname(sys.executable)
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
   if kind == "python":

@@ -9,8 +9,7 @@ demo_data/digits_shards, trains into demo_out/, prints val top-1):
 The architecture is CvT's (conv embeddings, conv projections, cls token in stage 3) at widths (32, 64, 128)
 and depths (1, 1, 2), at 32x32 pixels: CvT-13 trains too slowly at this size on a laptop CPU for a demo
 of minutes (docs/performance.md has the measured figures). Expected val top-1: >= 90 %.
-Augmentation is the random-resized crop and flip only: RandAugment, mixup/cutmix and erasing hurt 8x8 digit
-scans.
+Augmentation is the host's crop and flip only: RandAugment, erasing and mixup/cutmix hurt 8x8 digit scans.
 """
 
 from cvt_jax.configs import common
