@@ -20,6 +20,7 @@ from PIL import Image, ImageDraw
 
 from cvt_jax.data import decode
 from cvt_jax.data import prepare
+from cvt_jax.data import sources
 from cvt_jax.data import preprocess
 from cvt_jax.data import sources
 
@@ -237,3 +238,10 @@ def test_crop_fallback(T, width, height, expected):
   for sampler in (_boxes_folder, functools.partial(_boxes_official, T)):
     w, h, left, top = sampler(width, height, 20, scale, ratio)
     assert set(zip(left.tolist(), top.tolist(), w.tolist(), h.tolist())) == {expected}, sampler
+
+
+def test_an_undecodable_example_is_named_by_its_key_not_by_an_in_memory_stream():
+  example = sources.Example(key="train/cat/notes.jpg", label=0, data=b"not an image")
+  pixels, used, failed = decode.first_decodable([example], lambda e: decode.eval_pixels(e, 32))
+  assert pixels is None and used == -1
+  assert failed == ["train/cat/notes.jpg (UnidentifiedImageError: cannot identify image file)"]

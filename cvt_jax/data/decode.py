@@ -7,6 +7,7 @@ is a pure function of its example and its seed, whatever the number of workers o
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -34,6 +35,12 @@ def opened(example: Any) -> str | io.BytesIO:
   return image_file(example.key) if example.data is None else io.BytesIO(example.data)
 
 
+def why_undecodable(error: Exception) -> str:
+  """'UnidentifiedImageError: cannot identify image file': PIL's message without the in-memory stream it
+  names (`<_io.BytesIO object at 0x...>`), which says nothing to a user; the caller names the file."""
+  return re.sub(r" <_io\.BytesIO object at 0x[0-9a-f]+>", "", f"{type(error).__name__}: {error}")
+
+
 def first_decodable(examples: Sequence[Any], transform: Callable[[Any], np.ndarray]
                     ) -> tuple[np.ndarray | None, int, list[str]]:
   """(`transform` of the first example that decodes or None, its index or -1, the keys that did not)."""
@@ -42,7 +49,7 @@ def first_decodable(examples: Sequence[Any], transform: Callable[[Any], np.ndarr
     try:
       return transform(example), used, failed
     except DECODE_ERRORS as e:
-      failed.append(f"{example.key} ({type(e).__name__}: {e})")
+      failed.append(f"{example.key} ({why_undecodable(e)})")
   return None, -1, failed
 
 

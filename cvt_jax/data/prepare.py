@@ -167,13 +167,12 @@ def _tfds_splits(name: str, data_dir: str | None, names: Sequence[str] | None
 
 def _readable(data: bytes) -> str:
   """'' when PIL reads the image's header, else why not."""
-  stream = io.BytesIO(data)
   try:
-    with Image.open(stream) as img:
+    with Image.open(io.BytesIO(data)) as img:
       img.size  # pylint: disable=pointless-statement
     return ""
   except decode.DECODE_ERRORS as e:
-    return f"{type(e).__name__}: {e}".replace(f" {stream!r}", "")  # PIL names the stream, not the file
+    return decode.why_undecodable(e)
 
 
 def is_preparation(dst: str) -> bool:
