@@ -229,8 +229,8 @@ def check_eval_batch_fits(eval_step: Callable[[Variables, Batch], Metrics], vari
     devices = jax.device_count()
     fits = devices * int(batch_size * available / needed / devices)
     raise EvalMemoryError(
-        f"an eval batch of {batch_size} images at {image_size} px needs {needed / 2**30:.1f} GiB, more than "
-        f"the {available / 2**30:.1f} GiB this host has available: lower --config.eval_batch_size"
+        f"an eval batch of {batch_size} images at {image_size} px needs {needed / 2**30:.2f} GiB, more than "
+        f"the {available / 2**30:.2f} GiB this host has available: lower --config.eval_batch_size"
         + (f" (about {fits} fits)" if fits else ""))
 
 
