@@ -111,7 +111,7 @@ class _Progress:
     return self._after_first / max(self._latest - self._first, 1e-9)
 
 
-def dataset_label(spec: input_pipeline.DataSpec) -> str:
+def _dataset_label(spec: input_pipeline.DataSpec) -> str:
   """A short name of the dataset for file names: the TFDS name, else the data folder's name."""
   if spec.source == "tfds" or not spec.data_dir:
     return spec.name
@@ -165,7 +165,7 @@ def evaluate_checkpoint(config: Any, checkpoint_path: str, output: str | None = 
   spec = dataclasses.replace(input_pipeline.DataSpec.from_config(config.data), image_size=size)
   where = spec.where(spec.eval_split)
   if not output:
-    output = default_output(checkpoint, dataset_label(spec), spec.eval_split, size)
+    output = default_output(checkpoint, _dataset_label(spec), spec.eval_split, size)
     _check_not_another_dataset(output, where)
   workdir_lib.check_output(output, ".json")
   info = input_pipeline.dataset_info(spec, splits=(spec.eval_split,))

@@ -214,14 +214,15 @@ def check_eval_batch_fits(eval_step: Callable[[Variables, Batch], Metrics], vari
   Raises:
     EvalMemoryError: naming both sizes and a batch that would fit.
   """
-  on_batch = parallel.batch_sharding(mesh)
-  shape = lambda *dims, dtype: jax.ShapeDtypeStruct((batch_size, *dims), dtype, sharding=on_batch)
-  batch = {"image": shape(image_size, image_size, 3, dtype=jnp.uint8), "label": shape(dtype=jnp.int32),
-           "mask": shape(dtype=jnp.bool_)}
+  rows = {"image": ((image_size, image_size, 3), jnp.uint8), "label": ((), jnp.int32), "mask": ((), jnp.bool_)}
+  batch = {key: jax.ShapeDtypeStruct((batch_size, *shape), dtype, sharding=parallel.batch_sharding(mesh))
+           for key, (shape, dtype) in rows.items()}
   stats = eval_step.lower(variables, batch).compile().memory_analysis()
-  available = _available_host_memory()
-  if parallel.platform(mesh) != "cpu" or stats is None or available is None:
+  if parallel.platform(mesh) != "cpu" or stats is None:
     return  # accelerators: XLA itself refuses a step that does not fit the device
+  available = _available_host_memory()
+  if available is None:
+    return
   # The variables are in memory already: what a call adds is its temporaries and outputs, and the batch.
   per_batch = (stats.temp_size_in_bytes + stats.output_size_in_bytes) * jax.local_device_count()
   needed = per_batch + batch_size * image_size * image_size * 3

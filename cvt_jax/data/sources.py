@@ -94,17 +94,17 @@ def class_folders(root: str, split: str) -> tuple[str, ...]:
   if not _is_dir(root):
     raise FileNotFoundError(f"data dir {root} does not exist or is not a directory")
   split_dir = os.path.join(root, split)
-  found = tuple(sorted(name for name, is_dir in _listdir(split_dir) if is_dir)) if _is_dir(split_dir) else None
-  if not found and _exists(os.path.join(root, records.INFO_FILE)):
+  found = tuple(sorted(name for name, is_dir in _listdir(split_dir) if is_dir)) if _is_dir(split_dir) else ()
+  if found:
+    return found
+  if _exists(os.path.join(root, records.INFO_FILE)):
     raise FileNotFoundError(f"{root} is a dataset written by `cvt-jax prepare`, not a folder tree of class "
                             f"folders: read it with --config.data.source=array_record "
                             f"--config.data.data_dir={root}")
-  if found is None:
+  if not _is_dir(split_dir):
     raise FileNotFoundError(f"split folder {split_dir} does not exist (expected "
                             "<data_dir>/<split>/<class>/<image>)")
-  if not found:
-    raise FileNotFoundError(f"split folder {split_dir} has no class sub-folders")
-  return found
+  raise FileNotFoundError(f"split folder {split_dir} has no class sub-folders")
 
 
 def _exists(path: str) -> bool:
