@@ -154,7 +154,7 @@ def test_eval_counts_every_example_once(tree):
   assert 0.0 <= result["top1"] <= result["top5"] <= 100.0
 
 
-def test_train_steps_on_a_tfds_dataset_and_evaluates_its_9_images_in_one_batch(tmp_path, caplog,
+def test_train_steps_on_a_tfds_dataset_and_evaluates_its_9_images_in_one_batch(tmp_path, monkeypatch,
                                                                                tiny_tfds_array_record_dir):
   # A real prepared TFDS dataset (array_record), with the recipe's erasing and mixup/cutmix (RandAugment,
   # slow to compile, is in test_augment).
@@ -164,13 +164,14 @@ def test_train_steps_on_a_tfds_dataset_and_evaluates_its_9_images_in_one_batch(t
                                          "eval_batch_size": 1024, "checkpoint_every_steps": 100})
   for key in ("erasing_prob", "mixup_alpha", "cutmix_alpha"):
     config.augment[key] = common.get_config().augment[key]
-  with caplog.at_level(logging.INFO):
-    state, result = train_lib.train_and_evaluate(config, str(tmp_path / "work"))
+  eval_batches, batch_sizes = input_pipeline.eval_batches, []
+  monkeypatch.setattr(input_pipeline, "eval_batches",
+                      lambda spec, batch_size: batch_sizes.append(batch_size) or eval_batches(spec, batch_size))
+  state, result = train_lib.train_and_evaluate(config, str(tmp_path / "work"))
   assert int(state.step) == 22 // config.global_batch_size
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(state.params))
   assert result["count"] == 9  # every validation example
-  # The 9 images on 4 devices are one batch of 12, not 1024 rows of which 1015 are padding.
-  assert "eval @ step 1: 9 images of TFDS cvt_tiny_shapes:validation in batches of 12" in caplog.text
+  assert batch_sizes == [12]  # 9 images on 4 devices: one batch of 12, not 1024 rows of which 1015 padding
 
 
 def test_sigterm_sets_the_stop_flag_and_handlers_are_restored():
