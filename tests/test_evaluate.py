@@ -15,8 +15,8 @@ from cvt_jax import evaluate
 from cvt_jax import weights
 from cvt_jax.cli import main as cli
 from cvt_jax.data import input_pipeline
-from cvt_jax.data import prepare
 from cvt_jax.data import labels
+from cvt_jax.data import prepare
 from cvt_jax.model import get_variant
 
 ROOT = os.path.dirname(finetuned_tiny.HERE)
