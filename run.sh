@@ -13,21 +13,27 @@ Usage: ./run.sh COMMAND [ARGS...]
 Set-up is automatic: the first call creates .venv with $PYTHON (default python3, e.g. PYTHON=python3.12)
 and installs cvt_jax into it (`pip install -e .[tfds,demo]`, plus `[test]` for test and bench) at the
 versions of requirements.txt (the environment the suite passed with); later calls reinstall only when
-pyproject.toml or requirements.txt change. Every command is also `.venv/bin/cvt-jax COMMAND`.
+pyproject.toml or requirements.txt change. Every command but test and lock is `.venv/bin/cvt-jax COMMAND`
+(./run.sh COMMAND --help for its flags).
 
-Commands:
-  demo        Train a small CvT on scikit-learn's digits (offline, a few minutes on a CPU), print val top-1.
-  test        Install the test extras (PyTorch CPU, transformers, ...) and run the whole pytest suite.
+Commands of run.sh:
+  test        Install the test extras (PyTorch CPU, transformers, ...) and run pytest: the whole suite, or
+              the test files and folders named (./run.sh test tests/test_configs.py -k demo).
   lock        Write requirements.txt: the exact versions installed for `test` (run it after a green suite).
-  train       Train/evaluate from a config; rerun to resume (./run.sh train --help).
-  eval        Evaluate a checkpoint over every image of a split (./run.sh eval --help).
-  predict     Top classes of image files (./run.sh predict --help).
-  convert     Convert a PyTorch CvT checkpoint (.pth/.bin/.safetensors), a hub name or a workdir to .npz.
-  prepare     Write a folder tree or a TFDS dataset as ArrayRecord shards (./run.sh prepare --help).
-  summary     Parameter count and MACs of a variant (./run.sh summary cvt-13 --res 384).
-  compile     Compile the train/eval steps for a TPU slice, NVIDIA GPUs or this host; report memory and fit.
-  bench       Benchmark cvt_jax against PyTorch on this machine (./run.sh bench --help).
+
+Commands of cvt-jax:
 USAGE
+  cli_python 'print(main.usage().split("commands:\n", 1)[1])'
+}
+
+# Runs Python code with `main`, cvt_jax/cli/main.py (standard library only), loaded from the checkout: the
+# command list is read before any install.
+cli_python() {
+  "$PYTHON" -c 'import importlib.util, sys
+spec = importlib.util.spec_from_file_location("cvt_jax_cli_main", "cvt_jax/cli/main.py")
+main = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(main)
+'"$1" "${@:2}"
 }
 
 # Installs the package with `extras` into $VENV, at requirements.txt's versions, unless the same
@@ -113,11 +119,13 @@ cmd="${1:-}"
 case "$cmd" in
   ""|-h|--help|help) usage ;;
   test)    ensure_venv tfds,demo,test; ensure_torchvision_transforms; ensure_libtpu; ensure_cuda_compiler
-           exec "$VENV/bin/python" -m pytest tests -n auto --dist worksteal "$@" ;;
+           # no path given, pytest.ini's testpaths (tests/) is the whole suite
+           exec "$VENV/bin/python" -m pytest -n auto --dist worksteal "$@" ;;
   lock)    ensure_venv tfds,demo,test; write_lock ;;
   bench)   ensure_venv tfds,demo,test; exec "$VENV/bin/python" -m bench.run "$@" ;;
   compile) ensure_venv tfds,demo; ensure_cuda_compiler; exec "$VENV/bin/cvt-jax" compile "$@" ;;
-  demo|train|eval|predict|convert|prepare|summary)
+  *)       if ! cli_python 'sys.exit(sys.argv[1] not in main.COMMANDS)' "$cmd"; then
+             echo "run.sh: unknown command '$cmd'" >&2; usage >&2; exit 2
+           fi
            ensure_venv tfds,demo; exec "$VENV/bin/cvt-jax" "$cmd" "$@" ;;
-  *) echo "run.sh: unknown command '$cmd'" >&2; usage >&2; exit 2 ;;
 esac

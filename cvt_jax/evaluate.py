@@ -13,7 +13,6 @@ import json
 import os
 import re
 import time
-from collections.abc import Iterable, Iterator
 from typing import Any
 
 import jax
@@ -79,52 +78,68 @@ def _devices(count: int) -> str:
 
 
 class _Progress:
-  """Logs images loaded / total and img/s every few seconds; the rate leaves out the first batch (the
-  compile and the workers' start)."""
+  """Logs images evaluated / total and img/s every few seconds. The rate is the steady one, counted from
+  the end of the first batch: it leaves out the compile and the input workers' start."""
 
   def __init__(self, total: int):
     self._total = total
-    self._started = self._first = self._last = None
+    self._first = self._latest = None
+    self._last_log = time.time()
     self._seen = self._after_first = 0
 
-  def wrap(self, batches: Iterable[input_pipeline.Batch]) -> Iterator[input_pipeline.Batch]:
-    self._started = self._last = time.time()
-    for batch in batches:
-      yield batch
-      self._count(int(batch["mask"].shape[0]) * jax.process_count())
-
-  def _count(self, rows: int) -> None:
-    now = time.time()
-    self._seen = min(self._total, self._seen + rows)
+  def __call__(self, rows: int) -> None:
+    """A batch of `rows` rows was evaluated."""
+    now = self._latest = time.time()
+    rows = min(rows, self._total - self._seen)  # not the padding
+    self._seen += rows
     if self._first is None:
       self._first = now
     else:
       self._after_first += rows
-    if now - self._last >= _PROGRESS_SECONDS or self._seen == self._total:
-      logging.info("eval: %d/%d images (%.0f%%), %.1f img/s, ETA %.0fs", self._seen, self._total,
-                   100 * self._seen / self._total, self.rate(), (self._total - self._seen) / max(self.rate(), 1e-9))
-      self._last = now
+    if now - self._last_log >= _PROGRESS_SECONDS or self._seen == self._total:
+      rate = self.rate()
+      steady = "" if rate is None else f", {rate:.1f} img/s after the first batch"
+      eta = "" if rate is None else f", ETA {(self._total - self._seen) / max(rate, 1e-9):.0f}s"
+      logging.info("eval: %d/%d images (%.0f%%)%s%s", self._seen, self._total, 100 * self._seen / self._total,
+                   steady, eta)
+      self._last_log = now
 
-  def rate(self) -> float:
-    """img/s since the first batch (the whole pass's if it had one batch)."""
-    if self._after_first:
-      return self._after_first / max(time.time() - self._first, 1e-9)
-    return self._seen / max(time.time() - self._started, 1e-9)
-
-  def seconds(self) -> float:
-    return time.time() - self._started
+  def rate(self) -> float | None:
+    """img/s from the end of the first batch to the end of the latest; None until a second one."""
+    if not self._after_first:
+      return None
+    return self._after_first / max(self._latest - self._first, 1e-9)
 
 
-def default_output(checkpoint: weights.Checkpoint, split: str, image_size: int) -> str:
-  """`<workdir>/eval_<split>_<res>_step<N>.json`, `<file stem>.eval_<split>_<res>.json` beside a file, or
-  `eval_<hub name>_<split>_<res>.json` in the current folder for a hub checkpoint."""
-  name = f"eval_{split.replace('/', '_').replace(':', '_')}_{image_size}"
+def _dataset_label(spec: input_pipeline.DataSpec) -> str:
+  """A short name of the dataset for file names: the TFDS name, else the data folder's name."""
+  if spec.source == "tfds" or not spec.data_dir:
+    return spec.name
+  return os.path.basename(os.path.normpath(spec.data_dir))
+
+
+def default_output(checkpoint: weights.Checkpoint, dataset: str, split: str, image_size: int) -> str:
+  """`<workdir>/eval_<dataset>_<split>_<res>_step<N>.json`, `<file stem>.eval_<dataset>_<split>_<res>.json`
+  beside a file, or `eval_<hub name>_<dataset>_<split>_<res>.json` in the current folder for a hub
+  checkpoint."""
+  name = re.sub(r"[^\w.-]", "_", f"eval_{dataset}_{split}_{image_size}")
   source = checkpoint.source
   if checkpoint.step is not None and epath.Path(source).is_dir():  # a workdir
     return os.path.join(source, f"{name}_step{checkpoint.step}.json")
   if weights.is_hub_name(source.split(" ")[0]):
     return f"eval_{source.split(' ')[0].replace('/', '_')}_{name[len('eval_'):]}.json"
   return f"{source.rsplit('.', 1)[0]}.{name}.json"
+
+
+def _check_not_another_dataset(output: str, where: str) -> None:
+  """A default output that holds the result of another dataset of the same folder name is kept."""
+  try:
+    earlier = json.loads(epath.Path(output).read_text()).get("dataset")
+  except (OSError, ValueError, AttributeError):
+    return
+  if earlier not in (None, where):
+    raise ValueError(f"{output} holds the evaluation of {earlier}, not of {where}: give --output <file.json> "
+                     "to keep both")
 
 
 def evaluate_checkpoint(config: Any, checkpoint_path: str, output: str | None = None,
@@ -141,6 +156,7 @@ def evaluate_checkpoint(config: Any, checkpoint_path: str, output: str | None = 
     ValueError: an output that cannot be written; with `strict`, unreadable images.
   """
   parallel.check_global_batch_size(config.eval_batch_size, "eval_batch_size")
+  input_pipeline.check_config(config.data)
   variant = model_lib.variant_from_config(config.model)  # for a workdir without model_info.json only
   checkpoint = weights.load(checkpoint_path, variant=variant, heads=heads)
   size = image_size or checkpoint.image_size or config.data.image_size
@@ -148,7 +164,9 @@ def evaluate_checkpoint(config: Any, checkpoint_path: str, output: str | None = 
     raise ValueError(f"image size {size} must be >= 32")
   spec = dataclasses.replace(input_pipeline.DataSpec.from_config(config.data), image_size=size)
   where = spec.where(spec.eval_split)
-  output = output or default_output(checkpoint, spec.eval_split, size)
+  if not output:
+    output = default_output(checkpoint, _dataset_label(spec), spec.eval_split, size)
+    _check_not_another_dataset(output, where)
   workdir_lib.check_output(output, ".json")
   info = input_pipeline.dataset_info(spec, splits=(spec.eval_split,))
   check_classes(checkpoint, info, spec.source, where)
@@ -156,19 +174,20 @@ def evaluate_checkpoint(config: Any, checkpoint_path: str, output: str | None = 
     logging.warning("Evaluating at %d px as asked; %s was trained at %d px.", size, checkpoint.source,
                     checkpoint.image_size)
 
+  started = time.time()
   mesh = parallel.make_mesh()
   model = checkpoint.model(dtype=model_lib.compute_dtype(config.model.eval_dtype, parallel.platform(mesh)),
                            kernels=config.model.kernels)
   variables = jax.device_put(checkpoint.variables, parallel.replicated(mesh))
   eval_step = trainer.shard_eval_step(trainer.make_eval_step(model), mesh)
+  batch_size = input_pipeline.eval_batch_size(config.eval_batch_size, info.num_eval_examples)
   logging.info("Evaluating %s (%s, %d classes) on %s: %d images at %d px, batch %d on %s, %s.",
                checkpoint.source, checkpoint.variant.name, checkpoint.num_classes, where,
-               info.num_eval_examples, size, config.eval_batch_size, _devices(jax.device_count()),
-               config.model.eval_dtype)
+               info.num_eval_examples, size, batch_size, _devices(jax.device_count()), config.model.eval_dtype)
+  trainer.check_eval_batch_fits(eval_step, variables, batch_size, size, mesh)
   progress = _Progress(info.num_eval_examples)
-  result = trainer.evaluate_batches(eval_step, variables,
-                                      progress.wrap(input_pipeline.eval_batches(spec, config.eval_batch_size)),
-                                      mesh)
+  result = trainer.evaluate_batches(eval_step, variables, input_pipeline.eval_batches(spec, batch_size), mesh,
+                                      on_step=progress)
   skipped = result["skipped"]
   missing = info.num_eval_examples - result["count"]
   if missing and strict:
@@ -177,12 +196,16 @@ def evaluate_checkpoint(config: Any, checkpoint_path: str, output: str | None = 
   if missing:
     logging.warning("%d of the %d images of %s are unreadable: top-1/top-5 are over the %d others.",
                     missing, info.num_eval_examples, where, result["count"])
-  seconds = progress.seconds()
+  seconds = time.time() - started
+  steady = progress.rate()
   summary = {"checkpoint": checkpoint.source, "step": checkpoint.step, "variant": checkpoint.variant.name,
              "dataset": where, "image_size": size, "dtype": config.model.eval_dtype,
              "top1": result["top1"], "top5": result["top5"], "loss": result["loss"],
              "count": result["count"], "images": info.num_eval_examples, "skipped": skipped,
-             "seconds": round(seconds, 2), "images_per_second": round(progress.rate(), 1)}
+             "batch_size": batch_size,
+             # the whole pass, compile and input start-up included; and the steady rate after the first batch
+             "seconds": round(seconds, 2), "images_per_second": round(result["count"] / seconds, 1),
+             "images_per_second_after_first_batch": None if steady is None else round(steady, 1)}
   if jax.process_index() == 0:
     path = epath.Path(output)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -19,7 +20,12 @@ import time
 import finetuned_tiny
 import pytest
 
+from cvt_jax.aot import hardware
 from cvt_jax.cli import main as cli
+from cvt_jax.data import input_pipeline
+from cvt_jax.data import prepare
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_arch(dims: str = "(8,16,24)", heads: str = "(1,2,3)") -> list[str]:
@@ -49,6 +55,8 @@ def world(tmp_path_factory):
   labels.write_text("one\ntwo\n")
   paths["labels"] = str(labels)
   paths["out"] = str(root / "out")
+  paths["shards"] = str(root / "shards")
+  prepare.prepare(finetuned.tree, paths["shards"], log=lambda _: None)
   return paths
 
 
@@ -106,6 +114,7 @@ def evaluate(data: str = "{tree}", checkpoint: str = "{workdir}") -> list[str]:
 EVAL = evaluate()
 PREDICT = ["predict", "--checkpoint", "{workdir}", "{image}"]
 
+USER_FILES = ("workdir", "tree", "digits", "shards", "npz", "pth", "file", "folder", "labels")
 # (id, argv, exit status, text the one-line message must contain)
 CASES = [
     ("train/typo", [*TRAIN, "--config.optim.lrr=1"], 2,
@@ -154,9 +163,27 @@ CASES = [
     ("eval/output is a folder", [*EVAL, "--output", "{json_folder}"], 2, "results.json is a folder"),
     ("eval/output read-only", [*EVAL, "--output", "{readonly}/eval.json"], 2, "is not writable"),
     ("eval/output not json", [*EVAL, "--output", "{out}/eval.txt"], 2, "expected a .json file name"),
-    ("eval/missing data", evaluate(data="/no/such/tree"), 1, "/no/such/tree"),
+    ("eval/missing data", evaluate(data="/no/such/tree"), 2, "data.data_dir='/no/such/tree' is not a directory"),
     ("eval/class mismatch", evaluate(data="{digits}"), 1, "has 10 classes"),
     ("eval/typo", [*EVAL, "--config.eval_batchsize=8"], 2, "--config.eval_batchsize: no such config field"),
+    ("eval/no data", ["eval", "--config", "demo", "--checkpoint", "{workdir}"], 2,
+     "data.source='array_record' needs data.data_dir, a dataset written by `cvt-jax prepare`: give "
+     "--config.data.data_dir=<the folder it wrote>"),
+    ("eval/folder without its root", ["eval", "--config", "demo", "--checkpoint", "{workdir}",
+                                      "--config.data.source=folder"], 2,
+     "data.source='folder' needs data.data_dir, the folder tree's root (holding train/ and val/): give "
+     "--config.data.data_dir=<root>"),
+    ("eval/prepared dataset as a tree", evaluate(data="{shards}"), 1,
+     "{shards} is a dataset written by `cvt-jax prepare`, not a folder tree of class folders: read it with "
+     "--config.data.source=array_record --config.data.data_dir={shards}"),
+    ("train/tree as a prepared dataset", ["train", "--config", "demo", "--workdir", "{out}/run",
+                                          "--config.data.data_dir={digits}"], 1,
+     "{digits} is a folder tree of class folders, not a dataset written by `cvt-jax prepare`: read it as it "
+     "is with --config.data.source=folder, or prepare it once (cvt-jax prepare {digits} <folder>)"),
+    ("train/class count of a tree", train(classes=4), 1,
+     "model.num_classes=4 but the folder tree {tree} has 5 classes: give --config.model.num_classes=5"),
+    ("train/class count of a prepared dataset", train(data="{shards}", classes=4), 1,
+     "model.num_classes=4 but the prepared dataset {shards} has 5 classes: give --config.model.num_classes=5"),
     ("predict/top_k", [*PREDICT, "--top_k", "-2"], 2, "--top_k=-2"),
     ("predict/batch_size", [*PREDICT, "--batch_size", "0"], 2, "--batch_size=0"),
     ("predict/image_size", [*PREDICT, "--image_size", "0"], 2, "--image_size=0"),
@@ -191,7 +218,7 @@ def test_one_line_and_nothing_lost(world, readonly, capsys, argv, status, messag
   paths = {**world, "readonly": readonly}
   argv = [a.format(**paths) for a in argv]
   message = message.format(**paths)
-  before = snapshot(*(paths[k] for k in ("workdir", "tree", "npz", "pth", "file", "folder", "labels")))
+  before = snapshot(*(paths[k] for k in USER_FILES))
   with pytest.raises(SystemExit) as exit_:
     cli.main(["cvt-jax", *argv])
   err = capsys.readouterr().err
@@ -199,8 +226,7 @@ def test_one_line_and_nothing_lost(world, readonly, capsys, argv, status, messag
   assert exit_.value.code == status, err
   assert len(lines) == 1 and "Traceback" not in err, err
   assert message in lines[0], lines[0]
-  assert_nothing_lost(before, snapshot(*(paths[k] for k in ("workdir", "tree", "npz", "pth", "file", "folder",
-                                                             "labels"))))
+  assert_nothing_lost(before, snapshot(*(paths[k] for k in USER_FILES)))
   assert not os.path.exists(paths["out"])  # no output of a failed command is left behind
 
 
@@ -232,3 +258,55 @@ def test_a_second_run_in_a_workdir_in_use_refuses_at_once(world, tmp_path, capsy
   finally:
     holder.kill()
     holder.wait()
+
+
+def test_an_eval_batch_the_host_cannot_hold_is_refused_before_it_runs(world, capsys, monkeypatch):
+  """On a CPU the compiled eval step's memory analysis is held against the host's available memory."""
+  monkeypatch.setattr(hardware, "available_host_memory", lambda: 2**20)
+  monkeypatch.setattr(input_pipeline, "eval_batches", lambda *_: pytest.fail("an image was read"))
+  before = snapshot(*(world[k] for k in USER_FILES))
+  with pytest.raises(SystemExit) as exit_:
+    cli.main(["cvt-jax", *[a.format(**world) for a in EVAL]])
+  err = capsys.readouterr().err
+  lines = [line for line in err.splitlines() if line.startswith("cvt-jax")]
+  assert exit_.value.code == 1 and len(lines) == 1 and "Traceback" not in err, err
+  # 179 images on 4 devices: one batch of 180, not the config's 256.
+  assert re.fullmatch(r"cvt-jax eval: error: an eval batch of 180 images at 32 px needs \d+\.\d\d GiB, more "
+                      r"than the 0\.00 GiB this host has available: lower --config\.eval_batch_size"
+                      r"( \(about \d+ fits\))?", lines[0]), lines[0]
+  assert_nothing_lost(before, snapshot(*(world[k] for k in USER_FILES)))
+
+
+@pytest.fixture
+def installed_venv(tmp_path):
+  """A venv that `./run.sh` takes as installed, whose python and cvt-jax print the command they were given."""
+  venv = tmp_path / "venv"
+  (venv / "bin").mkdir(parents=True)
+  for name in ("python", "cvt-jax"):  # `python -c ...` is run.sh asking for jaxlib's version: '0'
+    (venv / "bin" / name).write_text(f'#!/bin/sh\n[ "$1" = -c ] && echo 0 && exit\necho "{name} $*"\n')
+    (venv / "bin" / name).chmod(0o755)
+  digest = hashlib.sha256(b"".join(open(os.path.join(ROOT, f), "rb").read()
+                                   for f in ("pyproject.toml", "requirements.txt"))).hexdigest()
+  for extras in ("tfds-demo", "tfds-demo-test"):
+    (venv / f".installed-{extras}").write_text(digest + "\n")
+  for folder in ("torchvision-transforms/torchvision", "libtpu/libtpu", "cuda-compiler"):
+    (venv / folder).mkdir(parents=True)
+  (venv / "cuda-compiler" / ".jaxlib-version").write_text("0\n")
+  return venv
+
+
+def run_sh(venv, *args: str) -> subprocess.CompletedProcess:
+  return subprocess.run([os.path.join(ROOT, "run.sh"), *args], capture_output=True, text=True, timeout=60,
+                        env=dict(os.environ, VENV=str(venv), PYTHON=sys.executable))
+
+
+def test_run_sh_runs_every_cvt_jax_command_and_only_the_tests_named(installed_venv):
+  for command in cli.COMMANDS:
+    run = run_sh(installed_venv, command, "--help")
+    assert (run.returncode, run.stdout) == (0, f"cvt-jax {command} --help\n"), run.stderr
+  run = run_sh(installed_venv, "test", "tests/test_configs.py", "-k", "demo")
+  assert run.stdout == "python -m pytest -n auto --dist worksteal tests/test_configs.py -k demo\n", run.stderr
+  run = run_sh(installed_venv, "help")
+  assert all(f"\n  {command} " in run.stdout for command in (*cli.COMMANDS, "test", "lock")), run.stdout
+  run = run_sh(installed_venv, "fly")
+  assert run.returncode == 2 and run.stderr.splitlines()[0] == "run.sh: unknown command 'fly'"

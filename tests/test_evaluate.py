@@ -16,6 +16,7 @@ from cvt_jax import weights
 from cvt_jax.cli import main as cli
 from cvt_jax.data import input_pipeline
 from cvt_jax.data import labels
+from cvt_jax.data import prepare
 from cvt_jax.model import get_variant
 
 ROOT = os.path.dirname(finetuned_tiny.HERE)
@@ -42,6 +43,33 @@ def test_workdir_counts_every_image_and_matches_the_training_eval(finetuned):
     written = json.load(f)
   assert os.path.dirname(summary["output"]) == finetuned.workdir and "_step" in summary["output"]
   assert written["count"] == summary["count"] and written["images_per_second"] > 0
+
+
+def test_each_dataset_gets_its_own_default_output_and_none_is_overwritten_by_another(finetuned, tmp_path):
+  workdir = str(shutil.copytree(finetuned.workdir, tmp_path / "run"))
+  config = finetuned_tiny.config(finetuned.tree)
+  config.eval_batch_size = 1024  # 179 images on 4 devices: one batch of 180, not 1024 padded rows
+  on_tree = evaluate.evaluate_checkpoint(config, workdir)
+  step = on_tree["step"]
+  assert on_tree["output"] == f"{workdir}/eval_digits_5-9_val_32_step{step}.json"
+  assert on_tree["batch_size"] == 180
+  written = open(on_tree["output"], "rb").read()
+
+  shards = str(tmp_path / "digits_shards")
+  prepare.prepare(finetuned.tree, shards, log=lambda _: None)
+  config.data.source, config.data.data_dir = "array_record", shards
+  on_shards = evaluate.evaluate_checkpoint(config, workdir)
+  assert on_shards["output"] == f"{workdir}/eval_digits_shards_val_32_step{step}.json"
+  assert on_shards["top1"] == on_tree["top1"]
+
+  os.makedirs(tmp_path / "elsewhere")
+  os.symlink(finetuned.tree, tmp_path / "elsewhere" / "digits_5-9")  # another dataset of the same name
+  config.data.source, config.data.data_dir = "folder", str(tmp_path / "elsewhere" / "digits_5-9")
+  with pytest.raises(ValueError, match=f"{on_tree['output']} holds the evaluation of folder tree "
+                                       f"{finetuned.tree}/val, not of folder tree {tmp_path}/elsewhere/"
+                                       "digits_5-9/val: give --output <file.json> to keep both"):
+    evaluate.evaluate_checkpoint(config, workdir)
+  assert open(on_tree["output"], "rb").read() == written
 
 
 def test_a_checkpoint_is_evaluated_at_its_own_resolution_unless_asked_for_another(finetuned, tmp_path, caplog):
@@ -124,7 +152,11 @@ def test_command_line(finetuned, tmp_path):
   run = _cli("--config", "finetune:classes=5,res=32", "--checkpoint", finetuned.npz,
              "--data", finetuned.tree, "--config.eval_batch_size=20", "--output", str(out))
   assert run.returncode == 0, run.stderr[-3000:]
-  assert "top-1" in run.stdout and "img/s" in run.stderr  # the progress line
+  # The progress line's rate and the summary's first say what they measure.
+  progress = re.search(r"eval: 179/179 images \(100%\), ([\d.]+) img/s after the first batch", run.stderr)
+  assert progress, run.stderr
+  assert re.search(r"images 179  in [\d.]+ s with start-up and compile \([\d.]+ img/s; "
+                   f"{re.escape(progress[1])} img/s after the first batch\\)", run.stdout), run.stdout
   # The console reads as a tool's: time and message (absl's full prefix is for log files).
   assert all(re.match(r"\d\d:\d\d:\d\d \S", line) for line in run.stderr.strip().splitlines()), run.stderr
   summary = json.loads(out.read_text())

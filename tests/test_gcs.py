@@ -85,8 +85,9 @@ def test_a_bucket_workdir_survives_a_kill_and_serves_eval_predict_and_convert(gc
     cli.main(["cvt-jax", "eval", "--config", config_arg, "--checkpoint", str(workdir), *overrides])
   assert exit_.value.code == 0
   out = capsys.readouterr().out
-  assert "top-1" in out and f"{workdir}/eval_val_32_step{TOTAL_STEPS}.json" in out
-  summary = json.loads((workdir / f"eval_val_32_step{TOTAL_STEPS}.json").read_text())
+  output = f"eval_{os.path.basename(shards)}_val_32_step{TOTAL_STEPS}.json"  # named after the dataset too
+  assert "top-1" in out and f"{workdir}/{output}" in out
+  summary = json.loads((workdir / output).read_text())
   assert summary["count"] == 8 and summary["step"] == TOTAL_STEPS
 
   image = os.path.join(tree, "val", "class0", "0.jpg")

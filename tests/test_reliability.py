@@ -321,7 +321,8 @@ def test_resuming_with_scan_blocks_flipped_names_the_switch(tree, tmp_path, save
 
 
 def test_class_count_of_the_head_must_match_the_data(tree, tmp_path):
-  with pytest.raises(ValueError, match=f"model.num_classes=5 but dataset 'digits' has {CLASSES} classes"):
+  with pytest.raises(ValueError, match=f"model.num_classes=5 but the prepared dataset {tree} has {CLASSES} classes: "
+                                       f"give --config.model.num_classes={CLASSES}"):
     trainer.train_and_evaluate(make_config(tree, **{"model.num_classes": 5}), str(tmp_path / "w"))
   assert not committed_steps(str(tmp_path / "w"))
 

@@ -154,19 +154,24 @@ def test_eval_counts_every_example_once(tree):
   assert 0.0 <= result["top1"] <= result["top5"] <= 100.0
 
 
-def test_train_steps_on_a_tfds_dataset(tmp_path, tiny_tfds_array_record_dir):
+def test_train_steps_on_a_tfds_dataset_and_evaluates_its_9_images_in_one_batch(tmp_path, monkeypatch,
+                                                                               tiny_tfds_array_record_dir):
   # A real prepared TFDS dataset (array_record), with the recipe's erasing and mixup/cutmix (RandAugment,
   # slow to compile, is in test_augment).
   config = tiny_config(tiny_tfds_array_record_dir, **{"data.source": "tfds", "data.name": "cvt_tiny_shapes",
                                          "data.eval_split": "validation", "model.num_classes": 4,
                                          "num_epochs": 1, "schedule.warmup_epochs": 0,
-                                         "eval_batch_size": 4, "checkpoint_every_steps": 100})
+                                         "eval_batch_size": 1024, "checkpoint_every_steps": 100})
   for key in ("erasing_prob", "mixup_alpha", "cutmix_alpha"):
     config.augment[key] = common.get_config().augment[key]
+  eval_batches, batch_sizes = input_pipeline.eval_batches, []
+  monkeypatch.setattr(input_pipeline, "eval_batches",
+                      lambda spec, batch_size: batch_sizes.append(batch_size) or eval_batches(spec, batch_size))
   state, result = trainer.train_and_evaluate(config, str(tmp_path / "work"))
   assert int(state.step) == 22 // config.global_batch_size
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(state.params))
-  assert result["count"] == 9  # every validation example; 4 does not divide 9
+  assert result["count"] == 9  # every validation example
+  assert batch_sizes == [12]  # 9 images on 4 devices: one batch of 12, not 1024 rows of which 1015 padding
 
 
 def test_sigterm_sets_the_stop_flag_and_handlers_are_restored():

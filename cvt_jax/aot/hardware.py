@@ -166,3 +166,22 @@ def gemm_ceiling(dtype: str) -> float:
     matmul(a, a).block_until_ready()
     best = min(best, time.perf_counter() - start)
   return 2 * n**3 / best
+
+
+def available_host_memory() -> int | None:
+  """Bytes this process may still allocate: MemAvailable, or less where a container's cgroup limit is
+  nearer; None off Linux."""
+  try:
+    with open("/proc/meminfo") as f:
+      available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+  except (OSError, StopIteration):
+    return None
+  for limit, usage in (("memory.max", "memory.current"),  # cgroup v2, then v1
+                       ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
+    try:
+      room = int(pathlib.Path(f"/sys/fs/cgroup/{limit}").read_text()) - int(
+          pathlib.Path(f"/sys/fs/cgroup/{usage}").read_text())
+    except (OSError, ValueError):  # no such cgroup, or v2's "max": no limit
+      continue
+    available = min(available, room)
+  return available

@@ -12,8 +12,10 @@ The resolution is the checkpoint's training resolution when it knows it (a workd
 from one) unless --image_size, the config's `res=` or --config.data.image_size asks for another, else the
 config's (224: resize 256 + centre crop, 384: squash). The dataset's classes are checked against the head
 and the output is checked writable before any image is read. Unreadable images are skipped, listed in the
-output and reported (--strict: fail instead). The result is printed and written as JSON (--output,
-default next to the checkpoint).
+output and reported (--strict: fail instead). The eval batch is the config's eval_batch_size, or the split
+rounded up to the device count when that is smaller; on a CPU a batch the host's memory cannot hold is
+refused before it runs. The result is printed and written as JSON (--output, default next to the
+checkpoint, named after the dataset, split, resolution and step).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from ml_collections import config_flags
 
 from cvt_jax import evaluate
 from cvt_jax.cli import runner
+from cvt_jax.data import input_pipeline
 
 FLAGS = flags.FlagValues()
 _CONFIG = runner.define_config_flag(
@@ -52,12 +55,18 @@ def main(argv: Sequence[str]) -> None:
   config = _CONFIG.value
   if _DATA.value:
     config.data.source, config.data.data_dir = "folder", os.path.expanduser(_DATA.value)
+  try:
+    input_pipeline.check_config(config.data)
+  except ValueError as e:
+    raise runner.UsageError(str(e)) from e
   summary = evaluate.evaluate_checkpoint(config, _CHECKPOINT.value, _OUTPUT.value, _HEADS.value, _STRICT.value,
                                          _IMAGE_SIZE.value or _asked_resolution(config))
   skipped = f", {len(summary['skipped'])} unreadable skipped" if summary["skipped"] else ""
+  steady = summary["images_per_second_after_first_batch"]
   print(f"top-1 {summary['top1']:.2f}%  top-5 {summary['top5']:.2f}%  loss {summary['loss']:.4f}  "
-        f"images {summary['count']}{skipped}  ({summary['images_per_second']:.1f} img/s)  -> "
-        f"{summary['output']}")
+        f"images {summary['count']}{skipped}  in {summary['seconds']:.1f} s with start-up and compile "
+        f"({summary['images_per_second']:.1f} img/s" + ("" if steady is None else f"; {steady:.1f} img/s after "
+                                                        "the first batch") + f")  -> {summary['output']}")
 
 
 def _asked_resolution(config) -> int | None:

@@ -39,10 +39,10 @@ from typing import Any
 import jax
 import numpy as np
 from absl import flags
+from etils import epath
 
 from cvt_jax import parallel
 from cvt_jax.data import decode
-from cvt_jax.data import records
 from cvt_jax.data import sources
 
 SOURCES = ("folder", "array_record", "tfds")
@@ -97,12 +97,47 @@ class DataSpec:
                      "interpolation": data.interpolation},
                repeats=int(data.repeated_augmentation), reduced_jpeg_decode=bool(data.reduced_jpeg_decode))
 
-  def where(self, split: str) -> str:
-    """'folder tree /data/imagenet/val', 'TFDS imagenet2012:validation', ..., for messages."""
+  def where(self, split: str | None = None) -> str:
+    """'folder tree /data/imagenet/val', 'TFDS imagenet2012:validation', ..., for messages; without a split
+    the whole dataset ('prepared dataset /data/shards')."""
     if self.source == "tfds":
-      return f"TFDS {self.name}:{split}"
+      return f"TFDS {self.name}" + (f":{split}" if split else "")
     kind = "folder tree" if self.source == "folder" else "prepared dataset"
-    return f"{kind} {os.path.join(self.data_dir or '', split)}"
+    return f"{kind} {os.path.join(self.data_dir or '', split or '')}".rstrip("/")
+
+
+def check_config(data: Any) -> None:
+  """Checks a config's `data` block before any data is read (`train` and `eval` share it).
+
+  Raises:
+    ValueError: 'invalid config: ...' naming the field, and the flag that sets it where one is missing.
+  """
+  def require(ok: bool, message: str) -> None:
+    if not ok:
+      raise ValueError(f"invalid config: {message}")
+
+  require(data.source in SOURCES, f"data.source={data.source!r}; use one of {SOURCES}")
+  require(data.image_size >= 32, f"data.image_size={data.image_size} must be >= 32")
+  require(data.num_workers is None or data.num_workers >= 0,
+          f"data.num_workers={data.num_workers} must be >= 0 (0: decode in this process; None: one per core)")
+  if data.source == "folder":
+    require(bool(data.data_dir), "data.source='folder' needs data.data_dir, the folder tree's root (holding "
+            "train/ and val/): give --config.data.data_dir=<root>")
+  if data.source == "array_record":
+    require(bool(data.data_dir), "data.source='array_record' needs data.data_dir, a dataset written by "
+            "`cvt-jax prepare`: give --config.data.data_dir=<the folder it wrote> (a folder tree instead: "
+            "--config.data.source=folder --config.data.data_dir=<its root>)")
+  if data.data_dir:
+    require(epath.Path(os.path.expanduser(data.data_dir)).is_dir(),
+            f"data.data_dir={data.data_dir!r} is not a directory")
+  lo, hi = data.crop_scale
+  require(0 < lo <= hi <= 1, f"data.crop_scale={tuple(data.crop_scale)} must satisfy 0 < min <= max <= 1")
+  lo, hi = data.crop_ratio
+  require(0 < lo <= hi, f"data.crop_ratio={tuple(data.crop_ratio)} must satisfy 0 < min <= max")
+  require(data.interpolation in ("bicubic", "bilinear"),
+          f"data.interpolation={data.interpolation!r}; use 'bicubic' or 'bilinear'")
+  require(data.repeated_augmentation >= 1,
+          f"data.repeated_augmentation={data.repeated_augmentation} must be >= 1 (1: off)")
 
 
 def default_eval_split(source: str, data_dir: str | None) -> str:
@@ -110,7 +145,7 @@ def default_eval_split(source: str, data_dir: str | None) -> str:
   if source == "folder":
     return "val"
   if source == "array_record" and data_dir:
-    splits = records.read_info(data_dir).splits
+    splits = sources.prepared_info(data_dir).splits
     return "val" if "val" in splits or "validation" not in splits else "validation"
   return "validation"
 
@@ -168,6 +203,13 @@ def train_batches(spec: DataSpec, global_batch_size: int, seed: int, start_step:
   batches = _batched(rows, local, first=start_step, stop=sys.maxsize // (2 * local))
   spread = _spread_over_devices(local, jax.local_device_count()) if spec.repeats > 1 else None
   return _iterate(batches, spec.num_workers, spread)
+
+
+def eval_batch_size(requested: int, num_examples: int) -> int:
+  """The eval batch of a split of `num_examples`: `requested`, or the split rounded up to a multiple of the
+  device count when that is less (a split of 9 images is not padded to a batch of 1024)."""
+  devices = jax.device_count()
+  return min(requested, -(-max(num_examples, 1) // devices) * devices)
 
 
 def eval_batches(spec: DataSpec, global_batch_size: int) -> Iterator[Batch]:

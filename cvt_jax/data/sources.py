@@ -89,17 +89,32 @@ def _is_dir(path: str) -> bool:
 
 
 def class_folders(root: str, split: str) -> tuple[str, ...]:
-  """The sorted class folder names of `<root>/<split>`; fails with the path when there are none."""
+  """The sorted class folder names of `<root>/<split>`; fails with the path when there are none (saying so
+  when `root` is a prepared dataset instead)."""
   if not _is_dir(root):
     raise FileNotFoundError(f"data dir {root} does not exist or is not a directory")
   split_dir = os.path.join(root, split)
+  found = tuple(sorted(name for name, is_dir in _listdir(split_dir) if is_dir)) if _is_dir(split_dir) else ()
+  if found:
+    return found
+  if _exists(os.path.join(root, records.INFO_FILE)):
+    raise FileNotFoundError(f"{root} is a dataset written by `cvt-jax prepare`, not a folder tree of class "
+                            f"folders: read it with --config.data.source=array_record "
+                            f"--config.data.data_dir={root}")
   if not _is_dir(split_dir):
     raise FileNotFoundError(f"split folder {split_dir} does not exist (expected "
                             "<data_dir>/<split>/<class>/<image>)")
-  found = tuple(sorted(name for name, is_dir in _listdir(split_dir) if is_dir))
-  if not found:
-    raise FileNotFoundError(f"split folder {split_dir} has no class sub-folders")
-  return found
+  raise FileNotFoundError(f"split folder {split_dir} has no class sub-folders")
+
+
+def _exists(path: str) -> bool:
+  return os.path.exists(path) if "://" not in path else epath.Path(path).exists()
+
+
+def _is_class_tree(root: str) -> bool:
+  """Whether `root` looks like `<root>/<split>/<class>/` (a sub-folder holding sub-folders)."""
+  return _is_dir(root) and any(
+      is_dir and any(d for _, d in _listdir(os.path.join(root, name))) for name, is_dir in _listdir(root))
 
 
 @functools.lru_cache(maxsize=8)
@@ -192,8 +207,21 @@ def _cached_copy(remote: epath.Path, local: epath.Path, sha256: str) -> str:
   return os.fspath(local)
 
 
+def prepared_info(root: str) -> records.DatasetInfo:
+  """`records.read_info(root)`; a folder tree of class folders in its place gets both ways to read it."""
+  try:
+    return records.read_info(root)
+  except records.RecordsError:
+    if _is_class_tree(root):
+      raise records.RecordsError(
+          f"{root} is a folder tree of class folders, not a dataset written by `cvt-jax prepare`: read it as "
+          f"it is with --config.data.source=folder, or prepare it once (cvt-jax prepare {root} <folder>) and "
+          "read that with --config.data.data_dir=<folder>") from None
+    raise
+
+
 def array_record_split(root: str, split: str) -> Split:
-  info = records.read_info(root)
+  info = prepared_info(root)
   if split not in info.splits:
     raise ValueError(f"{root} has no split {split!r} (splits: {sorted(info.splits)})")
   return Split(ArrayRecordSource(root, info.splits[split]), info.class_names, info.splits[split].unreadable)

@@ -28,6 +28,7 @@ from etils import epath
 from cvt_jax import checkpointing
 from cvt_jax import model as model_lib
 from cvt_jax import ops
+from cvt_jax.aot import hardware
 from cvt_jax.train import optim
 from cvt_jax import parallel
 from cvt_jax.train import tensorboard
@@ -230,10 +231,45 @@ def build_steps(config: Any, setup: Setup, mesh: jax.sharding.Mesh, base_rng: ja
   return train_step, eval_step
 
 
+class EvalMemoryError(ValueError):
+  """An eval batch whose step would need more memory than the host has available."""
+
+
+def check_eval_batch_fits(eval_step: Callable[[Variables, Batch], Metrics], variables: Variables,
+                          batch_size: int, image_size: int, mesh: jax.sharding.Mesh) -> None:
+  """Compiles `eval_step` for batches of `batch_size` images (its calls then reuse the compilation) and, on
+  a CPU, refuses a batch whose buffers (XLA's memory analysis) exceed the memory the host has available.
+
+  Raises:
+    EvalMemoryError: naming both sizes and a batch that would fit.
+  """
+  rows = {"image": ((image_size, image_size, 3), jnp.uint8), "label": ((), jnp.int32), "mask": ((), jnp.bool_)}
+  batch = {key: jax.ShapeDtypeStruct((batch_size, *shape), dtype, sharding=parallel.batch_sharding(mesh))
+           for key, (shape, dtype) in rows.items()}
+  stats = eval_step.lower(variables, batch).compile().memory_analysis()
+  if parallel.platform(mesh) != "cpu" or stats is None:
+    return  # accelerators: XLA itself refuses a step that does not fit the device
+  available = hardware.available_host_memory()
+  if available is None:
+    return
+  # The variables are in memory already: what a call adds is its temporaries and outputs, and the batch.
+  per_batch = (stats.temp_size_in_bytes + stats.output_size_in_bytes) * jax.local_device_count()
+  needed = per_batch + batch_size * image_size * image_size * 3
+  if needed > available:
+    devices = jax.device_count()
+    fits = devices * int(batch_size * available / needed / devices)
+    raise EvalMemoryError(
+        f"an eval batch of {batch_size} images at {image_size} px needs {hardware.gib(needed)}, more than "
+        f"the {hardware.gib(available)} this host has available: lower --config.eval_batch_size"
+        + (f" (about {fits} fits)" if fits else ""))
+
+
 def evaluate_batches(eval_step: Callable[[Variables, Batch], Metrics], variables: Variables,
-                     batches: Iterable[input_pipeline.Batch], mesh: jax.sharding.Mesh) -> dict[str, Any]:
+                     batches: Iterable[input_pipeline.Batch], mesh: jax.sharding.Mesh,
+                     on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
   """top-1/top-5 (%) and mean loss over every real example of one padded pass; 'count' = examples seen,
-  'skipped' = the undecodable images left out, in the order met."""
+  'skipped' = the undecodable images left out, in the order met. `on_step(rows)` follows each step, once
+  it has finished (for progress reports that count what was evaluated, not what was loaded)."""
   totals = None
   skipped: list[str] = []
   prefetch = input_pipeline.Prefetcher(batches, mesh,
@@ -242,6 +278,9 @@ def evaluate_batches(eval_step: Callable[[Variables, Batch], Metrics], variables
     for batch in prefetch:
       sums = eval_step(variables, batch)
       totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+      if on_step:
+        jax.block_until_ready(totals)
+        on_step(batch["mask"].shape[0])
   finally:
     prefetch.close()
   totals = jax.device_get(totals)
@@ -275,27 +314,7 @@ def validate_config(config: Any) -> None:
           f"model.kernels={config.model.kernels!r}; use one of {ops.KERNEL_CHOICES}")
   require(config.model.remat in model_lib.REMAT_CHOICES,
           f"model.remat={config.model.remat!r}; use one of {model_lib.REMAT_CHOICES}")
-  data = config.data
-  require(data.source in input_pipeline.SOURCES,
-          f"data.source={data.source!r}; use one of {input_pipeline.SOURCES}")
-  require(data.image_size >= 32, f"data.image_size={data.image_size} must be >= 32")
-  require(data.num_workers is None or data.num_workers >= 0,
-          f"data.num_workers={data.num_workers} must be >= 0 (0: decode in this process; None: one per core)")
-  if data.source == "folder":
-    require(bool(data.data_dir), "data.source='folder' needs data.data_dir=<root with train/ and val/>")
-  if data.source == "array_record":
-    require(bool(data.data_dir), "data.source='array_record' needs data.data_dir=<what cvt-jax prepare wrote>")
-  if data.data_dir:
-    require(epath.Path(os.path.expanduser(data.data_dir)).is_dir(),
-            f"data.data_dir={data.data_dir!r} is not a directory")
-  lo, hi = data.crop_scale
-  require(0 < lo <= hi <= 1, f"data.crop_scale={tuple(data.crop_scale)} must satisfy 0 < min <= max <= 1")
-  lo, hi = data.crop_ratio
-  require(0 < lo <= hi, f"data.crop_ratio={tuple(data.crop_ratio)} must satisfy 0 < min <= max")
-  require(data.interpolation in ("bicubic", "bilinear"),
-          f"data.interpolation={data.interpolation!r}; use 'bicubic' or 'bilinear'")
-  require(data.repeated_augmentation >= 1,
-          f"data.repeated_augmentation={data.repeated_augmentation} must be >= 1 (1: off)")
+  input_pipeline.check_config(config.data)
   require(model_lib.variant_from_config(config.model) is not None or bool(config.init_from),
           "model.variant='' takes the architecture of init_from, which is not set; name the variant")
   optim_config = config.optim
@@ -381,8 +400,8 @@ def _plan(config: Any, workdir: epath.Path, fresh: bool) -> _Plan:
   spec = input_pipeline.DataSpec.from_config(config.data)
   info = input_pipeline.dataset_info(spec)
   if info.num_classes != config.model.num_classes:
-    raise ValueError(f"model.num_classes={config.model.num_classes} but dataset {spec.name!r} has "
-                     f"{info.num_classes} classes")
+    raise ValueError(f"model.num_classes={config.model.num_classes} but the {spec.where()} has "
+                     f"{info.num_classes} classes: give --config.model.num_classes={info.num_classes}")
   steps_per_epoch = input_pipeline.steps_per_epoch(info.num_train_examples, config.global_batch_size)
   if steps_per_epoch == 0:
     raise ValueError(f"global_batch_size={config.global_batch_size} exceeds the {info.num_train_examples} "
@@ -513,13 +532,18 @@ def _loop(run: _Run, state: TrainState, start_step: int, interrupt_at_step: int 
   steps_per_epoch, total_steps = plan.steps_per_epoch, plan.total_steps
   eval_every = steps_per_epoch * config.eval_every_epochs
 
+  eval_batch = input_pipeline.eval_batch_size(config.eval_batch_size, plan.info.num_eval_examples)
+
   def run_eval(step: int) -> dict[str, float]:
     started = time.time()
-    logging.info("eval @ step %d: %d images of %s%s", step, plan.info.num_eval_examples,
-                 plan.spec.where(plan.spec.eval_split), "" if evaluated else " (compiling the eval step first)")
+    logging.info("eval @ step %d: %d images of %s in batches of %d%s", step, plan.info.num_eval_examples,
+                 plan.spec.where(plan.spec.eval_split), eval_batch,
+                 "" if evaluated else " (compiling the eval step first)")
+    if not evaluated:
+      check_eval_batch_fits(run.eval_step, state.variables, eval_batch, config.data.image_size, run.mesh)
     evaluated.append(step)
-    result = evaluate_batches(run.eval_step, state.variables, input_pipeline.eval_batches(
-        plan.spec, config.eval_batch_size), run.mesh)
+    result = evaluate_batches(run.eval_step, state.variables, input_pipeline.eval_batches(plan.spec, eval_batch),
+                              run.mesh)
     if result["count"] != plan.info.num_eval_examples:  # e.g. undecodable files, masked out by the pipeline
       logging.warning("Evaluation counted %d examples but split %r has %d.", result["count"],
                       plan.spec.eval_split, plan.info.num_eval_examples)
