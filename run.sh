@@ -106,7 +106,7 @@ ensure_cuda_compiler() {
 }
 
 # XLA:CPU allocates a step's temporaries afresh on every call and glibc hands them back to the kernel on
-# free, so every training step faulted them in again (bench/README.md, second round). One arena that never
+# free, so every training step faulted them in again (bench/LOG.md). One arena that never
 # returns memory reuses the pages. Your own GLIBC_TUNABLES wins; other C libraries ignore it. Not used by
 # `test`: a process that never returns memory would hold the suite's peak to the end.
 reuse_memory() {

@@ -26,7 +26,7 @@ from etils import epath
 
 from cvt_jax.aot import devices
 from cvt_jax.aot import steps
-from cvt_jax.aot.hardware import gib
+from cvt_jax.text import gib
 from cvt_jax.aot import hardware
 from cvt_jax.cli import runner
 from cvt_jax.configs import common, cvt13, cvt21, cvtw24

@@ -443,8 +443,7 @@ def _namespace() -> types.SimpleNamespace:
 
 
 def main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    raise runner.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  runner.no_arguments(argv)
   args = _namespace()
   if args.xla_flags:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + args.xla_flags).strip()

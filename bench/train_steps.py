@@ -25,7 +25,7 @@ from etils import epath
 from cvt_jax import parallel
 from cvt_jax.train import trainer
 from cvt_jax import workdir as workdir_lib
-from cvt_jax.aot.hardware import gib
+from cvt_jax.text import gib
 from cvt_jax.cli import runner
 
 FLAGS = flags.FlagValues()
@@ -33,6 +33,7 @@ _CONFIG = runner.define_config_flag(FLAGS, "Config name or file with its argumen
 _STEPS = flags.DEFINE_integer("steps", 50, "Timed steps, warm-up included.", lower_bound=1, flag_values=FLAGS)
 _WARMUP = flags.DEFINE_integer("warmup", 5, "Steps left out of the median.", lower_bound=0, flag_values=FLAGS)
 _JSON = flags.DEFINE_string("json", None, "Also write the result to this .json file.", flag_values=FLAGS)
+flags.mark_flags_as_required(["config"], flag_values=FLAGS)
 
 
 def time_steps(config: Any, steps: int, warmup: int) -> dict[str, Any]:
@@ -71,10 +72,7 @@ def time_steps(config: Any, steps: int, warmup: int) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    raise runner.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  if _CONFIG.value is None:
-    raise runner.UsageError("--config is required")
+  runner.no_arguments(argv)
   if _JSON.value:
     workdir_lib.check_output(_JSON.value, ".json")
   result = time_steps(_CONFIG.value, _STEPS.value, _WARMUP.value)

@@ -21,6 +21,7 @@ from etils import epath
 
 from cvt_jax import model as model_lib
 from cvt_jax import parallel
+from cvt_jax import text
 from cvt_jax.train import trainer
 from cvt_jax import weights
 from cvt_jax import workdir as workdir_lib
@@ -71,10 +72,6 @@ def check_classes(checkpoint: weights.Checkpoint, info: input_pipeline.DatasetIn
 def _preview(names: tuple[str, ...], count: int = 3) -> str:
   shown = ", ".join(names[:count])
   return shown + (", ..." if len(names) > count else "")
-
-
-def _devices(count: int) -> str:
-  return f"{count} device" + ("" if count == 1 else "s")
 
 
 class _Progress:
@@ -183,7 +180,8 @@ def evaluate_checkpoint(config: Any, checkpoint_path: str, output: str | None = 
   batch_size = input_pipeline.eval_batch_size(config.eval_batch_size, info.num_eval_examples)
   logging.info("Evaluating %s (%s, %d classes) on %s: %d images at %d px, batch %d on %s, %s.",
                checkpoint.source, checkpoint.variant.name, checkpoint.num_classes, where,
-               info.num_eval_examples, size, batch_size, _devices(jax.device_count()), config.model.eval_dtype)
+               info.num_eval_examples, size, batch_size, text.plural(jax.device_count(), "device"),
+               config.model.eval_dtype)
   trainer.check_eval_batch_fits(eval_step, variables, batch_size, size, mesh)
   progress = _Progress(info.num_eval_examples)
   result = trainer.evaluate_batches(eval_step, variables, input_pipeline.eval_batches(spec, batch_size), mesh,

@@ -401,7 +401,8 @@ def test_a_killed_preparation_then_a_class_added_is_refused_and_restart_labels_e
   _image(os.path.join(tree, "train", "ant", "0.jpg"), (90, 90, 90))
   before = snapshot(tree, dst)
   assert _run(tree, dst, "--records_per_shard", "1") == 1
-  assert "classes added: ant (3 classes, was 2); train: 301 files, was 300; rerun with --restart" in _one_line(capsys)
+  message = _one_line(capsys)
+  assert "classes added: ant (3 classes, was 2); train: 301 files, was 300; rerun with --restart" in message
   assert_nothing_lost(before, snapshot(tree, dst))
   assert _run(tree, dst, "--records_per_shard", "1", "--restart") == 0
   assert _labels_match_folders(dst) == 301

@@ -18,7 +18,7 @@ import jax
 
 from cvt_jax.aot import hardware
 from cvt_jax.aot import stderr
-from cvt_jax.aot.hardware import gib
+from cvt_jax.text import gib
 
 _MEGACORE = ("v4", "v5p")  # two TensorCores per chip, deployed as one device per chip
 

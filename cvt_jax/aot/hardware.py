@@ -14,11 +14,6 @@ from typing import Any
 GiB = 2**30
 
 
-def gib(n: float) -> str:
-  """'15.75 GiB'."""
-  return f"{n / GiB:.2f} GiB"
-
-
 @dataclasses.dataclass(frozen=True)
 class GpuSpec:
   """What XLA's GPU compiler needs to know of a device it cannot see (a `GpuTargetConfigProto`)."""

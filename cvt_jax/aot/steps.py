@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from cvt_jax.aot import hlo as hlo_lib
 from cvt_jax.aot.devices import Target
-from cvt_jax.aot.hardware import gib
+from cvt_jax.text import gib
 from cvt_jax import parallel
 from cvt_jax.train import trainer
 

@@ -36,7 +36,8 @@ from etils import epath
 from cvt_jax.aot import devices
 from cvt_jax.aot import report
 from cvt_jax.aot import steps
-from cvt_jax.aot.hardware import gib
+from cvt_jax.text import gib
+from cvt_jax.text import plural
 from cvt_jax import workdir as workdir_lib
 from cvt_jax.cli import runner
 
@@ -56,13 +57,11 @@ _BREAKDOWN = flags.DEFINE_bool("breakdown", False, "Also print each step's model
                                 "norms, augmentation, loss, optimiser, layout changes), forward and backward.",
                                 flag_values=FLAGS)
 _JSON = flags.DEFINE_string("json", None, "Also write the report to this .json file.", flag_values=FLAGS)
+flags.mark_flags_as_required(["config"], flag_values=FLAGS)
 
 
 def main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    raise runner.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  if _CONFIG.value is None:
-    raise runner.UsageError("--config is required")
+  runner.no_arguments(argv)
   if _JSON.value:
     workdir_lib.check_output(_JSON.value, ".json")
   config = _CONFIG.value
@@ -75,8 +74,8 @@ def main(argv: Sequence[str]) -> None:
   print(f"compiling {config.model.variant} @{config.data.image_size} for {target.describe()}", flush=True)
   if _FIND_BATCH.value:
     per_chip, memory, _ = steps.find_batch(config, target)
-    chips = f"{target.chips} {target.unit}" + ("s" if target.chips > 1 else "")
-    print(f"largest per-{target.unit} batch that fits: {per_chip} ({per_chip * target.chips} on {chips}); "
+    print(f"largest per-{target.unit} batch that fits: {per_chip} ({per_chip * target.chips} on "
+          f"{plural(target.chips, target.unit)}); "
           f"memory ~ {gib(memory.fixed)} + {memory.per_image / 2**20:.1f} MiB per image")
   else:
     per_chip = _PER_CHIP_BATCH.value or config.global_batch_size // target.chips

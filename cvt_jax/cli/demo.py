@@ -33,8 +33,7 @@ _FRESH = flags.DEFINE_bool("fresh", False, "Delete the previous demo run in --wo
 
 
 def main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    raise runner.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  runner.no_arguments(argv)
   started = time.time()
   workdir = _WORKDIR.value
   if _FRESH.value:

@@ -50,8 +50,7 @@ flags.mark_flags_as_required(["config", "checkpoint"], flag_values=FLAGS)
 
 
 def main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    raise runner.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  runner.no_arguments(argv)
   config = _CONFIG.value
   if _DATA.value:
     config.data.source, config.data.data_dir = "folder", os.path.expanduser(_DATA.value)

@@ -34,6 +34,12 @@ class UsageError(ValueError):
   """Bad command-line arguments: reported in one line with exit status 2."""
 
 
+def no_arguments(argv: Sequence[str]) -> None:
+  """Refuses positional arguments, for the commands that take flags only."""
+  if len(argv) > 1:
+    raise UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+
+
 def run(main_fn: Callable[[list[str]], int | None], argv: Sequence[str] | None, doc: str,
         flag_values: flags.FlagValues, extra_help: Callable[[], str] | None = None) -> NoReturn:
   """Parses `flag_values` from `argv` and runs `main_fn(remaining args)` with the project's error policy.

@@ -43,8 +43,7 @@ flags.mark_flags_as_required(["config", "workdir"], flag_values=FLAGS)
 
 
 def main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    raise runner.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  runner.no_arguments(argv)
   config = _CONFIG.value
   if config.compilation_cache_dir:
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser(config.compilation_cache_dir))

@@ -32,6 +32,7 @@ from cvt_jax.aot import hardware
 from cvt_jax.train import optim
 from cvt_jax import parallel
 from cvt_jax.train import tensorboard
+from cvt_jax import text
 from cvt_jax import trees
 from cvt_jax import weights
 from cvt_jax import workdir as workdir_lib
@@ -259,8 +260,8 @@ def check_eval_batch_fits(eval_step: Callable[[Variables, Batch], Metrics], vari
     devices = jax.device_count()
     fits = devices * int(batch_size * available / needed / devices)
     raise EvalMemoryError(
-        f"an eval batch of {batch_size} images at {image_size} px needs {hardware.gib(needed)}, more than "
-        f"the {hardware.gib(available)} this host has available: lower --config.eval_batch_size"
+        f"an eval batch of {batch_size} images at {image_size} px needs {text.gib(needed)}, more than "
+        f"the {text.gib(available)} this host has available: lower --config.eval_batch_size"
         + (f" (about {fits} fits)" if fits else ""))
 
 
@@ -486,8 +487,8 @@ def _train(config: Any, workdir: epath.Path, plan: _Plan, interrupt_at_step: int
                "steps; global batch %d on %s (%s); lr %.3g.", model.spec.name,
                f"{trees.size(state.params):,}", info.num_train_examples,
                info.num_eval_examples, info.num_classes, plan.steps_per_epoch, config.num_epochs,
-               plan.total_steps, config.global_batch_size, _plural(jax.device_count(), "device"),
-               _plural(jax.process_count(), "process"), training.base_lr)
+               plan.total_steps, config.global_batch_size, text.plural(jax.device_count(), "device"),
+               text.plural(jax.process_count(), "process"), training.base_lr)
 
   ckpt = checkpointing.Checkpointer(workdir, config.checkpoint_every_steps, config.keep_checkpoints)
   try:
@@ -519,10 +520,6 @@ def _restore_latest(ckpt: checkpointing.Checkpointer, state: TrainState,
     raise checkpointing.CheckpointMismatchError(
         f"{error} (its blocks are {'one module each' if scan_blocks else 'stacked'}: it was written with "
         f"--config.model.scan_blocks={not scan_blocks})", error.stored) from None
-
-
-def _plural(count: int, noun: str) -> str:
-  return f"{count} {noun}" + ("" if count == 1 else "es" if noun.endswith("s") else "s")
 
 
 def _loop(run: _Run, state: TrainState, start_step: int, interrupt_at_step: int | None
