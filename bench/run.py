@@ -459,7 +459,7 @@ def main(argv: Sequence[str]) -> None:
   gpu = jax.default_backend() == "gpu"
   if gpu != torch.cuda.is_available():
     raise runner.UsageError(f"jax backend {jax.default_backend()!r} but torch.cuda.is_available() is "
-                         f"{torch.cuda.is_available()}: both frameworks must run on the same device")
+                            f"{torch.cuda.is_available()}: both frameworks must run on the same device")
   args.models = args.models or (["cvt-13", "cvt-21", "cvt-w24"] if gpu else ["cvt-13"])
   for name in args.models:
     try:

@@ -81,10 +81,10 @@ def main(argv: Sequence[str]) -> None:
     per_chip = _PER_CHIP_BATCH.value or config.global_batch_size // target.chips
     if not _PER_CHIP_BATCH.value and config.global_batch_size % target.chips:
       raise runner.UsageError(f"global_batch_size={config.global_batch_size} does not split over {target.chips} "
-                           "chips: pass --per_chip_batch")
+                              "chips: pass --per_chip_batch")
   if per_chip and config.optim.grad_accum_steps > 1 and per_chip % config.optim.grad_accum_steps:
     raise runner.UsageError(f"optim.grad_accum_steps={config.optim.grad_accum_steps} must divide the per-chip "
-                         f"batch {per_chip}")
+                            f"batch {per_chip}")
   reports = steps.compile_steps(config, target, per_chip) if per_chip else []
   for line in report.report_lines(reports, target, config, _BREAKDOWN.value):
     print(line)
