@@ -102,3 +102,10 @@ def torchvision_transforms():
   yield transforms
   for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
     del sys.modules[name]
+
+
+@pytest.fixture(scope="module")
+def finetuned(tmp_path_factory):
+  """The fine-tuned tiny checkpoint of tests/finetuned_tiny.py: built once per run, copied per test module."""
+  import finetuned_tiny  # pylint: disable=g-import-not-at-top  # builds with the trainer: JAX is set up above
+  return finetuned_tiny.shared(tmp_path_factory)

@@ -22,11 +22,6 @@ from cvt_jax.model import get_variant
 ROOT = os.path.dirname(finetuned_tiny.HERE)
 
 
-@pytest.fixture(scope="module")
-def finetuned(tmp_path_factory):
-  return finetuned_tiny.shared(tmp_path_factory)
-
-
 def _val_size(tree: str) -> int:
   val = os.path.join(tree, "val")
   return sum(len(os.listdir(os.path.join(val, c))) for c in os.listdir(val))

@@ -18,11 +18,6 @@ from cvt_jax import weights
 from cvt_jax.configs import finetune
 
 
-@pytest.fixture(scope="module")
-def finetuned(tmp_path_factory):
-  return finetuned_tiny.shared(tmp_path_factory)
-
-
 def test_defaults_are_the_papers_recipe(tmp_path):
   init = tmp_path / "w.npz"
   init.write_bytes(b"")
