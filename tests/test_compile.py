@@ -146,7 +146,7 @@ def test_a_users_own_sharded_step_compiles_for_a_tpu_slice_with_the_default_kern
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   variant = model.make_variant("tiny", (8, 16, 24), (1, 1, 1), (1, 1, 1), 0.0)
   cvt = model.CvT.from_variant(variant, num_classes=5, kernels=ops.resolve_kernels("auto", "tpu"))
-  variables = jax.eval_shape(cvt.init_variables, jax.random.key(0), 96)
+  variables = jax.eval_shape(lambda key: cvt.init_variables(key, 96), jax.random.key(0))
   variables = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), variables)
   images = jax.ShapeDtypeStruct((8, 96, 96, 3), np.float32, sharding=on_batch)
   step = jax.jit(cvt.apply, in_shardings=(replicated, on_batch), out_shardings=on_batch)

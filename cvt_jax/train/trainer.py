@@ -522,6 +522,36 @@ def _restore_latest(ckpt: checkpointing.Checkpointer, state: TrainState,
         f"--config.model.scan_blocks={not scan_blocks})", error.stored) from None
 
 
+class _Evaluator:
+  """A run's periodic evaluation: every image of the eval split, logged and written to TensorBoard."""
+
+  def __init__(self, run: _Run, writer: tensorboard.ScalarWriter):
+    self._run, self._writer = run, writer
+    self._batch = input_pipeline.eval_batch_size(run.config.eval_batch_size, run.plan.info.num_eval_examples)
+    self._compiled = False
+
+  def __call__(self, step: int, variables: Variables) -> dict[str, float]:
+    run, plan = self._run, self._run.plan
+    started = time.time()
+    logging.info("eval @ step %d: %d images of %s in batches of %d%s", step, plan.info.num_eval_examples,
+                 plan.spec.where(plan.spec.eval_split), self._batch,
+                 "" if self._compiled else " (compiling the eval step first)")
+    if not self._compiled:
+      check_eval_batch_fits(run.eval_step, variables, self._batch, run.config.data.image_size, run.mesh)
+      self._compiled = True
+    result = evaluate_batches(run.eval_step, variables, input_pipeline.eval_batches(plan.spec, self._batch),
+                              run.mesh)
+    if result["count"] != plan.info.num_eval_examples:  # e.g. undecodable files, masked out by the pipeline
+      logging.warning("Evaluation counted %d examples but split %r has %d.", result["count"],
+                      plan.spec.eval_split, plan.info.num_eval_examples)
+    logging.info("eval @ step %d (epoch %.2f): top-1 %.2f%%, top-5 %.2f%%, loss %.4f over %d/%d images "
+                 "(%.1fs)", step, step / plan.steps_per_epoch, result["top1"], result["top5"], result["loss"],
+                 result["count"], plan.info.num_eval_examples, time.time() - started)
+    self._writer.write_scalars(step, {f"eval/{k}": v for k, v in result.items() if k != "skipped"})
+    self._writer.flush()
+    return result
+
+
 def _loop(run: _Run, state: TrainState, start_step: int, interrupt_at_step: int | None
           ) -> tuple[TrainState, dict[str, float] | None]:
   """The training loop proper (see `train_and_evaluate`)."""
@@ -529,30 +559,8 @@ def _loop(run: _Run, state: TrainState, start_step: int, interrupt_at_step: int 
   steps_per_epoch, total_steps = plan.steps_per_epoch, plan.total_steps
   eval_every = steps_per_epoch * config.eval_every_epochs
 
-  eval_batch = input_pipeline.eval_batch_size(config.eval_batch_size, plan.info.num_eval_examples)
-
-  def run_eval(step: int) -> dict[str, float]:
-    started = time.time()
-    logging.info("eval @ step %d: %d images of %s in batches of %d%s", step, plan.info.num_eval_examples,
-                 plan.spec.where(plan.spec.eval_split), eval_batch,
-                 "" if evaluated else " (compiling the eval step first)")
-    if not evaluated:
-      check_eval_batch_fits(run.eval_step, state.variables, eval_batch, config.data.image_size, run.mesh)
-    evaluated.append(step)
-    result = evaluate_batches(run.eval_step, state.variables, input_pipeline.eval_batches(plan.spec, eval_batch),
-                              run.mesh)
-    if result["count"] != plan.info.num_eval_examples:  # e.g. undecodable files, masked out by the pipeline
-      logging.warning("Evaluation counted %d examples but split %r has %d.", result["count"],
-                      plan.spec.eval_split, plan.info.num_eval_examples)
-    logging.info("eval @ step %d (epoch %.2f): top-1 %.2f%%, top-5 %.2f%%, loss %.4f over %d/%d images "
-                 "(%.1fs)", step, step / steps_per_epoch, result["top1"], result["top5"], result["loss"],
-                 result["count"], plan.info.num_eval_examples, time.time() - started)
-    writer.write_scalars(step, {f"eval/{k}": v for k, v in result.items() if k != "skipped"})
-    writer.flush()
-    return result
-
   writer = tensorboard.ScalarWriter(os.fspath(run.workdir / "tensorboard"))
-  evaluated: list[int] = []
+  evaluate = _Evaluator(run, writer)
   profiler = _Profiler(run.workdir, start_step, config.profile_steps)
   last_eval = None
   history: list[tuple[int, Metrics]] = []
@@ -607,10 +615,10 @@ def _loop(run: _Run, state: TrainState, start_step: int, interrupt_at_step: int 
           logging.warning("Stopped at step %d; checkpoint saved, rerun the same command to resume.", step)
           return state, last_eval
         if step % eval_every == 0 or step == total_steps:
-          last_eval = run_eval(step)
+          last_eval = evaluate(step, state.variables)
           last_log_time = time.time()  # keep eval time out of the img/s figure
     if start_step == total_steps:
-      last_eval = run_eval(total_steps)
+      last_eval = evaluate(total_steps, state.variables)
     return state, last_eval
   finally:
     train_batches.close()
