@@ -2,7 +2,7 @@ r"""Top classes of image files: `cvt-jax predict --checkpoint X image.jpg [more.
 
   cvt-jax predict --checkpoint CvT-13-224x224-IN-1k.pth cat.jpg dog.png photos/
   cvt-jax predict --checkpoint out/finetune --output predictions.json photos/   # a workdir: its classes
-  cvt-jax predict --exported cvt13_served cat.jpg        # what `cvt-jax export` wrote
+  cvt-jax predict --exported cvt13_served cat.jpg        # what `cvt-jax export` wrote (either format)
 
 The checkpoint is anything `cvt-jax convert` reads; --exported takes a `cvt-jax export` folder instead,
 whose resolution and dtype were fixed at export. Class names come from --labels (one per line, label
@@ -31,7 +31,8 @@ from cvt_jax.cli import runner
 FLAGS = flags.FlagValues()
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir, converted .npz, PyTorch "
                                   ".pth/.bin/.safetensors or hub name.", flag_values=FLAGS)
-_EXPORTED = flags.DEFINE_string("exported", None, "A `cvt-jax export` folder, instead of --checkpoint.",
+_EXPORTED = flags.DEFINE_string("exported", None, "A `cvt-jax export` folder (StableHLO or ONNX), instead of "
+                                "--checkpoint.",
                                 flag_values=FLAGS)
 _LABELS = flags.DEFINE_string("labels", None, "Class names, one per line in label order.", flag_values=FLAGS)
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", None, "Input resolution (default: the workdir's training "
@@ -65,7 +66,7 @@ def main(argv: Sequence[str]) -> int:
     fixed = [f"--{f}" for f in (_IMAGE_SIZE.name, _DTYPE.name, _HEADS.name) if FLAGS[f].present]
     if fixed:
       raise runner.UsageError(f"{', '.join(fixed)}: fixed when the model was exported; not with --exported")
-    predictor = export.ExportedModel(_EXPORTED.value, _BATCH_SIZE.value)
+    predictor = export.load(_EXPORTED.value, _BATCH_SIZE.value)
     names = predict.class_names(predictor, _LABELS.value)
   else:
     checkpoint = weights.load(_CHECKPOINT.value, heads=_HEADS.value)
