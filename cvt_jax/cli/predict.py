@@ -16,6 +16,7 @@ exit status is then 1.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Sequence
 
@@ -74,18 +75,30 @@ def main(argv: Sequence[str]) -> int:
     predictor = predict.Predictor(checkpoint, _IMAGE_SIZE.value or checkpoint.image_size or 224,
                                   _BATCH_SIZE.value, _DTYPE.value)
   predictions, failed = predict.predict(predictor, paths, names, _TOP_K.value)
-  for p in predictions:
-    if _JSON.value:
-      print(json.dumps(_as_json(p)))
-    else:
-      print(p.path)
-      for i, n, q in zip(p.labels, p.names, p.probabilities):
-        print(f"  {100 * q:6.2f}%  {i:4d}  {n}")
   if _OUTPUT.value:
     epath.Path(_OUTPUT.value).write_text(json.dumps([_as_json(p) for p in predictions], indent=1))
+  lines = []
+  for p in predictions:
+    if _JSON.value:
+      lines.append(json.dumps(_as_json(p)))
+    else:
+      lines.append(p.path)
+      lines += [f"  {100 * q:6.2f}%  {i:4d}  {n}" for i, n, q in zip(p.labels, p.names, p.probabilities)]
+  _print_lines(lines)
   for path, message in failed:
     print(f"cvt-jax predict: skipped {path}: {message}", file=sys.stderr)
   return 1 if failed else 0
+
+
+def _print_lines(lines: list[str]) -> None:
+  """Prints `lines` to stdout; a reader that stops early (`| head -2`) is not an error."""
+  try:
+    for line in lines:
+      print(line)
+    sys.stdout.flush()
+  except BrokenPipeError:
+    # Python flushes stdout again at exit, into the same closed pipe: point it at /dev/null first.
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def run(argv: Sequence[str] | None = None) -> None:
