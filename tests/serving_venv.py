@@ -7,14 +7,17 @@ numpy and pillow on a 2-core CPU), and reused after.
 """
 
 import hashlib
+import importlib
 import os
 import shutil
 import subprocess
 import sys
+import types
 
 import filelock
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLES = os.path.join(ROOT, "examples")
 REQUIREMENTS = os.path.join(ROOT, "requirements.txt")
 CACHE = os.path.join(os.path.expanduser("~"), ".cache", "cvt_jax", "serving-venvs")
 
@@ -37,3 +40,17 @@ def python_with(install: str) -> str:
                       *packages], check=True, timeout=1200, env=env)
       open(os.path.join(venv, ".complete"), "w").close()
   return python
+
+
+def example(name: str) -> types.ModuleType:
+  """examples/`name`.py, imported."""
+  sys.path.insert(0, EXAMPLES)
+  try:
+    return importlib.import_module(name)
+  finally:
+    sys.path.remove(EXAMPLES)
+
+
+def python_for(name: str) -> str:
+  """The interpreter of a venv made by examples/`name`.py's INSTALL line."""
+  return python_with(example(name).INSTALL)

@@ -1,6 +1,8 @@
 """`cvt-jax export`: an artefact that plain `jax` serves with the in-process model's logits, or nothing at all.
 
-The reloading process runs examples/serve.py's own functions and must never import cvt_jax or flax.
+The reloading process is a venv made of exactly what examples/serve.py (and docs/serving.md) tell a serving
+host to install (tests/serving_venv.py); it runs serve.py's own functions and must never import cvt_jax or
+flax.
 """
 
 import dataclasses
@@ -14,6 +16,7 @@ import jax
 import numpy as np
 import pytest
 import safetensors.numpy
+import serving_venv
 from PIL import Image
 from test_bad_inputs import readonly  # noqa: F401  (a fixture: a folder nobody can write to)
 from test_torch_weights import synthetic_official
@@ -25,7 +28,7 @@ from cvt_jax.cli import main as cli
 from cvt_jax.data import preprocess
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-EXAMPLES = os.path.join(os.path.dirname(HERE), "examples")
+EXAMPLES = serving_venv.EXAMPLES
 TINY = os.path.join(HERE, "fixtures", "tiny", "hf", "model.safetensors")  # dims 8/16/24, 10 classes
 CLASSES = tuple(f"thing {i}" for i in range(10))
 SIZE = 64
@@ -56,8 +59,7 @@ class Reloaded:
   imported: list[str]  # of cvt_jax, flax, jax and torch
 
 
-def start_reload(out_dir, paths, batches, tmp_path, example: str = "serve",
-                 python: str = sys.executable) -> Callable[[], Reloaded]:
+def start_reload(out_dir, paths, batches, tmp_path, example: str, python: str) -> Callable[[], Reloaded]:
   """Starts RELOAD with examples/`example`.py on `out_dir` in `python` and returns a function that waits for
   its `Reloaded`."""
   result = str(tmp_path / f"reloaded-{os.path.basename(out_dir)}.npz")
@@ -131,9 +133,15 @@ def tiny_export(tiny, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def reloaded(tiny, tiny_export, jpegs, tmp_path_factory) -> tuple[Reloaded, np.ndarray]:
+def serving_python():
+  """A venv with `pip install jax flatbuffers numpy pillow` (serve.INSTALL) and nothing else."""
+  return serving_venv.python_for("serve")
+
+
+@pytest.fixture(scope="module")
+def reloaded(tiny, tiny_export, jpegs, serving_python, tmp_path_factory) -> tuple[Reloaded, np.ndarray]:
   """The tiny artefact reloaded in a fresh process at batch 1, 3 and 8, and the in-process model's logits."""
-  wait = start_reload(tiny_export, jpegs, (1, 3, 8), tmp_path_factory.mktemp("reload"))
+  wait = start_reload(tiny_export, jpegs, (1, 3, 8), tmp_path_factory.mktemp("reload"), "serve", serving_python)
   reference = reference_logits(tiny, jpegs, SIZE)  # while the other process compiles
   return wait(), reference
 
@@ -166,11 +174,7 @@ def test_the_artefact_states_its_contract(tiny_export):
 
 @pytest.mark.parametrize("size", [SIZE, 224, 383, 384])
 def test_serve_py_crops_as_the_official_eval_transform(jpegs, size):
-  sys.path.insert(0, EXAMPLES)
-  try:
-    import serve  # pylint: disable=import-outside-toplevel
-  finally:
-    sys.path.remove(EXAMPLES)
+  serve = serving_venv.example("serve")
   for path in jpegs:
     np.testing.assert_array_equal(serve.eval_image(path, export.eval_transform(size)),
                                   preprocess.eval_image(path, size), path)
@@ -223,14 +227,15 @@ def real_width_cvt13(path: str, classes: int = 1000) -> None:
 
 
 @pytest.mark.slow
-def test_a_converted_real_width_cvt13_serves_the_logits_of_the_in_process_model(jpegs, tmp_path, capsys):
+def test_a_converted_real_width_cvt13_serves_the_logits_of_the_in_process_model(jpegs, serving_python, tmp_path,
+                                                                               capsys):
   pth = str(tmp_path / "CvT-13-224x224-IN-1k.safetensors")
   real_width_cvt13(pth)
   out_dir = tmp_path / "cvt13"
   status, out, _ = cvt_jax(capsys, "export", pth, out_dir)
   assert status == 0 and "cvt-13 (dims (64, 192, 384)" in out and "at 224x224 in float32 for cpu" in out
   paths = jpegs[:3]
-  wait = start_reload(out_dir, paths, (3,), tmp_path)
+  wait = start_reload(out_dir, paths, (3,), tmp_path, "serve", serving_python)
   reference = reference_logits(pth, paths, 224)
   reloaded = wait()
   assert reloaded.imported == ["jax"]

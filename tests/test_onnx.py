@@ -8,7 +8,6 @@ neither jax nor cvt_jax.
 
 import json
 import os
-import sys
 
 import numpy as np
 import onnx
@@ -31,18 +30,10 @@ from cvt_jax import weights
 ROOT = os.path.dirname(EXAMPLES)
 
 
-def example(name: str):
-  sys.path.insert(0, EXAMPLES)
-  try:
-    return __import__(name)
-  finally:
-    sys.path.remove(EXAMPLES)
-
-
 @pytest.fixture(scope="module")
 def serving_python():
   """A venv with `pip install onnxruntime numpy pillow` (serve_onnx.INSTALL) and nothing else."""
-  return serving_venv.python_with(example("serve_onnx").INSTALL)
+  return serving_venv.python_for("serve_onnx")
 
 
 @pytest.fixture(scope="module")
@@ -99,8 +90,8 @@ def test_predict_exported_onnx_and_serve_onnx_give_the_top5_of_predict_checkpoin
 
 def test_the_docs_tell_a_serving_host_what_the_tested_venvs_hold():
   text = open(os.path.join(ROOT, "docs", "serving.md")).read()
-  assert example("serve_onnx").INSTALL in text
-  assert "pip install jax flatbuffers numpy pillow" in text  # examples/serve.py's INSTALL
+  for name in ("serve", "serve_onnx"):
+    assert serving_venv.example(name).INSTALL in text
 
 
 @pytest.mark.slow
