@@ -51,16 +51,13 @@ def check_out_dir(out_dir: str) -> None:
   if not workdir_lib.is_local(out_dir):
     raise workdir_lib.OutputError(f"output {out_dir}: exports are written to a local folder")
   path = epath.Path(out_dir)
-  if path.exists() and not path.is_dir():
+  entries = {p.name for p in path.iterdir()} if path.is_dir() else set()
+  if path.exists() and not (path.is_dir() and (not entries or SIGNATURE_FILE in entries)):
     raise workdir_lib.OutputError(f"output {out_dir} exists and is not an exported model; name a new folder")
-  if path.exists():
-    entries = {p.name for p in path.iterdir()}
-    if entries and SIGNATURE_FILE not in entries:
-      raise workdir_lib.OutputError(f"output {out_dir} exists and is not an exported model; name a new folder")
-    if others := sorted(entries - _FILES):
-      # An earlier export is replaced whole: files of the user's beside it would be deleted with it.
-      raise workdir_lib.OutputError(f"output {out_dir} is an earlier export that also holds "
-                                    f"{', '.join(others)}; move them or name a new folder")
+  if others := sorted(entries - _FILES):
+    # An earlier export is replaced whole: a file of the user's beside it would be deleted with it.
+    raise workdir_lib.OutputError(f"output {out_dir} is an earlier export that also holds "
+                                  f"{', '.join(others)}; move them or name a new folder")
   workdir_lib.check_output(str(_staging_dir(out_dir)))
 
 
