@@ -18,7 +18,7 @@ training step's traffic, bench/README.md).
 
 `'onnx'`: 'plain' with attention as two heads-first batched matmuls, for `cvt_jax.export_onnx`: jax2onnx
 turns `jnp.einsum` into ONNX Einsum nodes, which ONNX Runtime ran at less than half the speed of the MatMul
-nodes it makes of these (docs/serving.md).
+nodes it makes of these (docs/serving.md). The model's LayerNorms change with it (`cvt_jax.model`).
 
 `resolve_kernels` picks 'cpu' for CPU devices, 'tpu' for TPUs and 'plain' otherwise. Callers that compile
 for other devices than the default backend's (a TPU topology compiled on a CPU host) pass the target

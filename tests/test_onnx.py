@@ -25,6 +25,7 @@ from test_export import tiny  # noqa: F401  (a fixture)
 
 from cvt_jax import export
 from cvt_jax import export_onnx
+from cvt_jax import ops as ops_lib
 from cvt_jax import weights
 
 ROOT = os.path.dirname(EXAMPLES)
@@ -73,8 +74,16 @@ def test_the_onnx_artefact_states_its_contract(tiny_onnx):
   assert (image.name, image.type.tensor_type.elem_type) == ("images", onnx.TensorProto.UINT8)
   assert (logits.name, logits.type.tensor_type.elem_type) == ("logits", onnx.TensorProto.FLOAT)
   assert image.type.tensor_type.shape.dim[0].dim_param  # symbolic batch
-  # Attention as MatMuls: ONNX Runtime's Einsum ran at less than half their speed (docs/serving.md).
-  assert "Einsum" not in {node.op_type for node in model.graph.node}
+  # Attention as MatMuls (ONNX Runtime's Einsum ran at less than half their speed) and each LayerNorm one
+  # node (not a dozen unfused ones): docs/serving.md.
+  ops = [node.op_type for node in model.graph.node]
+  assert "Einsum" not in ops and ops.count("LayerNormalization") == 1 + 2 * 6 + 3  # stages 1+2+3, blocks, final
+
+
+def test_the_onnx_kernels_attention_is_the_plain_one():
+  q, k, v = np.random.default_rng(0).standard_normal((3, 2, 50, 3, 8), np.float32)
+  np.testing.assert_allclose(ops_lib.attention(q, k, v, 0.1, "onnx"), ops_lib.attention(q, k, v, 0.1, "plain"),
+                             rtol=1e-6, atol=1e-6)
 
 
 def test_predict_exported_onnx_and_serve_onnx_give_the_top5_of_predict_checkpoint(tiny, tiny_onnx, reloaded,
