@@ -7,7 +7,8 @@ Every contender serves uint8 (b, S, S, 3) images already cropped (the artefacts'
 own, in fp32, with as many threads as the process may use cores (`taskset` picks them): "cvt_jax" (the
 model under `jax.jit`, weights as arguments), "stablehlo" (`cvt-jax export`'s model.stablehlo through
 `jax.export.deserialize`), "onnxruntime" (`--format onnx`'s model.onnx in ONNX Runtime's CPU provider; the
-process imports neither jax nor cvt_jax), "torch-eager" and "torch-compile" (`bench.torch_models.CvT`: the
+process imports neither jax nor cvt_jax), "openvino" (the same model.onnx in OpenVINO's CPU plugin, fp32;
+skipped unless `pip install openvino`), "torch-eager" and "torch-compile" (`bench.torch_models.CvT`: the
 official model's computation, weights random). Each is compiled and warmed up, then all are timed in
 interleaved rounds (the order rotates each round) so that a shared machine slows them alike; medians are
 reported. Results: OUT.json and OUT.md.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import multiprocessing
 import os
@@ -29,7 +31,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-CONTENDERS = ("cvt_jax", "stablehlo", "onnxruntime", "torch-eager", "torch-compile")
+CONTENDERS = ("cvt_jax", "stablehlo", "onnxruntime", "openvino", "torch-eager", "torch-compile")
 
 
 def threads() -> int:
@@ -64,6 +66,13 @@ def _onnxruntime(folder: str, batch: int) -> Callable[[np.ndarray], Any]:
   return lambda images: session.run(None, {"images": images})
 
 
+def _openvino(folder: str, batch: int) -> Callable[[np.ndarray], Any]:
+  import openvino
+  model = openvino.Core().compile_model(os.path.join(folder, "onnx", "model.onnx"), "CPU", {
+      "INFERENCE_NUM_THREADS": threads(), "INFERENCE_PRECISION_HINT": "f32"})  # no bf16 on AMX/AVX512-BF16
+  return lambda images: model(images)
+
+
 def _torch(compiled: bool) -> Callable[[str, int], Callable[[np.ndarray], Any]]:
   def build(folder: str, batch: int) -> Callable[[np.ndarray], Any]:
     import torch
@@ -83,7 +92,7 @@ def _torch(compiled: bool) -> Callable[[str, int], Callable[[np.ndarray], Any]]:
   return build
 
 
-BUILDERS = {"cvt_jax": _cvt_jax, "stablehlo": _stablehlo, "onnxruntime": _onnxruntime,
+BUILDERS = {"cvt_jax": _cvt_jax, "stablehlo": _stablehlo, "onnxruntime": _onnxruntime, "openvino": _openvino,
             "torch-eager": _torch(False), "torch-compile": _torch(True)}
 
 
@@ -152,7 +161,7 @@ def write_artefacts(folder: str, size: int) -> None:
 def versions() -> dict[str, str]:
   import importlib.metadata
   out = {}
-  for package in ("jax", "jaxlib", "onnxruntime", "jax2onnx", "torch", "numpy"):
+  for package in ("jax", "jaxlib", "onnxruntime", "openvino", "jax2onnx", "torch", "numpy"):
     try:
       out[package] = importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
@@ -188,7 +197,7 @@ def main() -> None:
   args = parser.parse_args()
   from bench.run import time_interleaved
   from cvt_jax import hardware
-  names = args.contenders.split(",")
+  names = [n for n in args.contenders.split(",") if n != "openvino" or importlib.util.find_spec("openvino")]
   out = pathlib.Path(args.out or f"bench/results/local/serving-{datetime.datetime.now():%Y%m%d-%H%M%S}")
   out.parent.mkdir(parents=True, exist_ok=True)
   report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

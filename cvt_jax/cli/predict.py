@@ -33,8 +33,7 @@ FLAGS = flags.FlagValues()
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir, converted .npz, PyTorch "
                                   ".pth/.bin/.safetensors or hub name.", flag_values=FLAGS)
 _EXPORTED = flags.DEFINE_string("exported", None, "A `cvt-jax export` folder (StableHLO or ONNX), instead of "
-                                "--checkpoint.",
-                                flag_values=FLAGS)
+                                "--checkpoint.", flag_values=FLAGS)
 _LABELS = flags.DEFINE_string("labels", None, "Class names, one per line in label order.", flag_values=FLAGS)
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", None, "Input resolution (default: the workdir's training "
                                    "resolution, else 224).", lower_bound=32, flag_values=FLAGS)
