@@ -143,13 +143,16 @@ def quick_gelu(x: jax.Array) -> jax.Array:
   return x * jax.nn.sigmoid(1.702 * x)
 
 
-def _layer_norm(name: str) -> nn.Module:
+def _layer_norm(name: str, kernels: ops.Kernels) -> nn.Module:
   """LayerNorm with PyTorch's eps 1e-5 (Flax defaults to 1e-6), computed in fp32.
 
-  Two-pass variance like PyTorch: Flax's fast E[x^2] - E[x]^2 loses precision when |mean| >> std.
+  Two-pass variance like PyTorch: Flax's fast E[x^2] - E[x]^2 loses precision when |mean| >> std. The
+  'onnx' kernels ask for the fast one because jax2onnx then writes the layer as one ONNX LayerNormalization
+  (whose runtime computes the variance itself), and only then: otherwise as a dozen elementwise nodes that
+  ONNX Runtime does not fuse (docs/serving.md).
   """
-  return nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32, param_dtype=jnp.float32, use_fast_variance=False,
-                      name=name)
+  return nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32, param_dtype=jnp.float32,
+                      use_fast_variance=kernels == "onnx", name=name)
 
 
 def _dense(features: int, kernels: ops.Kernels, dtype: Dtype, name: str, **kwargs: Any) -> nn.Dense:
@@ -254,10 +257,10 @@ class Block(nn.Module):
   def __call__(self, x: jax.Array, grid_hw: tuple[int, int], train: bool,
                drop_path_rate: float | jax.Array) -> jax.Array:
     drop_path = DropPath(name="drop_path")
-    y = _layer_norm("norm1")(x).astype(self.dtype)
+    y = _layer_norm("norm1", self.kernels)(x).astype(self.dtype)
     y = Attention(self.spec, self.kernels, self.dtype, name="attn")(y, grid_hw, train)
     x = x + drop_path(y, drop_path_rate, train)
-    y = _layer_norm("norm2")(x).astype(self.dtype)
+    y = _layer_norm("norm2", self.kernels)(x).astype(self.dtype)
     return x + drop_path(Mlp(self.spec.dim, self.kernels, self.dtype, name="mlp")(y), drop_path_rate, train)
 
 
@@ -301,7 +304,7 @@ class ConvEmbed(nn.Module):
                 padding=((self.padding, self.padding),) * 2, dtype=self.dtype, param_dtype=jnp.float32,
                 kernel_init=_torch_default_uniform(fan_in), bias_init=_torch_default_uniform(fan_in),
                 conv_general_dilated=ops.patch_conv(self.kernels), name="proj")(x)
-    return _layer_norm("norm")(x).astype(self.dtype)
+    return _layer_norm("norm", self.kernels)(x).astype(self.dtype)
 
 
 class Stage(nn.Module):
@@ -374,7 +377,7 @@ class CvT(nn.Module):
               kernels, self.dtype, self.remat, self.scan_blocks)
         for i, s in enumerate(specs)
     ]
-    self.norm = _layer_norm("norm")
+    self.norm = _layer_norm("norm", kernels)
     if self.num_classes:
       self.head = _dense(self.num_classes, kernels, jnp.float32, "head", param_dtype=jnp.float32,
                          bias_init=_torch_default_uniform(specs[-1].dim))

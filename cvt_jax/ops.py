@@ -1,4 +1,4 @@
-"""The compute kernels of CvT's layers, in three formulations chosen once per model.
+"""The compute kernels of CvT's layers, in four formulations chosen once per model.
 
 `'plain'`: the textbook formulation differentiated by JAX: a grouped (`feature_group_count`) convolution for
 the depthwise q/k/v projections, `lax.dot_general` for the linear layers and the patch embeddings' convs,
@@ -15,6 +15,10 @@ patches @ kernel, and weight gradients that transpose the narrower GEMM operand.
 (`cvt_jax.ops_pallas`): the (queries x keys) scores stay in the core's memory, where XLA's
 softmax-then-matmul reads and writes them several times over in HBM (otherwise the largest part of a TPU
 training step's modelled traffic).
+
+`'onnx'`: 'plain' with attention as two heads-first batched matmuls, for `cvt_jax.export_onnx`: jax2onnx
+turns `jnp.einsum` into ONNX Einsum nodes, which ONNX Runtime ran at less than half the speed of the MatMul
+nodes it makes of these (docs/serving.md). The model's LayerNorms change with it (`cvt_jax.model`).
 
 `resolve_kernels` picks 'cpu' for CPU devices, 'tpu' for TPUs and 'plain' otherwise. Callers that compile
 for other devices than the default backend's (a TPU topology compiled on a CPU host) pass the target
@@ -33,8 +37,8 @@ import jax.numpy as jnp
 
 from cvt_jax import ops_pallas
 
-Kernels = Literal["plain", "cpu", "tpu"]
-KERNEL_CHOICES = ("auto", "plain", "cpu", "tpu")
+Kernels = Literal["plain", "cpu", "tpu", "onnx"]
+KERNEL_CHOICES = ("auto", "plain", "cpu", "tpu", "onnx")
 Padding = tuple[tuple[int, int], tuple[int, int]]
 
 
@@ -229,6 +233,11 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float, kernels: K
     return _attention_cpu(q, k, v, scale)
   if kernels == "tpu" and k.shape[1] >= ops_pallas.MIN_KEYS and ops_pallas.splits_here():
     return ops_pallas.attention(q, k, v, scale)
+  if kernels == "onnx":
+    q, k, v = _heads_first(q) * scale, _heads_first(k), _heads_first(v)
+    scores = jnp.matmul(q, k.swapaxes(-1, -2), preferred_element_type=jnp.float32)
+    out = jnp.matmul(jax.nn.softmax(scores, axis=-1).astype(v.dtype), v)
+    return _heads_first(out)
   scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
   return jnp.einsum("bhqk,bkhd->bqhd", probs, v)

@@ -133,7 +133,9 @@ def _load_npz(path: epath.Path) -> Checkpoint:
   try:
     with np.load(io.BytesIO(path.read_bytes()), allow_pickle=False) as npz:
       flat = {k: npz[k] for k in npz.files}
-  except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+  except ValueError:  # numpy took it for a pickle, and its advice is to load it unsafely: never
+    raise WeightsError(f"{path}: unreadable weights file (not a NumPy .npz archive)") from None
+  except (OSError, zipfile.BadZipFile, EOFError) as e:
     raise WeightsError(f"{path}: unreadable weights file ({type(e).__name__}: {e})") from None
   if _META_KEY not in flat:
     raise WeightsError(f"{path}: no '{_META_KEY}' entry; not a cvt_jax weights file "

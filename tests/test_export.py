@@ -1,6 +1,8 @@
 """`cvt-jax export`: an artefact that plain `jax` serves with the in-process model's logits, or nothing at all.
 
-The reloading process runs examples/serve.py's own functions and must never import cvt_jax or flax.
+The reloading process is a venv made of exactly what examples/serve.py (and docs/serving.md) tell a serving
+host to install (tests/serving_venv.py); it runs serve.py's own functions and must never import cvt_jax or
+flax.
 """
 
 import dataclasses
@@ -14,6 +16,7 @@ import jax
 import numpy as np
 import pytest
 import safetensors.numpy
+import serving_venv
 from PIL import Image
 from test_bad_inputs import readonly  # noqa: F401  (a fixture: a folder nobody can write to)
 from test_torch_weights import synthetic_official
@@ -25,42 +28,44 @@ from cvt_jax.cli import main as cli
 from cvt_jax.data import preprocess
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-EXAMPLES = os.path.join(os.path.dirname(HERE), "examples")
+EXAMPLES = serving_venv.EXAMPLES
 TINY = os.path.join(HERE, "fixtures", "tiny", "hf", "model.safetensors")  # dims 8/16/24, 10 classes
 CLASSES = tuple(f"thing {i}" for i in range(10))
 SIZE = 64
 # (width, height): landscape, portrait thinner than the crop, square, odd sizes.
 IMAGE_SIZES = [(500, 375), (91, 37), (64, 64), (300, 301), (37, 200), (120, 80), (256, 255), (71, 71)]
 
-# Runs in a fresh interpreter: examples/serve.py's loader and eval transform, the logits at several batch
-# sizes (the last one all images), serve.py's printed top-5, and the proof that neither cvt_jax nor flax was
-# imported.
+# Runs in a fresh interpreter: an example server's (examples/serve.py's or serve_onnx.py's) loader and eval
+# transform, the logits at several batch sizes (the last one all images), its printed top-5, and which of
+# cvt_jax, flax, jax and torch it imported.
 RELOAD = """
-import json, sys
+import importlib, json, sys
 import numpy as np
-out_dir, result, examples, batches, *paths = sys.argv[1:]
+example, out_dir, result, examples, batches, *paths = sys.argv[1:]
 sys.path.insert(0, examples)
-import serve
+serve = importlib.import_module(example)
 forward, signature, names = serve.load(out_dir)
 images = np.stack([serve.eval_image(p, signature["eval_transform"]) for p in paths])
 np.savez(result, **{b: np.asarray(forward(images[:int(b)])) for b in batches.split(",")})
 serve.top5(forward, signature, names, paths)
-print(json.dumps(sorted({m.split(".")[0] for m in sys.modules} & {"cvt_jax", "flax"})))
+print(json.dumps(sorted({m.split(".")[0] for m in sys.modules} & {"cvt_jax", "flax", "jax", "torch"})))
 """
 
 
 @dataclasses.dataclass
 class Reloaded:
   logits: dict[int, np.ndarray]  # batch size -> logits of the first `batch` images
-  top5: str  # serve.py's output
-  imported: list[str]  # of cvt_jax and flax
+  top5: str  # the example's output
+  imported: list[str]  # of cvt_jax, flax, jax and torch
 
 
-def start_reload(out_dir, paths, batches, tmp_path) -> Callable[[], Reloaded]:
-  """Starts RELOAD on `out_dir` and returns a function that waits for its `Reloaded`."""
+def start_reload(out_dir, paths, batches, tmp_path, example: str, python: str) -> Callable[[], Reloaded]:
+  """Starts RELOAD with examples/`example`.py on `out_dir` in `python` and returns a function that waits for
+  its `Reloaded`."""
   result = str(tmp_path / f"reloaded-{os.path.basename(out_dir)}.npz")
   env = dict(os.environ, JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="")
-  proc = subprocess.Popen([sys.executable, "-c", RELOAD, str(out_dir), result, EXAMPLES,
+  env.pop("PYTHONPATH", None)  # the serving host has none of this checkout
+  proc = subprocess.Popen([python, "-c", RELOAD, example, str(out_dir), result, EXAMPLES,
                            ",".join(map(str, batches)), *paths], cwd=tmp_path, env=env, text=True,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
@@ -128,16 +133,22 @@ def tiny_export(tiny, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def reloaded(tiny, tiny_export, jpegs, tmp_path_factory) -> tuple[Reloaded, np.ndarray]:
+def serving_python():
+  """A venv with `pip install jax flatbuffers numpy pillow` (serve.INSTALL) and nothing else."""
+  return serving_venv.python_for("serve")
+
+
+@pytest.fixture(scope="module")
+def reloaded(tiny, tiny_export, jpegs, serving_python, tmp_path_factory) -> tuple[Reloaded, np.ndarray]:
   """The tiny artefact reloaded in a fresh process at batch 1, 3 and 8, and the in-process model's logits."""
-  wait = start_reload(tiny_export, jpegs, (1, 3, 8), tmp_path_factory.mktemp("reload"))
+  wait = start_reload(tiny_export, jpegs, (1, 3, 8), tmp_path_factory.mktemp("reload"), "serve", serving_python)
   reference = reference_logits(tiny, jpegs, SIZE)  # while the other process compiles
   return wait(), reference
 
 
 def test_the_artefact_reloads_in_plain_jax_at_any_batch_size_with_the_models_logits(reloaded):
   got, reference = reloaded
-  assert got.imported == []
+  assert got.imported == ["jax"]
   for batch, logits in got.logits.items():
     assert logits.shape == (batch, 10) and logits.dtype == np.float32
     # Measured 5.1e-7: XLA folds the baked-in constants at compile time (bit-identical to the in-process
@@ -163,11 +174,7 @@ def test_the_artefact_states_its_contract(tiny_export):
 
 @pytest.mark.parametrize("size", [SIZE, 224, 383, 384])
 def test_serve_py_crops_as_the_official_eval_transform(jpegs, size):
-  sys.path.insert(0, EXAMPLES)
-  try:
-    import serve  # pylint: disable=import-outside-toplevel
-  finally:
-    sys.path.remove(EXAMPLES)
+  serve = serving_venv.example("serve")
   for path in jpegs:
     np.testing.assert_array_equal(serve.eval_image(path, export.eval_transform(size)),
                                   preprocess.eval_image(path, size), path)
@@ -220,24 +227,25 @@ def real_width_cvt13(path: str, classes: int = 1000) -> None:
 
 
 @pytest.mark.slow
-def test_a_converted_real_width_cvt13_serves_the_logits_of_the_in_process_model(jpegs, tmp_path, capsys):
+def test_a_converted_real_width_cvt13_serves_the_logits_of_the_in_process_model(jpegs, serving_python, tmp_path,
+                                                                               capsys):
   pth = str(tmp_path / "CvT-13-224x224-IN-1k.safetensors")
   real_width_cvt13(pth)
   out_dir = tmp_path / "cvt13"
   status, out, _ = cvt_jax(capsys, "export", pth, out_dir)
   assert status == 0 and "cvt-13 (dims (64, 192, 384)" in out and "at 224x224 in float32 for cpu" in out
   paths = jpegs[:3]
-  wait = start_reload(out_dir, paths, (3,), tmp_path)
+  wait = start_reload(out_dir, paths, (3,), tmp_path, "serve", serving_python)
   reference = reference_logits(pth, paths, 224)
   reloaded = wait()
-  assert reloaded.imported == []
+  assert reloaded.imported == ["jax"]
   assert_close(reloaded.logits[3], reference, 1e-6)
   assert "tench, Tinca tinca" in open(out_dir / "classes.txt").read()  # a 1000-class head: ImageNet names
 
 
 BAD_INPUTS = [
     ("no such checkpoint", ["{tmp}/none.npz", "{out}"], 1, "none.npz does not exist"),
-    ("not a checkpoint", ["{tmp}/notes.npz", "{out}"], 1, "notes.npz: unreadable weights file"),
+    ("not a checkpoint", ["{tmp}/notes.npz", "{out}"], 1, "notes.npz: unreadable weights file (not a NumPy"),
     ("resolution below 32", ["{tiny}", "{out}", "--image_size", "16"], 2, "--image_size=16"),
     ("unknown platform", ["{tiny}", "{out}", "--platforms", "cpu,rocm"], 2, "comma-separated list of cpu"),
     ("out dir not writable", ["{tiny}", "{readonly}/served"], 2, "is not writable"),
@@ -255,6 +263,7 @@ def test_bad_input_is_one_line_and_leaves_nothing(args, status, message, tiny, r
   code, _, err = cvt_jax(capsys, "export", *(a.format(**paths) for a in args))
   lines = err.strip().splitlines()
   assert code == status and len(lines) == 1 and message in lines[0], err
+  assert "unsafe" not in err and "pickle" not in err
   assert sorted(os.listdir(tmp_path)) == before and os.listdir(readonly) == []
 
 
@@ -294,3 +303,48 @@ def test_predict_refuses_an_artefact_for_other_platforms_in_one_line(accelerator
                                             "(cvt-jax export --platforms)")
   code, _, err = cvt_jax(capsys, "predict", "--exported", os.path.dirname(out_dir), jpegs[0])
   assert code == 1 and "no signature.json; not an exported model" in err
+
+
+def test_an_export_into_an_earlier_one_that_holds_a_users_file_names_it(tiny, tmp_path, capsys):
+  out_dir = tmp_path / "served"
+  assert cvt_jax(capsys, "export", tiny, out_dir, "--image_size", SIZE)[0] == 0
+  (out_dir / "notes.txt").write_text("mine")
+  before = sorted(os.listdir(out_dir))
+  code, _, err = cvt_jax(capsys, "export", tiny, out_dir, "--image_size", SIZE)
+  assert code == 2 and len(err.strip().splitlines()) == 1
+  assert f"output {out_dir} is an earlier export that also holds notes.txt; move them or name a new folder" in err
+  assert sorted(os.listdir(out_dir)) == before and (out_dir / "notes.txt").read_text() == "mine"
+
+
+def damaged_copy(out_dir, tmp_path, name: str, damage) -> str:
+  """A copy of the artefact `out_dir` whose file `name` is `damage(its bytes)` (None: deleted)."""
+  copy = tmp_path / "damaged"
+  copy.mkdir()
+  for file in os.listdir(out_dir):
+    data = open(os.path.join(out_dir, file), "rb").read()
+    if file == name:
+      data = damage(data)
+    if data is not None:
+      (copy / file).write_bytes(data)
+  return str(copy)
+
+
+PREDICT_EXPORTED_ERRORS = [
+    ("missing folder", None, None, "{path}/none does not exist"),
+    ("damaged signature", "signature.json", lambda d: d[:40], "{path}/signature.json: damaged (Unterminated"),
+    ("signature not ours", "signature.json", lambda d: b"[1, 2]", "{path}/signature.json: format None, this"),
+    ("truncated model", "model.stablehlo", lambda d: d[:len(d) // 2],
+     "{path}/model.stablehlo: damaged or truncated, export the model again"),
+    ("model deleted", "model.stablehlo", lambda d: None, "{path}: no model.stablehlo; export the model again"),
+]
+
+
+@pytest.mark.parametrize("name,damage,message", [c[1:] for c in PREDICT_EXPORTED_ERRORS],
+                         ids=[c[0] for c in PREDICT_EXPORTED_ERRORS])
+def test_predict_names_what_is_wrong_with_an_exported_folder(name, damage, message, tiny_export, jpegs, tmp_path,
+                                                             capsys):
+  path = damaged_copy(tiny_export, tmp_path, name, damage) if name else str(tmp_path)
+  code, _, err = cvt_jax(capsys, "predict", "--exported", os.path.join(path, "none") if not name else path,
+                         jpegs[0])
+  assert code == 1 and len(err.strip().splitlines()) == 1 and message.format(path=path) in err, err
+  assert "unexpected" not in err

@@ -109,3 +109,15 @@ def test_pytorch_file_and_errors_on_the_command_line(finetuned, tmp_path):
   empty.mkdir()
   none = run("--checkpoint", finetuned.npz, str(empty))
   assert none.returncode == 2 and "no image files" in none.stderr
+
+
+def test_a_reader_that_stops_early_ends_predict_cleanly_and_the_output_is_written(finetuned, tmp_path):
+  paths = finetuned_tiny.val_images(finetuned.tree, 3)
+  output = tmp_path / "predictions.json"
+  env = dict(os.environ, JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2")
+  # `cvt-jax predict ... | head -2` at its worst: the reader (`true`) is gone before predict prints a line.
+  script = (f"{sys.executable} -m cvt_jax.cli.main predict --checkpoint {finetuned.npz} --output {output} "
+            f"{' '.join(paths)} | true; exit ${{PIPESTATUS[0]}}")
+  done = subprocess.run(["bash", "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0 and "rror" not in done.stderr, done.stderr[-3000:]
+  assert len(json.loads(output.read_text())) == len(paths)

@@ -2,7 +2,7 @@ r"""Top classes of image files: `cvt-jax predict --checkpoint X image.jpg [more.
 
   cvt-jax predict --checkpoint CvT-13-224x224-IN-1k.pth cat.jpg dog.png photos/
   cvt-jax predict --checkpoint out/finetune --output predictions.json photos/   # a workdir: its classes
-  cvt-jax predict --exported cvt13_served cat.jpg        # what `cvt-jax export` wrote
+  cvt-jax predict --exported cvt13_served cat.jpg        # what `cvt-jax export` wrote (either format)
 
 The checkpoint is anything `cvt-jax convert` reads; --exported takes a `cvt-jax export` folder instead,
 whose resolution and dtype were fixed at export. Class names come from --labels (one per line, label
@@ -16,6 +16,7 @@ exit status is then 1.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Sequence
 
@@ -31,8 +32,8 @@ from cvt_jax.cli import runner
 FLAGS = flags.FlagValues()
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir, converted .npz, PyTorch "
                                   ".pth/.bin/.safetensors or hub name.", flag_values=FLAGS)
-_EXPORTED = flags.DEFINE_string("exported", None, "A `cvt-jax export` folder, instead of --checkpoint.",
-                                flag_values=FLAGS)
+_EXPORTED = flags.DEFINE_string("exported", None, "A `cvt-jax export` folder (StableHLO or ONNX), instead of "
+                                "--checkpoint.", flag_values=FLAGS)
 _LABELS = flags.DEFINE_string("labels", None, "Class names, one per line in label order.", flag_values=FLAGS)
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", None, "Input resolution (default: the workdir's training "
                                    "resolution, else 224).", lower_bound=32, flag_values=FLAGS)
@@ -65,7 +66,7 @@ def main(argv: Sequence[str]) -> int:
     fixed = [f"--{f}" for f in (_IMAGE_SIZE.name, _DTYPE.name, _HEADS.name) if FLAGS[f].present]
     if fixed:
       raise runner.UsageError(f"{', '.join(fixed)}: fixed when the model was exported; not with --exported")
-    predictor = export.ExportedModel(_EXPORTED.value, _BATCH_SIZE.value)
+    predictor = export.load(_EXPORTED.value, _BATCH_SIZE.value)
     names = predict.class_names(predictor, _LABELS.value)
   else:
     checkpoint = weights.load(_CHECKPOINT.value, heads=_HEADS.value)
@@ -73,18 +74,30 @@ def main(argv: Sequence[str]) -> int:
     predictor = predict.Predictor(checkpoint, _IMAGE_SIZE.value or checkpoint.image_size or 224,
                                   _BATCH_SIZE.value, _DTYPE.value)
   predictions, failed = predict.predict(predictor, paths, names, _TOP_K.value)
-  for p in predictions:
-    if _JSON.value:
-      print(json.dumps(_as_json(p)))
-    else:
-      print(p.path)
-      for i, n, q in zip(p.labels, p.names, p.probabilities):
-        print(f"  {100 * q:6.2f}%  {i:4d}  {n}")
   if _OUTPUT.value:
     epath.Path(_OUTPUT.value).write_text(json.dumps([_as_json(p) for p in predictions], indent=1))
+  lines = []
+  for p in predictions:
+    if _JSON.value:
+      lines.append(json.dumps(_as_json(p)))
+    else:
+      lines.append(p.path)
+      lines += [f"  {100 * q:6.2f}%  {i:4d}  {n}" for i, n, q in zip(p.labels, p.names, p.probabilities)]
+  _print_lines(lines)
   for path, message in failed:
     print(f"cvt-jax predict: skipped {path}: {message}", file=sys.stderr)
   return 1 if failed else 0
+
+
+def _print_lines(lines: list[str]) -> None:
+  """Prints `lines` to stdout; a reader that stops early (`| head -2`) is not an error."""
+  try:
+    for line in lines:
+      print(line)
+    sys.stdout.flush()
+  except BrokenPipeError:
+    # Python flushes stdout again at exit, into the same closed pipe: point it at /dev/null first.
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def run(argv: Sequence[str] | None = None) -> None:
