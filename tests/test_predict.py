@@ -22,11 +22,6 @@ from cvt_jax.model import get_variant
 ROOT = os.path.dirname(finetuned_tiny.HERE)
 
 
-@pytest.fixture(scope="module")
-def finetuned(tmp_path_factory):
-  return finetuned_tiny.shared(tmp_path_factory)
-
-
 @pytest.fixture()
 def images(finetuned, tmp_path):
   """One digit scan saved in every format and mode predict must read, plus two files that are not images."""
