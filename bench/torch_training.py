@@ -30,21 +30,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cvt_jax.model import MEAN_RGB
+from cvt_jax.model import STD_RGB
+
 # Unpacked beside the venv by ./run.sh test (pip install --no-deps --target ...).
 TORCHVISION_DIR = os.path.join(sys.prefix, "torchvision-transforms")
 TIMM_DIR = os.path.join(sys.prefix, "timm")
 TIMM_VERSION = "1.0.31"
 WITHOUT_WD_LIST = ("bn", "bias", "ln")  # the official yamls' TRAIN.WITHOUT_WD_LIST
-MEAN_RGB = (0.485, 0.456, 0.406)
-STD_RGB = (0.229, 0.224, 0.225)
+# The official model's `no_weight_decay()`: every stage's pos_embed and cls_token.
+NO_WEIGHT_DECAY = frozenset(f"stage{i}.{name}" for i in range(3) for name in ("pos_embed", "cls_token"))
 
 
 def import_timm() -> types.ModuleType:
   """timm, with torchvision's Python modules standing in for the package (its C ops do not load here).
 
-  Looks for both beside the venv (./run.sh test), else on sys.path. Undo with `forget_timm`.
+  Takes both from beside the venv where ./run.sh test unpacked them, else from sys.path. Undo with
+  `forget_timm`.
   """
-  if "torchvision" not in sys.modules:
+  if "torchvision" not in sys.modules and os.path.isdir(TORCHVISION_DIR):
     package = types.ModuleType("torchvision")
     package.__path__ = [os.path.join(TORCHVISION_DIR, "torchvision")]
     sys.modules["torchvision"] = package
@@ -80,11 +84,6 @@ def forget_timm() -> None:
     sys.path.remove(TIMM_DIR)
 
 
-def no_weight_decay(model: nn.Module) -> set[str]:
-  """The official `ConvolutionalVisionTransformer.no_weight_decay()`: every stage's pos_embed and cls_token."""
-  return {f"stage{i}.{name}" for i in range(3) for name in ("pos_embed", "cls_token")}
-
-
 def set_wd(model: nn.Module, without_wd: Iterable[str] = WITHOUT_WD_LIST) -> list[dict[str, Any]]:
   """The official `set_wd`: [{'params': decayed}, {'params': not decayed, 'weight_decay': 0}]."""
   without_wd = set(without_wd)
@@ -93,11 +92,10 @@ def set_wd(model: nn.Module, without_wd: Iterable[str] = WITHOUT_WD_LIST) -> lis
   depthwise = lambda m: isinstance(m, nn.Conv2d) and m.groups == m.in_channels == m.out_channels
   exempt = {id(p) for m in model.modules() if norm_types and isinstance(m, norm_types) for p in (m.weight, m.bias)}
   exempt |= {id(m.weight) for m in model.modules() if depthwise(m) and "dw" in without_wd}
-  skip = no_weight_decay(model)
   decay, no_decay = [], []
   for name, p in model.named_parameters():
     # The official code matches the skip names as substrings of the parameter names.
-    if (any(s in name for s in skip) or id(p) in exempt
+    if (any(s in name for s in NO_WEIGHT_DECAY) or id(p) in exempt
         or ("bias" in without_wd and name.endswith(".bias"))):
       no_decay.append(p)
     else:
