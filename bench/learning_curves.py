@@ -35,8 +35,10 @@ RECIPES = ("crop", "full")
 FRAMEWORKS = ("cvt_jax", "official")
 
 
-def make_config(recipe: str, epochs: int, data_dir: str, num_classes: int, seed: int) -> Any:
-  """The demo config (narrow CvT, 32 px, batch 64) with the official per-epoch schedule and `recipe`."""
+def make_config(recipe: str, epochs: int, data_dir: str, num_classes: int, seed: int,
+                augment_overrides: str = "") -> Any:
+  """The demo config (narrow CvT, 32 px, batch 64) with the official per-epoch schedule and `recipe`;
+  `augment_overrides` ('mixup_alpha=0,cutmix_alpha=0') changes `config.augment` (ablations)."""
   from cvt_jax.configs import demo  # pylint: disable=g-import-not-at-top
   from cvt_jax.data import augment  # pylint: disable=g-import-not-at-top
 
@@ -48,6 +50,9 @@ def make_config(recipe: str, epochs: int, data_dir: str, num_classes: int, seed:
   config.schedule.per_step = False  # timm's scheduler, stepped once per epoch by tools/train.py
   if recipe == "full":
     config.augment.update(augment.default_config())
+  for item in filter(None, augment_overrides.split(",")):
+    key, _, value = item.partition("=")
+    config.augment[key] = type(config.augment[key])(value == "True" if value in ("True", "False") else value)
   return config
 
 
@@ -89,9 +94,7 @@ def train_cvt_jax(config: Any, variables: dict[str, Any]) -> dict[str, list[floa
   state = train_lib.create_train_state(jax.device_put(variables), tx, mesh)
   shardings = parallel.state_shardings(train_lib.abstract_train_state(model, tx, config.data.image_size), mesh,
                                        False)
-  # One augmentation/drop-path stream for every seed (the seed still draws the weights and the data order):
-  # the stream is a constant of the compiled step, so each recipe compiles once (the persistent cache).
-  _, train_rng = jax.random.split(jax.random.key(0))
+  _, train_rng = jax.random.split(jax.random.key(config.seed))  # as train_lib does
   train_step, eval_step = train_lib.build_steps(config, model, tx, schedule, mesh, shardings, train_rng)
   batches = input_pipeline.Prefetcher(
       input_pipeline.train_batches(spec, config.global_batch_size, config.seed), mesh)
@@ -130,7 +133,7 @@ class _Folder:
       return self.transform(img.convert("RGB")), label
 
 
-def train_official(config: Any, net: Any, recipe: str) -> dict[str, list[float]]:
+def train_official(config: Any, net: Any) -> dict[str, list[float]]:
   """The official loop: timm's transforms (as its loader builds them), Mixup, scheduler; drop_last."""
   import torch  # pylint: disable=g-import-not-at-top
 
@@ -141,18 +144,20 @@ def train_official(config: Any, net: Any, recipe: str) -> dict[str, list[float]]
   torch.manual_seed(config.seed)
   np.random.seed(config.seed)  # timm's Mixup draws from numpy, RandAugment from `random`
   random.seed(config.seed)
-  size, full = config.data.image_size, recipe == "full"
+  size, aug = config.data.image_size, config.augment
+  rand_augment = (f"rand-m{aug.randaugment_magnitude:g}-n{aug.randaugment_num_ops}-"
+                  f"mstd{aug.randaugment_magnitude_std:g}-inc1")
+  # The yamls' COLOR_JITTER 0.4 is dropped by timm when RandAugment is on, as in the recipe.
   train_transform = timm.data.create_transform(
       size, is_training=True, scale=tuple(config.data.crop_scale), ratio=tuple(config.data.crop_ratio),
-      hflip=0.5, color_jitter=0.4 if full else None, interpolation="bicubic",
-      auto_augment="rand-m9-mstd0.5-inc1" if full else None, re_prob=0.25 if full else 0.0, re_mode="pixel")
+      hflip=0.5, color_jitter=None, interpolation="bicubic",
+      auto_augment=rand_augment if aug.randaugment else None, re_prob=aug.erasing_prob, re_mode="pixel")
   eval_transform = timm.data.create_transform(size, is_training=False, interpolation="bicubic", crop_pct=0.875)
   classes = sources.class_folders(config.data.data_dir, "train")
   train = torch.utils.data.DataLoader(_Folder(config.data.data_dir, "train", classes, train_transform),
                                       batch_size=config.global_batch_size, shuffle=True, drop_last=True)
   val = torch.utils.data.DataLoader(_Folder(config.data.data_dir, "val", classes, eval_transform),
                                     batch_size=config.eval_batch_size)
-  aug = config.augment
   trainer = torch_training.OfficialTrainer(
       net, lr=config.optim.lr * config.global_batch_size / config.optim.lr_batch_size,
       weight_decay=config.optim.weight_decay, epochs=config.num_epochs,
@@ -256,6 +261,7 @@ def main() -> None:
   parser.add_argument("--epochs", type=int, default=12)
   parser.add_argument("--seeds", default="0,1,2")
   parser.add_argument("--recipes", default=",".join(RECIPES))
+  parser.add_argument("--augment", default="", help="config.augment overrides, e.g. randaugment=False")
   parser.add_argument("--note", default="", help="recorded with the machine, e.g. what else loaded it")
   parser.add_argument("--plot", nargs="*", help="only draw <out>.png from these results files (merged)")
   args = parser.parse_args()
@@ -282,14 +288,14 @@ def main() -> None:
       "data_dir": data_dir, "epochs": args.epochs, "seeds": seeds, "machine": {**machine(), "note": args.note},
       "recipe": "demo CvT (dims 32/64/128, depths 1/1/2) at 32 px, batch 64, AdamW 2e-3 wd 0.05, cosine per "
                 "epoch (warm-up 2 epochs), smoothing 0.1; 'full' adds RandAugment, erasing 0.25, mixup/cutmix",
-      "runs": {}}
+      "augment_overrides": args.augment, "runs": {}}
   for recipe in args.recipes.split(","):
     for seed in seeds:
-      config = make_config(recipe, args.epochs, data_dir, num_classes, seed)
+      config = make_config(recipe, args.epochs, data_dir, num_classes, seed, args.augment)
       net, variables = initial_weights(config, seed)
       for framework in FRAMEWORKS:
         start = time.time()
-        curve = train_cvt_jax(config, variables) if framework == "cvt_jax" else train_official(config, net, recipe)
+        curve = train_cvt_jax(config, variables) if framework == "cvt_jax" else train_official(config, net)
         curve["seconds"] = round(time.time() - start, 1)
         results["runs"].setdefault(recipe, {}).setdefault(framework, {})[str(seed)] = curve
         results["summary"] = summarize(results["runs"])
