@@ -218,7 +218,9 @@ def _title(results: dict[str, Any]) -> str:
   m = results["machine"]
   cpu = m.get("cpu", {})
   where = (f"{cpu.get('model name', m['platform'])} (family {cpu.get('cpu family')} model {cpu.get('model')}"
-           f"{', AVX-512' if m.get('avx512') else ''}), {m['cores']} cores{'; ' + m['note'] if m.get('note') else ''}")
+           f"{', AVX-512' if m.get('avx512') else ''}), {m['cores']} cores")
+  if m.get("note"):
+    where += f"; {m['note']}"
   return (f"{os.path.basename(results['data_dir'].rstrip('/'))}, {results['epochs']} epochs: {results['recipe']}; "
           f"seeds {', '.join(map(str, results['seeds']))}; {where}")
 
