@@ -77,6 +77,17 @@ ensure_torchvision_transforms() {
   fi
 }
 
+# timm, the official training loop's library (bench/torch_training.py, tests/test_train_parity.py), unpacked
+# beside the venv like torchvision's transforms: it requires torchvision, which pip would install (the CUDA
+# build); its pure-Python package imports over the transforms above.
+ensure_timm() {
+  local target="$VENV/timm"
+  if [[ ! -d "$target/timm-1.0.31.dist-info" ]]; then
+    rm -rf "$target"
+    "$VENV/bin/python" -m pip install --quiet --no-deps --target "$target" timm==1.0.31
+  fi
+}
+
 # libtpu, for the compile-only TPU topologies of the compile tests (tests/test_compile.py), in the version the
 # installed jax pins (its `tpu` extra), unpacked beside the venv: installed, every JAX process on this CPU
 # host would try to start a TPU first. TPU VMs install `jax[tpu]` instead.
@@ -118,7 +129,7 @@ cmd="${1:-}"
 [[ "$cmd" == test ]] || reuse_memory
 case "$cmd" in
   ""|-h|--help|help) usage ;;
-  test)    ensure_venv tfds,demo,test; ensure_torchvision_transforms; ensure_libtpu; ensure_cuda_compiler
+  test)    ensure_venv tfds,demo,test; ensure_torchvision_transforms; ensure_timm; ensure_libtpu; ensure_cuda_compiler
            # no path given, pytest.ini's testpaths (tests/) is the whole suite
            exec "$VENV/bin/python" -m pytest -n auto --dist worksteal "$@" ;;
   lock)    ensure_venv tfds,demo,test; write_lock ;;

@@ -123,7 +123,13 @@ def test_gradient_accumulation_gives_the_plain_step_for_micro_batches_of_equal_s
   losses, norms, updates = _run(_step_config(**{"optim.grad_accum_steps": 2}), _batch(repeat_within_shards=2))
   np.testing.assert_allclose(losses, plain_losses, rtol=1e-5)
   np.testing.assert_allclose(norms, plain_norms, rtol=1e-4)
-  _assert_same_updates(updates, plain, rounding=5 * ROUNDING)  # each micro-batch summed apart, then added
+  # Each micro-batch summed apart, then added. The running variances take each micro-batch's unbiased
+  # variance, n / (n - 1) times the biased one with a micro-batch's n (8 on the 1 x 1 grids of the last
+  # stage) where the plain step's n is the whole batch's (16): over 2 steps at momentum 0.1 they differ by
+  # up to 2 x 0.1 x (8/7 - 16/15) = 1.5 % of the variance, some 8 % of the largest update.
+  part = lambda tree, variances: {k: v for k, v in trees.flatten(tree).items() if k.endswith("/var") == variances}
+  _assert_same_updates(part(updates, False), part(plain, False), rounding=5 * ROUNDING)
+  _assert_same_updates(part(updates, True), part(plain, True), rounding=0.15)
   # On ordinary batches it is a different step (per-micro-batch statistics), but a close one.
   other_losses, _, _ = _run(_step_config(**{"optim.grad_accum_steps": 2}), _batch(), steps=1)
   assert other_losses[0] == pytest.approx(_plain()[0][0], rel=0.05)

@@ -78,7 +78,8 @@ def make_train_step(model: model_lib.CvT, tx: optax.GradientTransformation, sche
       shard, and average their gradients: the same update from less memory. BatchNorm then normalises each
       micro-batch with its own statistics (as the official per-GPU BatchNorm normalised per GPU batch), and
       the running averages move once per step, by the mean of the micro-batches' statistics. With micro-
-      batches of identical statistics the step equals the plain one up to fp32 rounding.
+      batches of identical statistics the step equals the plain one up to fp32 rounding, but for the
+      running variances: each takes its micro-batch's unbiased variance (n / (n - 1) with its n).
   """
 
   def loss_fn(params, batch_stats, images, targets, drop_rng):
