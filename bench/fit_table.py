@@ -25,11 +25,11 @@ from absl import flags
 from etils import epath
 
 from cvt_jax.aot import devices
-from cvt_jax.aot import steps
-from cvt_jax.text import gib
 from cvt_jax.aot import hardware
+from cvt_jax.aot import steps
 from cvt_jax.cli import runner
 from cvt_jax.configs import common, cvt13, cvt21, cvtw24
+from cvt_jax.text import gib
 
 FLAGS = flags.FlagValues()
 _JOBS = flags.DEFINE_integer("jobs", 1, "Compiles at a time, one process and core each.", lower_bound=1,

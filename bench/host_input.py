@@ -94,10 +94,10 @@ def _training_loop_rates(spec: Any, model_name: str, dtype: str, batch: int, ste
   import optax
 
   from cvt_jax import parallel
-  from cvt_jax.train import trainer
   from cvt_jax.data import augment
   from cvt_jax.data import input_pipeline
   from cvt_jax.model import CvT
+  from cvt_jax.train import trainer
   mesh = parallel.make_mesh()
   model = CvT.from_variant(model_name, dtype=getattr(jnp, dtype))
   schedule = optax.constant_schedule(1e-3)

@@ -40,9 +40,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from absl import flags
 
-from cvt_jax.aot import hardware
-from cvt_jax import ops
 from bench import host_input
+from cvt_jax import ops
+from cvt_jax.aot import hardware
 from cvt_jax.cli import runner
 
 FRAMEWORKS = ("jax", "torch-eager", "torch-compile")

@@ -61,8 +61,7 @@ def import_timm() -> types.ModuleType:
   import timm.layers
   import timm.loss
   import timm.scheduler
-  from PIL import Image
-  from PIL import ImageOps
+  from PIL import Image, ImageOps
 
   def posterize(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
     if bits_to_keep >= 8:

@@ -23,10 +23,10 @@ from absl import flags
 from etils import epath
 
 from cvt_jax import parallel
-from cvt_jax.train import trainer
 from cvt_jax import workdir as workdir_lib
-from cvt_jax.text import gib
 from cvt_jax.cli import runner
+from cvt_jax.text import gib
+from cvt_jax.train import trainer
 
 FLAGS = flags.FlagValues()
 _CONFIG = runner.define_config_flag(FLAGS, "Config name or file with its argument: cvt13:batch=256.")

@@ -22,11 +22,11 @@ from etils import epath
 from cvt_jax import model as model_lib
 from cvt_jax import parallel
 from cvt_jax import text
-from cvt_jax.train import trainer
 from cvt_jax import weights
 from cvt_jax import workdir as workdir_lib
 from cvt_jax.data import input_pipeline
 from cvt_jax.data import labels
+from cvt_jax.train import trainer
 
 _PROGRESS_SECONDS = 10.0
 _WNID = re.compile(r"n\d{8}")

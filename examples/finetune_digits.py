@@ -22,12 +22,12 @@ import jax
 from absl import flags
 from absl import logging
 
-from cvt_jax.train import trainer
 from cvt_jax import weights
 from cvt_jax.cli import runner
 from cvt_jax.configs import demo as demo_config
 from cvt_jax.configs import finetune
 from cvt_jax.data import digits
+from cvt_jax.train import trainer
 
 FLAGS = flags.FlagValues()
 

@@ -19,10 +19,10 @@ import shutil
 
 import numpy as np
 
-from cvt_jax.train import trainer
 from cvt_jax import weights
 from cvt_jax.configs import finetune
 from cvt_jax.data import digits as demo_data
+from cvt_jax.train import trainer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PTH_FIXTURE = os.path.join(HERE, "fixtures", "tiny", "hf", "model.safetensors")

@@ -11,10 +11,10 @@ import types
 import numpy as np
 import pytest
 
-from cvt_jax.aot import hardware
-from cvt_jax import model
 from bench import host_input
 from bench import run
+from cvt_jax import model
+from cvt_jax.aot import hardware
 
 
 def test_interleaved_timing_rotates_the_order():

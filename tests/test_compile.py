@@ -62,8 +62,8 @@ def test_the_fused_attention_compiles_for_a_tpu_slice():
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
 
-  from cvt_jax.aot import hlo  # pylint: disable=g-import-not-at-top
   from cvt_jax import ops_pallas  # pylint: disable=g-import-not-at-top
+  from cvt_jax.aot import hlo  # pylint: disable=g-import-not-at-top
 
   mesh = jax.sharding.Mesh(np.asarray(devices.Target("v5e:2x2").devices), ("data",))
   on_batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
@@ -191,8 +191,8 @@ def test_a_gpu_topology_in_a_process_that_started_jax_without_the_plugin_is_one_
 def test_the_fit_table_picks_the_smallest_slice_that_fits_and_resumes(monkeypatch, tmp_path):
   """The table's bookkeeping, with a fake compile: memory = 1 GiB + 100 MiB per image (remat: 40 MiB);
   interrupted after the first row's seven compiles, then resumed."""
-  from cvt_jax.aot import hardware  # pylint: disable=g-import-not-at-top
   from bench import fit_table  # pylint: disable=g-import-not-at-top
+  from cvt_jax.aot import hardware  # pylint: disable=g-import-not-at-top
 
   calls = []
 

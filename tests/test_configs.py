@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from cvt_jax.train import trainer
 from cvt_jax.configs import cvt13, cvt21, cvtw24, demo
+from cvt_jax.train import trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -11,11 +11,11 @@ import optax
 import pytest
 
 from cvt_jax import evaluate
-from cvt_jax.train import optim
-from cvt_jax.train import trainer
 from cvt_jax import trees
 from cvt_jax import weights
 from cvt_jax.configs import finetune
+from cvt_jax.train import optim
+from cvt_jax.train import trainer
 
 
 def test_defaults_are_the_papers_recipe(tmp_path):

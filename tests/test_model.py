@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cvt_jax import model as model_lib
 from cvt_jax import complexity
+from cvt_jax import model as model_lib
 from cvt_jax import trees
 from cvt_jax.model import CvT
 from cvt_jax.model import _layer_norm

@@ -28,9 +28,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.experimental.pallas import tpu as pltpu  # noqa: E402
 
+from bench import torch_models  # noqa: E402
 from cvt_jax import torch_weights  # noqa: E402
 from cvt_jax import weights  # noqa: E402
-from bench import torch_models  # noqa: E402
 from cvt_jax.model import VARIANTS  # noqa: E402
 from cvt_jax.model import make_variant  # noqa: E402
 

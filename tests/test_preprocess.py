@@ -20,7 +20,6 @@ from PIL import Image, ImageDraw
 
 from cvt_jax.data import decode
 from cvt_jax.data import prepare
-from cvt_jax.data import sources
 from cvt_jax.data import preprocess
 from cvt_jax.data import sources
 

@@ -30,10 +30,10 @@ from PIL import Image
 
 from cvt_jax import checkpointing
 from cvt_jax import model as model_lib
-from cvt_jax.train import optim
-from cvt_jax.train import trainer
 from cvt_jax.configs import demo
 from cvt_jax.data import prepare
+from cvt_jax.train import optim
+from cvt_jax.train import trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSES = 4

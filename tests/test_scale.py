@@ -22,10 +22,10 @@ from test_train import tiny_config
 
 from cvt_jax import checkpointing
 from cvt_jax import model as model_lib
-from cvt_jax.train import optim
 from cvt_jax import parallel
-from cvt_jax.train import trainer
 from cvt_jax import trees
+from cvt_jax.train import optim
+from cvt_jax.train import trainer
 
 LR = 1e-2
 # fp32 rounding of a gradient summed in another order, relative to the largest update of its array (an

@@ -12,12 +12,12 @@ from PIL import Image
 
 from cvt_jax import checkpointing
 from cvt_jax import model as model_lib
-from cvt_jax.train import optim
 from cvt_jax import parallel
-from cvt_jax.train import trainer
 from cvt_jax.configs import common, demo
 from cvt_jax.data import augment
 from cvt_jax.data import input_pipeline
+from cvt_jax.train import optim
+from cvt_jax.train import trainer
 
 NUM_CLASSES = 3
 TRAIN_PER_CLASS, VAL_PER_CLASS = 16, 5  # 48 train, 15 val: no eval batch below divides 15

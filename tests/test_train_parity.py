@@ -36,14 +36,14 @@ import optax  # noqa: E402
 from bench import torch_models  # noqa: E402
 from bench import torch_training  # noqa: E402
 from cvt_jax import model as model_lib  # noqa: E402
-from cvt_jax.train import optim  # noqa: E402
 from cvt_jax import parallel  # noqa: E402
 from cvt_jax import torch_weights  # noqa: E402
-from cvt_jax.train import trainer  # noqa: E402
 from cvt_jax import trees  # noqa: E402
 from cvt_jax import weights  # noqa: E402
 from cvt_jax.configs import common, demo  # noqa: E402
 from cvt_jax.data import augment  # noqa: E402
+from cvt_jax.train import optim  # noqa: E402
+from cvt_jax.train import trainer  # noqa: E402
 
 NUM_CLASSES = 10
 RES = 32

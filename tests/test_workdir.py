@@ -10,10 +10,10 @@ from test_train import write_colour_tree
 
 from cvt_jax import checkpointing
 from cvt_jax import model as model_lib
-from cvt_jax.train import optim
 from cvt_jax import parallel
-from cvt_jax.train import trainer
 from cvt_jax import workdir as workdir_lib
+from cvt_jax.train import optim
+from cvt_jax.train import trainer
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ from typing import Any
 from cvt_jax import complexity
 from cvt_jax import model as model_lib
 from cvt_jax.aot.devices import Target
-from cvt_jax.text import gib
 from cvt_jax.aot.steps import StepReport
+from cvt_jax.text import gib
 
 
 def _budget(target: Target) -> str:

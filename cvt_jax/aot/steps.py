@@ -19,10 +19,10 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 
+from cvt_jax import parallel
 from cvt_jax.aot import hlo as hlo_lib
 from cvt_jax.aot.devices import Target
 from cvt_jax.text import gib
-from cvt_jax import parallel
 from cvt_jax.train import trainer
 
 # libtpu's two ways of saying a program does not fit: "... temporaries (17.57G) ... HBM (15.75G)", and

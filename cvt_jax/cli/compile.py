@@ -33,13 +33,13 @@ from typing import Sequence
 from absl import flags
 from etils import epath
 
+from cvt_jax import workdir as workdir_lib
 from cvt_jax.aot import devices
 from cvt_jax.aot import report
 from cvt_jax.aot import steps
+from cvt_jax.cli import runner
 from cvt_jax.text import gib
 from cvt_jax.text import plural
-from cvt_jax import workdir as workdir_lib
-from cvt_jax.cli import runner
 
 FLAGS = flags.FlagValues()
 _CONFIG = runner.define_config_flag(

@@ -15,11 +15,11 @@ from typing import Iterator, Sequence
 from absl import flags
 from absl import logging
 
-from cvt_jax.train import trainer
 from cvt_jax import workdir as workdir_lib
 from cvt_jax.cli import runner
 from cvt_jax.configs import demo as demo_config
 from cvt_jax.data import digits
+from cvt_jax.train import trainer
 
 FLAGS = flags.FlagValues()
 _DATA_DIR = flags.DEFINE_string("data_dir", "demo_data/digits", "Where the digits JPEG tree is built (its "

@@ -23,8 +23,8 @@ from absl import flags
 from absl import logging
 
 from cvt_jax import parallel
-from cvt_jax.train import trainer
 from cvt_jax.cli import runner
+from cvt_jax.train import trainer
 
 FLAGS = flags.FlagValues()
 _CONFIG = runner.define_config_flag(

@@ -28,16 +28,16 @@ from etils import epath
 from cvt_jax import checkpointing
 from cvt_jax import model as model_lib
 from cvt_jax import ops
-from cvt_jax.aot import hardware
-from cvt_jax.train import optim
 from cvt_jax import parallel
-from cvt_jax.train import tensorboard
 from cvt_jax import text
 from cvt_jax import trees
 from cvt_jax import weights
 from cvt_jax import workdir as workdir_lib
+from cvt_jax.aot import hardware
 from cvt_jax.data import augment
 from cvt_jax.data import input_pipeline
+from cvt_jax.train import optim
+from cvt_jax.train import tensorboard
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
