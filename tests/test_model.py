@@ -80,7 +80,7 @@ def test_layernorm_uses_pytorch_eps(tiny_variables):
   x = jnp.full((1, 4, 4, 16), 3.0) + 1e-3 * jax.random.normal(jax.random.key(0), (1, 4, 4, 16))
   mean, var = jnp.mean(x, -1, keepdims=True), jnp.var(x, -1, keepdims=True)
   expected = (x - mean) / jnp.sqrt(var + 1e-5)
-  got = _layer_norm("n").apply({"params": {"scale": jnp.ones(16), "bias": jnp.zeros(16)}}, x)
+  got = _layer_norm("n", "plain").apply({"params": {"scale": jnp.ones(16), "bias": jnp.zeros(16)}}, x)
   np.testing.assert_allclose(got, expected, atol=1e-4)
 
 
