@@ -289,7 +289,8 @@ def installed_venv(tmp_path):
                                    for f in ("pyproject.toml", "requirements.txt"))).hexdigest()
   for extras in ("tfds-demo", "tfds-demo-test"):
     (venv / f".installed-{extras}").write_text(digest + "\n")
-  for folder in ("torchvision-transforms/torchvision", "libtpu/libtpu", "cuda-compiler"):
+  unpacked = ("torchvision-transforms/torchvision", "timm/timm-1.0.31.dist-info", "libtpu/libtpu", "cuda-compiler")
+  for folder in unpacked:
     (venv / folder).mkdir(parents=True)
   (venv / "cuda-compiler" / ".jaxlib-version").write_text("0\n")
   return venv
