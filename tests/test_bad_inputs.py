@@ -311,3 +311,11 @@ def test_run_sh_runs_every_cvt_jax_command_and_only_the_tests_named(installed_ve
   assert all(f"\n  {command} " in run.stdout for command in (*cli.COMMANDS, "test", "lock")), run.stdout
   run = run_sh(installed_venv, "fly")
   assert run.returncode == 2 and run.stderr.splitlines()[0] == "run.sh: unknown command 'fly'"
+
+
+@pytest.mark.parametrize("command", ["prepare", "compile"])
+def test_help_into_a_reader_that_stops_early_ends_cleanly(command):
+  """`cvt-jax COMMAND --help | head -1` at its worst: the reader (`true`) is gone before the help is printed."""
+  script = f"{sys.executable} -m cvt_jax.cli.main {command} --help | true; exit ${{PIPESTATUS[0]}}"
+  done = subprocess.run(["bash", "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert done.returncode == 0 and done.stderr == "", done.stderr[-3000:]

@@ -16,7 +16,6 @@ exit status is then 1.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from collections.abc import Sequence
 
@@ -83,21 +82,10 @@ def main(argv: Sequence[str]) -> int:
     else:
       lines.append(p.path)
       lines += [f"  {100 * q:6.2f}%  {i:4d}  {n}" for i, n, q in zip(p.labels, p.names, p.probabilities)]
-  _print_lines(lines)
+  runner.print_lines(lines)
   for path, message in failed:
     print(f"cvt-jax predict: skipped {path}: {message}", file=sys.stderr)
   return 1 if failed else 0
-
-
-def _print_lines(lines: list[str]) -> None:
-  """Prints `lines` to stdout; a reader that stops early (`| head -2`) is not an error."""
-  try:
-    for line in lines:
-      print(line)
-    sys.stdout.flush()
-  except BrokenPipeError:
-    # Python flushes stdout again at exit, into the same closed pipe: point it at /dev/null first.
-    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def run(argv: Sequence[str] | None = None) -> None:

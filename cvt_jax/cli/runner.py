@@ -34,6 +34,17 @@ class UsageError(ValueError):
   """Bad command-line arguments: reported in one line with exit status 2."""
 
 
+def print_lines(lines: Sequence[str]) -> None:
+  """Prints `lines` to stdout; a reader that stops early (`| head -2`) is not an error."""
+  try:
+    for line in lines:
+      print(line)
+    sys.stdout.flush()
+  except BrokenPipeError:
+    # Python flushes stdout again at exit, into the same closed pipe: point it at /dev/null first.
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 def no_arguments(argv: Sequence[str]) -> None:
   """Refuses positional arguments, for the commands that take flags only."""
   if len(argv) > 1:
@@ -58,7 +69,7 @@ def run(main_fn: Callable[[list[str]], int | None], argv: Sequence[str] | None, 
   debug = "--debug" in argv or os.environ.get("CVT_JAX_DEBUG", "") not in ("", "0")
   argv = [a for a in argv if a != "--debug"]
   if any(a in ("-h", "--help", "--helpshort", "--helpfull") for a in argv[1:]):
-    print(_help(doc, flag_values, extra_help))
+    print_lines([_help(doc, flag_values, extra_help)])
     sys.exit(0)
   saved_argv = sys.argv
   try:
