@@ -35,6 +35,7 @@ from PIL import Image
 from cvt_jax.data import decode
 from cvt_jax.data import records
 from cvt_jax.data import sources
+from cvt_jax.text import plural
 
 _JOB_FILE = ".prepare.json"  # the job a resume must continue (`_Job`)
 _UNREADABLE_FILE = "unreadable.json"  # in a split's .done folder: {key: why} of the files that are no images
@@ -89,7 +90,7 @@ class _Job:
     if added or removed:
       found.append("; ".join(f"classes {what}: {', '.join(names[:5])}{', ...' if len(names) > 5 else ''}"
                              for what, names in (("added", added), ("removed", removed)) if names)
-                   + f" ({_count(len(self.class_names), 'class', 'classes')}, was {len(earlier.class_names)})")
+                   + f" ({plural(len(self.class_names), 'class')}, was {len(earlier.class_names)})")
     elif self.class_names != earlier.class_names:
       found.append("the class names are in another order")
     if self.version != earlier.version:
@@ -242,7 +243,7 @@ def _remove_preparation(root: epath.Path, log: Callable[[str], None]) -> None:
       folder.rmdir()
   for name in (records.INFO_FILE, _JOB_FILE):
     (root / name).unlink(missing_ok=True)
-  log(f"--restart: removed the earlier preparation in {root} ({_count(shards, 'shard')})")
+  log(f"--restart: removed the earlier preparation in {root} ({plural(shards, 'shard')})")
 
 
 def prepare(src: str, dst: str, *, splits: Sequence[str] | None = None, data_dir: str | None = None,
@@ -289,14 +290,10 @@ def prepare(src: str, dst: str, *, splits: Sequence[str] | None = None, data_dir
 
 def _summary(split: records.SplitInfo) -> str:
   """'train 25 images in 1 shard (of 28 files, 3 not images)'."""
-  summary = f"{split.name} {split.num_examples} images in {_count(len(split.shards), 'shard')}"
+  summary = f"{split.name} {split.num_examples} images in {plural(len(split.shards), 'shard')}"
   unreadable = len(split.unreadable)
   return summary + (f" (of {split.num_examples + unreadable} files, {_not_images(unreadable)})" if unreadable
                     else "")
-
-
-def _count(n: int, noun: str, plural: str = "") -> str:
-  return f"{n} {noun if n == 1 else plural or noun + 's'}"
 
 
 def _not_images(n: int) -> str:

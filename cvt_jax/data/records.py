@@ -29,6 +29,8 @@ from typing import Any
 
 from etils import epath
 
+from cvt_jax.text import plural
+
 INFO_FILE = "dataset_info.json"
 FORMAT = "cvt_jax.records/1"
 _HEADER = struct.Struct("<IH")
@@ -196,7 +198,7 @@ def verify(root: str | epath.PathLike, log: Callable[[str], None] = print) -> Da
     if total != split.num_examples:
       raise RecordsError(f"split {split.name!r}: {total} records in its shards, {INFO_FILE} says "
                          f"{split.num_examples}")
-    log(f"{split.name}: {len(split.shards)} shard{'' if len(split.shards) == 1 else 's'}, {total} records, "
+    log(f"{split.name}: {plural(len(split.shards), 'shard')}, {total} records, "
         "checksums, labels and order match")
   return info
 
