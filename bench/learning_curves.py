@@ -73,34 +73,57 @@ def initial_weights(config: Any, seed: int) -> tuple[Any, dict[str, Any]]:
     return net, weights.load(path, heads=tuple(config.model.heads)).variables
 
 
+class _CvtJaxRun:
+  """cvt_jax's train and eval steps and input pipeline for `config`, from `variables`, on one device (the
+  whole batch is one GPU's, as in one official process)."""
+
+  def __init__(self, config: Any, variables: dict[str, Any]):
+    import jax  # pylint: disable=g-import-not-at-top
+
+    from cvt_jax import parallel  # pylint: disable=g-import-not-at-top
+    from cvt_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+    from cvt_jax.train import trainer  # pylint: disable=g-import-not-at-top
+
+    self.config = config
+    self.mesh = parallel.make_mesh(jax.devices()[:1])
+    self.spec = input_pipeline.DataSpec.from_config(config.data)
+    info = input_pipeline.dataset_info(self.spec)
+    self.steps_per_epoch = input_pipeline.steps_per_epoch(info.num_train_examples, config.global_batch_size)
+    self.setup = trainer.make_setup(config, self.mesh, self.steps_per_epoch, info.num_classes)
+    self.state = trainer.create_train_state(jax.device_put(variables), self.setup.tx, self.mesh)
+    _, self.train_rng = jax.random.split(jax.random.key(config.seed))  # as the trainer does
+    self.train_step, self.eval_step = trainer.build_steps(config, self.setup, self.mesh, self.train_rng)
+
+  def batches(self) -> Any:
+    """The training batches, on the device (close() them)."""
+    from cvt_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+
+    return input_pipeline.Prefetcher(
+        input_pipeline.train_batches(self.spec, self.config.global_batch_size, self.config.seed), self.mesh)
+
+  def eval_batches(self) -> Any:
+    from cvt_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+
+    return input_pipeline.eval_batches(self.spec, self.config.eval_batch_size)
+
+
 def train_cvt_jax(config: Any, variables: dict[str, Any]) -> dict[str, list[float]]:
-  """cvt_jax's train and eval steps and input pipeline (on one device: the whole batch is one GPU's)."""
+  """cvt_jax's own run: its pipeline, augmentation, train and eval steps."""
   import jax  # pylint: disable=g-import-not-at-top
 
-  from cvt_jax import parallel  # pylint: disable=g-import-not-at-top
-  from cvt_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   from cvt_jax.train import trainer  # pylint: disable=g-import-not-at-top
 
-  mesh = parallel.make_mesh(jax.devices()[:1])
-  spec = input_pipeline.DataSpec.from_config(config.data)
-  info = input_pipeline.dataset_info(spec)
-  steps_per_epoch = input_pipeline.steps_per_epoch(info.num_train_examples, config.global_batch_size)
-  setup = trainer.make_setup(config, mesh, steps_per_epoch, info.num_classes)
-  state = trainer.create_train_state(jax.device_put(variables), setup.tx, mesh)
-  _, train_rng = jax.random.split(jax.random.key(config.seed))  # as the trainer does
-  train_step, eval_step = trainer.build_steps(config, setup, mesh, train_rng)
-  batches = input_pipeline.Prefetcher(
-      input_pipeline.train_batches(spec, config.global_batch_size, config.seed), mesh)
+  run = _CvtJaxRun(config, variables)
+  batches = run.batches()
   curve: dict[str, list[float]] = {"val_top1": [], "train_loss": []}
   try:
     for _ in range(config.num_epochs):
       losses = []
-      for _ in range(steps_per_epoch):
-        state, metrics = train_step(state, next(batches))
+      for _ in range(run.steps_per_epoch):
+        run.state, metrics = run.train_step(run.state, next(batches))
         losses.append(metrics["loss"])
       curve["train_loss"].append(float(np.mean(jax.device_get(losses))))
-      result = trainer.evaluate_batches(eval_step, state.variables,
-                                          input_pipeline.eval_batches(spec, config.eval_batch_size), mesh)
+      result = trainer.evaluate_batches(run.eval_step, run.state.variables, run.eval_batches(), run.mesh)
       curve["val_top1"].append(result["top1"])
   finally:
     batches.close()
@@ -124,6 +147,20 @@ class _Folder:
     path, label = self.items[index]
     with Image.open(path) as img:
       return self.transform(img.convert("RGB")), label
+
+
+def official_trainer(config: Any, net: Any, num_classes: int, mixing: bool = True) -> Any:
+  """bench/torch_training.py's official step and schedule for `config` (timm's Mixup unless not `mixing`)."""
+  from bench import torch_training  # pylint: disable=g-import-not-at-top
+
+  aug = config.augment
+  return torch_training.OfficialTrainer(
+      net, lr=config.optim.lr * config.global_batch_size / config.optim.lr_batch_size,
+      weight_decay=config.optim.weight_decay, epochs=config.num_epochs,
+      warmup_epochs=config.schedule.warmup_epochs, warmup_lr=config.schedule.warmup_lr,
+      min_lr=config.schedule.min_lr, num_classes=num_classes, label_smoothing=aug.label_smoothing,
+      mixup_alpha=aug.mixup_alpha if mixing else 0.0, cutmix_alpha=aug.cutmix_alpha if mixing else 0.0,
+      switch_prob=aug.mixup_switch_prob)
 
 
 def train_official(config: Any, net: Any) -> dict[str, list[float]]:
@@ -151,12 +188,7 @@ def train_official(config: Any, net: Any) -> dict[str, list[float]]:
                                       batch_size=config.global_batch_size, shuffle=True, drop_last=True)
   val = torch.utils.data.DataLoader(_Folder(config.data.data_dir, "val", classes, eval_transform),
                                     batch_size=config.eval_batch_size)
-  trainer = torch_training.OfficialTrainer(
-      net, lr=config.optim.lr * config.global_batch_size / config.optim.lr_batch_size,
-      weight_decay=config.optim.weight_decay, epochs=config.num_epochs,
-      warmup_epochs=config.schedule.warmup_epochs, warmup_lr=config.schedule.warmup_lr,
-      min_lr=config.schedule.min_lr, num_classes=len(classes), label_smoothing=aug.label_smoothing,
-      mixup_alpha=aug.mixup_alpha, cutmix_alpha=aug.cutmix_alpha, switch_prob=aug.mixup_switch_prob)
+  trainer = official_trainer(config, net, len(classes))
   curve: dict[str, list[float]] = {"val_top1": [], "train_loss": []}
   for epoch in range(config.num_epochs):
     losses = [trainer.step(images, labels) for images, labels in train]
@@ -167,6 +199,70 @@ def train_official(config: Any, net: Any) -> dict[str, list[float]]:
       hits = sum(int((net(images).argmax(-1) == labels).sum()) for images, labels in val)
     curve["val_top1"].append(100.0 * hits / len(val.dataset))
   return curve
+
+
+def train_same_batches(config: Any, net: Any, variables: dict[str, Any]) -> dict[str, dict[str, list[float]]]:
+  """Both steps on the same batches, from the same weights: cvt_jax's pipeline and device augmentation,
+  the official step fed cvt_jax's augmented images and soft targets (its own draws replayed from the
+  step's rng). What differs is the arithmetic alone, and how far fp32 rounding carries over a run.
+
+  Returns {'cvt_jax': curve, 'official': curve}; each epoch also records the largest relative difference of
+  the two steps' losses, and on the validation images (the same pixels for both) the share of predictions
+  the two models agree on and the largest logit difference relative to the largest logit.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+
+  from bench import torch_training  # pylint: disable=g-import-not-at-top
+  from cvt_jax import model as model_lib  # pylint: disable=g-import-not-at-top
+  from cvt_jax.data import augment  # pylint: disable=g-import-not-at-top
+  from cvt_jax.train import trainer  # pylint: disable=g-import-not-at-top
+
+  run = _CvtJaxRun(config, variables)
+  official = official_trainer(config, net, run.setup.model.num_classes, mixing=False)
+  augmented = jax.jit(lambda rng, images, labels: augment.train_augment(
+      rng, images, labels, run.setup.model.num_classes, config.augment))
+  logits_of = jax.jit(lambda v, images: run.setup.model.apply(v, model_lib.normalize(images), train=False))
+  to_torch = lambda x: torch.from_numpy(np.array(x))
+  curves = {name: {"val_top1": [], "train_loss": []} for name in FRAMEWORKS}
+  gaps: dict[str, list[float]] = {"max_loss_gap": [], "val_agreement": [], "max_logit_gap": []}
+  batches = run.batches()
+  try:
+    for epoch in range(config.num_epochs):
+      losses: dict[str, list[float]] = {name: [] for name in FRAMEWORKS}
+      for _ in range(run.steps_per_epoch):
+        batch = next(batches)
+        aug_rng, _ = trainer.step_rngs(run.train_rng, run.state.step)
+        images, targets = augmented(aug_rng, batch["image"], batch["label"])
+        run.state, metrics = run.train_step(run.state, batch)
+        losses["cvt_jax"].append(float(metrics["loss"]))
+        losses["official"].append(official.step_on_targets(to_torch(images).permute(0, 3, 1, 2), to_torch(targets)))
+      official.end_epoch(epoch)
+      gaps["max_loss_gap"].append(float(np.max(np.abs(np.subtract(*losses.values())) / losses["official"])))
+      hits = {name: 0 for name in FRAMEWORKS}
+      agree, count, logit_gap = 0, 0, 0.0
+      net.eval()
+      for batch in run.eval_batches():
+        mask = batch["mask"].astype(bool)
+        ours = np.asarray(logits_of(run.state.variables, batch["image"]))[mask]
+        with torch.no_grad():
+          theirs = net(torch_training.normalize(batch["image"])).numpy()[mask]
+        labels = batch["label"][mask]
+        hits["cvt_jax"] += int((ours.argmax(-1) == labels).sum())
+        hits["official"] += int((theirs.argmax(-1) == labels).sum())
+        agree += int((ours.argmax(-1) == theirs.argmax(-1)).sum())
+        count += len(labels)
+        logit_gap = max(logit_gap, float(np.max(np.abs(ours - theirs)) / np.max(np.abs(theirs))))
+      for name in FRAMEWORKS:
+        curves[name]["val_top1"].append(100.0 * hits[name] / count)
+        curves[name]["train_loss"].append(float(np.mean(losses[name])))
+      gaps["val_agreement"].append(100.0 * agree / count)
+      gaps["max_logit_gap"].append(logit_gap)
+  finally:
+    batches.close()
+  for name in FRAMEWORKS:
+    curves[name].update(gaps)
+  return curves
 
 
 def machine() -> dict[str, Any]:
@@ -257,6 +353,9 @@ def main() -> None:
   parser.add_argument("--seeds", default="0,1,2")
   parser.add_argument("--recipes", default=",".join(RECIPES))
   parser.add_argument("--augment", default="", help="config.augment overrides, e.g. randaugment=False")
+  parser.add_argument("--same_batches", action="store_true",
+                      help="train both steps on cvt_jax's batches (its pipeline and augmentation draws): "
+                      "the difference left is the arithmetic's")
   parser.add_argument("--note", default="", help="recorded with the machine, e.g. what else loaded it")
   parser.add_argument("--plot", nargs="*", help="only draw <out>.png from these results files (merged)")
   args = parser.parse_args()
@@ -283,21 +382,33 @@ def main() -> None:
       "data_dir": data_dir, "epochs": args.epochs, "seeds": seeds, "machine": {**machine(), "note": args.note},
       "recipe": "demo CvT (dims 32/64/128, depths 1/1/2) at 32 px, batch 64, AdamW 2e-3 wd 0.05, cosine per "
                 "epoch (warm-up 2 epochs), smoothing 0.1; 'full' adds RandAugment, erasing 0.25, mixup/cutmix",
-      "augment_overrides": args.augment, "runs": {}}
+      "augment_overrides": args.augment, "batches": "shared" if args.same_batches else "own", "runs": {}}
   for recipe in args.recipes.split(","):
     for seed in seeds:
       config = make_config(recipe, args.epochs, data_dir, num_classes, seed, args.augment)
       net, variables = initial_weights(config, seed)
-      for framework in FRAMEWORKS:
+      if args.same_batches:
         start = time.time()
-        curve = train_cvt_jax(config, variables) if framework == "cvt_jax" else train_official(config, net)
-        curve["seconds"] = round(time.time() - start, 1)
+        curves = train_same_batches(config, net, variables)
+        for curve in curves.values():
+          curve["seconds"] = round(time.time() - start, 1)  # the two steps' together
+      else:
+        curves = {}
+        for framework in FRAMEWORKS:
+          start = time.time()
+          curves[framework] = (train_cvt_jax(config, variables) if framework == "cvt_jax"
+                               else train_official(config, net))
+          curves[framework]["seconds"] = round(time.time() - start, 1)
+      for framework, curve in curves.items():
         results["runs"].setdefault(recipe, {}).setdefault(framework, {})[str(seed)] = curve
-        results["summary"] = summarize(results["runs"])
         print(f"{recipe} seed {seed} {framework}: top-1 {curve['val_top1'][-1]:.2f} %, "
               f"loss {curve['train_loss'][-1]:.3f} ({curve['seconds']} s)", flush=True)
-        with open(json_path, "w") as f:
-          json.dump(results, f, indent=1)
+      if args.same_batches:
+        print(f"  agreement on val {curves['cvt_jax']['val_agreement'][-1]:.1f} %, largest loss gap per epoch "
+              f"{', '.join(f'{g:.1e}' for g in curves['cvt_jax']['max_loss_gap'])}", flush=True)
+      results["summary"] = summarize(results["runs"])
+      with open(json_path, "w") as f:
+        json.dump(results, f, indent=1)
   plot(results, png_path)
 
 

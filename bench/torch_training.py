@@ -15,7 +15,9 @@ bench/torch_models.py. Read off microsoft/CvT @ f851e68:
 AMP is left out: the parity is in fp32.
 
 timm imports torchvision, whose PyPI wheels are CUDA builds that fail at import beside the CPU torch; its
-pure-Python transforms suffice, so `import_timm` assembles the package without running its `__init__`.
+pure-Python transforms suffice, so `import_timm` assembles the package without running its `__init__`. The
+official code pins timm 0.3.2; where 1.0.31 changed what it computes (cutmix's box for odd sizes, posterize
+at 0 bits in newer Pillows), `import_timm` puts the 0.3.2 behaviour back.
 """
 
 from __future__ import annotations
@@ -72,6 +74,21 @@ def import_timm() -> types.ModuleType:
 
   ops = timm.data.auto_augment.NAME_TO_OP
   ops.update({name: posterize for name, op in ops.items() if op is timm.data.auto_augment.posterize})
+
+  mixup = timm.data.mixup
+
+  def rand_bbox(img_shape, lam, margin=0.0, count=None):
+    """The cutmix box of timm 0.3.2, which the official code pins: rows centre - cut // 2 to centre + cut // 2
+    (newer timm ends at centre + (cut + 1) // 2, a pixel more when the cut is odd)."""
+    assert margin == 0.0, "the official Mixup sets no margin"
+    height, width = img_shape[-2:]
+    cut_h, cut_w = int(height * np.sqrt(1 - lam)), int(width * np.sqrt(1 - lam))
+    cy = mixup.np.random.randint(0, height, size=count)  # mixup.np: the tests replay these draws
+    cx = mixup.np.random.randint(0, width, size=count)
+    return (np.clip(cy - cut_h // 2, 0, height), np.clip(cy + cut_h // 2, 0, height),
+            np.clip(cx - cut_w // 2, 0, width), np.clip(cx + cut_w // 2, 0, width))
+
+  mixup.rand_bbox = rand_bbox
   return timm
 
 
@@ -197,11 +214,19 @@ class OfficialTrainer:
 
   def step(self, images: torch.Tensor, labels: torch.Tensor) -> float:
     """One training step on a normalised NCHW batch; returns the loss."""
-    self.model.train()
     targets = labels
     if self.mixup is not None:
       images, targets = self.mixup(images, labels)
-    loss = self.criterion(self.model(images), targets)
+    return self._update(images, targets, self.criterion)
+
+  def step_on_targets(self, images: torch.Tensor, targets: torch.Tensor) -> float:
+    """One training step on a batch augmented and mixed elsewhere: normalised NCHW images and soft targets
+    (smoothing included), with the loss the official code takes for soft targets; returns the loss."""
+    return self._update(images, targets, import_timm().loss.SoftTargetCrossEntropy())
+
+  def _update(self, images: torch.Tensor, targets: torch.Tensor, criterion: nn.Module) -> float:
+    self.model.train()
+    loss = criterion(self.model(images), targets)
     self.optimizer.zero_grad()
     loss.backward()
     self.optimizer.step()

@@ -7,9 +7,12 @@ steps across an epoch boundary of the per-epoch schedule, on cvt_jax's sharded t
 the learning rate, every gradient, AdamW's moments, the parameters and the BatchNorm running statistics are
 compared, each tensor within a bound relative to its own largest magnitude (fp32 rounding through a
 different order of operations; the figures measured here on AVX-512 and with --xla_cpu_max_isa=AVX2 are
-given with the bounds). The step mixes nothing (smoothing 0.1 on): mixup and cutmix are compared apart, as
+given with the bounds). Two recipes: 'crop' mixes nothing (smoothing 0.1: the official
+LabelSmoothingCrossEntropy on the uint8 batch); 'full' augments on cvt_jax's device (RandAugment, erasing,
+mixup/cutmix within each device's quarter) and feeds the official step those images and soft targets
+(SoftTargetCrossEntropy), replayed from the step's rng. Mixup and cutmix themselves are compared apart, as
 timm's Mixup replaying cvt_jax's draws; so are the schedule over the recipe's 300 epochs, the weight-decay
-groups of CvT-13 and drop path. 26 s on 2 quiet cores (28 s of CPU), most of it compiling the 4-device step.
+groups of CvT-13 and drop path. Most of the time is compiling the two 4-device steps.
 """
 
 import os
@@ -95,10 +98,17 @@ def as_variables(tensors: dict[str, np.ndarray]) -> dict[str, Any]:
   return torch_weights.convert_state_dict(tensors, heads=HEADS).variables
 
 
-def run_both() -> list[dict[str, Any]]:
+def run_both(recipe: str) -> list[dict[str, Any]]:
   """STEPS steps of both; per step (cvt_jax, official) loss and lr, and 'got' and 'want' trees of the
-  gradients, Adam's moments ('mu', 'nu'), the parameters and the BatchNorm statistics."""
+  gradients, Adam's moments ('mu', 'nu'), the parameters and the BatchNorm statistics.
+
+  recipe 'crop': the official step takes the uint8 batch (LabelSmoothingCrossEntropy). 'full': cvt_jax's
+  train step augments on the device (RandAugment, erasing, mixup/cutmix per device's quarter); the official
+  step takes those images and soft targets, replayed from the step's rng (SoftTargetCrossEntropy).
+  """
   config = parity_config()
+  if recipe == "full":
+    config.augment.update(augment.default_config())
   variant = model_lib.variant_from_config(config.model)
   torch_model = torch_models.CvT(variant, NUM_CLASSES)
   torch_models.randomize_(torch_model, seed=0)  # perturbed norms and running statistics
@@ -115,7 +125,8 @@ def run_both() -> list[dict[str, Any]]:
   state_sharding = parallel.state_shardings(trainer.abstract_train_state(model, tx, RES), mesh, False)
   state = trainer.create_train_state(jax.device_put(start.variables), tx, mesh)
   setup = trainer.Setup(model, base_lr, schedule, tx, state_sharding)  # tx also keeps each step's gradients
-  train_step, _ = trainer.build_steps(config, setup, mesh, jax.random.key(0))
+  base_rng = jax.random.key(0)
+  train_step, _ = trainer.build_steps(config, setup, mesh, base_rng)
 
   official = torch_training.OfficialTrainer(
       torch_model, lr=base_lr, weight_decay=config.optim.weight_decay, epochs=config.num_epochs,
@@ -127,9 +138,16 @@ def run_both() -> list[dict[str, Any]]:
   for step in range(STEPS):
     images = rng.integers(0, 256, (BATCH, RES, RES, 3), dtype=np.uint8)
     labels = rng.integers(0, NUM_CLASSES, BATCH).astype(np.int32)
+    if recipe == "full":
+      aug_rng, _ = trainer.step_rngs(base_rng, step)
+      augmented, targets = (torch.from_numpy(np.array(a)) for a in augment.train_augment(
+          aug_rng, images, labels, NUM_CLASSES, config.augment, shards=mesh.size))
     state, metrics = train_step(state, parallel.global_batch({"image": images, "label": labels}, mesh))
     lr = official.lr
-    loss = official.step(torch_training.normalize(images), torch.from_numpy(labels).long())
+    if recipe == "full":
+      loss = official.step_on_targets(augmented.permute(0, 3, 1, 2), targets)
+    else:
+      loss = official.step(torch_training.normalize(images), torch.from_numpy(labels).long())
     if step % STEPS_PER_EPOCH == STEPS_PER_EPOCH - 1:
       official.end_epoch(step // STEPS_PER_EPOCH)
 
@@ -151,9 +169,9 @@ def run_both() -> list[dict[str, Any]]:
   return results
 
 
-@pytest.fixture(scope="module")
-def steps(timm):  # pylint: disable=redefined-outer-name
-  return run_both()
+@pytest.fixture(scope="module", params=["crop", "full"])
+def steps(request, timm):  # pylint: disable=redefined-outer-name,unused-argument
+  return run_both(request.param)
 
 
 def test_loss_and_learning_rate_of_every_step_equal_the_official_ones(steps):
@@ -281,10 +299,11 @@ def test_mixup_and_cutmix_give_timms_images_and_targets_for_the_same_draws(timm,
     pytest.fail("no such draw in 100 seeds")
   off = smoothing / classes
   lam = (targets[0, labels[0]] - off) / (1 - smoothing)
-  if cutmix:  # rand_bbox's box: centre +- int(size * sqrt(1 - lambda)) // 2
-    (top, left), (bottom, right) = box.min(0), box.max(0) + 1
+  if cutmix:  # timm 0.3.2's box: centre +- cut // 2, cut = int(size * sqrt(1 - lambda))
+    (top, left), (bottom, _) = box.min(0), box.max(0) + 1
     half = (bottom - top) // 2
-    draws = _NumpyReplaying([0.0, 0.0], 1 - ((2 * half + 0.5) / size) ** 2, [top + half, left + half])
+    # An odd cut, where newer timm's box (to centre + (cut + 1) // 2) is a pixel larger than the official.
+    draws = _NumpyReplaying([0.0, 0.0], 1 - ((2 * half + 1.5) / size) ** 2, [top + half, left + half])
   else:
     draws = _NumpyReplaying([0.0, 0.99], lam, [])
   monkeypatch.setattr(timm.data.mixup, "np", draws)

@@ -417,7 +417,8 @@ def smooth_one_hot(labels: jax.Array, num_classes: int, smoothing: float) -> jax
 
 def cutmix_box(u_y: jax.Array, u_x: jax.Array, height: int, width: int,
                lam: jax.Array) -> tuple[jax.Array, ...]:
-  """timm's `rand_bbox`: a (sqrt(1-lam) H, sqrt(1-lam) W) box around a uniform centre, clipped.
+  """timm's `rand_bbox` as of timm 0.3.2 (the official code's): rows centre +- int(sqrt(1-lam) H) // 2 around
+  a uniform centre, columns alike, clipped.
 
   Args:
     u_y, u_x: uniform [0, 1) draws for the centre row and column (any shape, e.g. one per shard).

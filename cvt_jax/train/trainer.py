@@ -63,6 +63,13 @@ def soft_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
   return -jnp.sum(targets.astype(jnp.float32) * jax.nn.log_softmax(logits.astype(jnp.float32)), axis=-1)
 
 
+def step_rngs(base_rng: jax.Array, step: jax.Array | int) -> tuple[jax.Array, jax.Array]:
+  """(augmentation rng, drop-path rng) of training step `step`: a function of the run's rng and the step
+  alone, so a resumed run draws exactly what an uninterrupted one would."""
+  aug_rng, drop_rng = jax.random.split(jax.random.fold_in(base_rng, step))
+  return aug_rng, drop_rng
+
+
 def make_train_step(model: model_lib.CvT, tx: optax.GradientTransformation, schedule: optim.Schedule,
                     augment_config: Any, base_rng: jax.Array, *, shards: int = 1, grad_accum_steps: int = 1
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
@@ -72,7 +79,7 @@ def make_train_step(model: model_lib.CvT, tx: optax.GradientTransformation, sche
     model, tx, schedule: the model (its `num_classes` sizes the soft targets), the optimiser and its
       learning-rate schedule (for the metrics).
     augment_config: `config.augment`.
-    base_rng: the run's rng; step k uses `fold_in(base_rng, k)`.
+    base_rng: the run's rng; step k draws from `step_rngs(base_rng, k)`.
     shards: mixup/cutmix pair images within this many equal parts of the batch (the device count).
     grad_accum_steps: split the batch into this many micro-batches, each holding an equal part of every
       shard, and average their gradients: the same update from less memory. BatchNorm then normalises each
@@ -115,8 +122,7 @@ def make_train_step(model: model_lib.CvT, tx: optax.GradientTransformation, sche
     return (loss / k, mean(stats)), mean(grads)
 
   def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
-    # The rng depends only on (seed, step), so a resumed run draws exactly what an uninterrupted one would.
-    aug_rng, drop_rng = jax.random.split(jax.random.fold_in(base_rng, state.step))
+    aug_rng, drop_rng = step_rngs(base_rng, state.step)
     with jax.named_scope("augment"):
       images, targets = augment.train_augment(aug_rng, batch["image"], batch["label"], model.num_classes,
                                               augment_config, shards, augment_kernels)
