@@ -35,10 +35,9 @@ RECIPES = ("crop", "full")
 FRAMEWORKS = ("cvt_jax", "official")
 
 
-def make_config(recipe: str, epochs: int, data_dir: str, num_classes: int, seed: int,
-                augment_overrides: str = "") -> Any:
+def make_config(recipe: str, epochs: int, data_dir: str, num_classes: int, seed: int, overrides: str = "") -> Any:
   """The demo config (narrow CvT, 32 px, batch 64) with the official per-epoch schedule and `recipe`;
-  `augment_overrides` ('mixup_alpha=0,cutmix_alpha=0') changes `config.augment` (ablations)."""
+  `overrides` ('augment.mixup_alpha=0,optim.grad_accum_steps=4') changes config fields (ablations)."""
   from cvt_jax.configs import demo  # pylint: disable=g-import-not-at-top
   from cvt_jax.data import augment  # pylint: disable=g-import-not-at-top
 
@@ -50,9 +49,13 @@ def make_config(recipe: str, epochs: int, data_dir: str, num_classes: int, seed:
   config.schedule.per_step = False  # timm's scheduler, stepped once per epoch by tools/train.py
   if recipe == "full":
     config.augment.update(augment.default_config())
-  for item in filter(None, augment_overrides.split(",")):
-    key, _, value = item.partition("=")
-    config.augment[key] = type(config.augment[key])(value == "True" if value in ("True", "False") else value)
+  for item in filter(None, overrides.split(",")):
+    path, _, value = item.partition("=")
+    *parents, key = path.split(".")
+    block = config
+    for parent in parents:
+      block = block[parent]
+    block[key] = type(block[key])(value == "True" if value in ("True", "False") else value)
   return config
 
 
@@ -163,6 +166,20 @@ def official_trainer(config: Any, net: Any, num_classes: int, mixing: bool = Tru
       switch_prob=aug.mixup_switch_prob)
 
 
+def official_train_transform(config: Any) -> Any:
+  """timm's `create_transform` for training as the official loader builds it for `config`."""
+  from bench import torch_training  # pylint: disable=g-import-not-at-top
+
+  aug = config.augment
+  rand_augment = (f"rand-m{aug.randaugment_magnitude:g}-n{aug.randaugment_num_ops}-"
+                  f"mstd{aug.randaugment_magnitude_std:g}-inc1")
+  # The yamls' COLOR_JITTER 0.4 is dropped by timm when RandAugment is on, as in the recipe.
+  return torch_training.import_timm().data.create_transform(
+      config.data.image_size, is_training=True, scale=tuple(config.data.crop_scale),
+      ratio=tuple(config.data.crop_ratio), hflip=0.5, color_jitter=None, interpolation="bicubic",
+      auto_augment=rand_augment if aug.randaugment else None, re_prob=aug.erasing_prob, re_mode="pixel")
+
+
 def train_official(config: Any, net: Any) -> dict[str, list[float]]:
   """The official loop: timm's transforms (as its loader builds them), Mixup, scheduler; drop_last."""
   import torch  # pylint: disable=g-import-not-at-top
@@ -174,18 +191,12 @@ def train_official(config: Any, net: Any) -> dict[str, list[float]]:
   torch.manual_seed(config.seed)
   np.random.seed(config.seed)  # timm's Mixup draws from numpy, RandAugment from `random`
   random.seed(config.seed)
-  size, aug = config.data.image_size, config.augment
-  rand_augment = (f"rand-m{aug.randaugment_magnitude:g}-n{aug.randaugment_num_ops}-"
-                  f"mstd{aug.randaugment_magnitude_std:g}-inc1")
-  # The yamls' COLOR_JITTER 0.4 is dropped by timm when RandAugment is on, as in the recipe.
-  train_transform = timm.data.create_transform(
-      size, is_training=True, scale=tuple(config.data.crop_scale), ratio=tuple(config.data.crop_ratio),
-      hflip=0.5, color_jitter=None, interpolation="bicubic",
-      auto_augment=rand_augment if aug.randaugment else None, re_prob=aug.erasing_prob, re_mode="pixel")
-  eval_transform = timm.data.create_transform(size, is_training=False, interpolation="bicubic", crop_pct=0.875)
+  eval_transform = timm.data.create_transform(config.data.image_size, is_training=False, interpolation="bicubic",
+                                              crop_pct=0.875)
   classes = sources.class_folders(config.data.data_dir, "train")
-  train = torch.utils.data.DataLoader(_Folder(config.data.data_dir, "train", classes, train_transform),
-                                      batch_size=config.global_batch_size, shuffle=True, drop_last=True)
+  train = torch.utils.data.DataLoader(
+      _Folder(config.data.data_dir, "train", classes, official_train_transform(config)),
+      batch_size=config.global_batch_size, shuffle=True, drop_last=True)
   val = torch.utils.data.DataLoader(_Folder(config.data.data_dir, "val", classes, eval_transform),
                                     batch_size=config.eval_batch_size)
   trainer = official_trainer(config, net, len(classes))
@@ -199,6 +210,57 @@ def train_official(config: Any, net: Any) -> dict[str, list[float]]:
       hits = sum(int((net(images).argmax(-1) == labels).sum()) for images, labels in val)
     curve["val_top1"].append(100.0 * hits / len(val.dataset))
   return curve
+
+
+# Per-image statistics of normalised (N, C, H, W) training images.
+IMAGE_STATISTICS = {
+    "mean": lambda x: x.mean((1, 2, 3)),
+    "std": lambda x: x.std((1, 2, 3)),
+    "share of bright pixels": lambda x: (x[:, 0] > 1.0).mean((1, 2)),
+    "centre mean - mean": lambda x: (x[:, :, x.shape[2] // 4:-(x.shape[2] // 4), x.shape[3] // 4:-(x.shape[3] // 4)]
+                                     .mean((1, 2, 3)) - x.mean((1, 2, 3))),
+    "mean horizontal gradient": lambda x: np.abs(np.diff(x, axis=3)).mean((1, 2, 3)),
+}
+
+
+def compare_inputs(config: Any, epochs: int) -> dict[str, Any]:
+  """The images each pipeline gives the step, `epochs` epochs of each: cvt_jax's host crops (and for the full
+  recipe its device RandAugment and erasing) against timm's transforms, before mixing (compared apart, in
+  tests/test_train_parity.py). Per statistic of IMAGE_STATISTICS: both means and stds and the two-sample
+  Kolmogorov-Smirnov p-value."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+
+  from bench import torch_training  # pylint: disable=g-import-not-at-top
+  from cvt_jax.data import augment  # pylint: disable=g-import-not-at-top
+  from cvt_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  from cvt_jax.data import sources  # pylint: disable=g-import-not-at-top
+
+  spec = input_pipeline.DataSpec.from_config(config.data)
+  steps = epochs * input_pipeline.steps_per_epoch(input_pipeline.dataset_info(spec).num_train_examples,
+                                                  config.global_batch_size)
+  unmixed = {**config.augment, "mixup_alpha": 0.0, "cutmix_alpha": 0.0}
+  device_chain = jax.jit(lambda rng, images, labels: augment.train_augment(
+      rng, images, labels, config.model.num_classes, unmixed)[0])
+  batches = input_pipeline.train_batches(spec, config.global_batch_size, config.seed)
+  rng = jax.random.key(config.seed)
+  ours = np.concatenate([np.asarray(device_chain(jax.random.fold_in(rng, step), batch["image"], batch["label"]))
+                         for step, batch in zip(range(steps), batches)]).transpose(0, 3, 1, 2)
+  torch_training.import_timm()
+  random.seed(config.seed)
+  torch.manual_seed(config.seed)
+  folder = _Folder(config.data.data_dir, "train", sources.class_folders(config.data.data_dir, "train"),
+                   official_train_transform(config))
+  per_epoch = len(ours) // epochs
+  theirs = torch.stack([folder[int(i)][0] for _ in range(epochs)
+                        for i in torch.randperm(len(folder))[:per_epoch]]).numpy()
+  out = {"images": len(ours)}
+  for name, statistic in IMAGE_STATISTICS.items():
+    a, b = statistic(ours), statistic(theirs)
+    out[name] = {"cvt_jax": [float(a.mean()), float(a.std())], "official": [float(b.mean()), float(b.std())],
+                 "ks_p": float(stats.ks_2samp(a, b).pvalue)}
+  return out
 
 
 def train_same_batches(config: Any, net: Any, variables: dict[str, Any]) -> dict[str, dict[str, list[float]]]:
@@ -352,14 +414,21 @@ def main() -> None:
   parser.add_argument("--epochs", type=int, default=12)
   parser.add_argument("--seeds", default="0,1,2")
   parser.add_argument("--recipes", default=",".join(RECIPES))
-  parser.add_argument("--augment", default="", help="config.augment overrides, e.g. randaugment=False")
+  parser.add_argument("--frameworks", default=",".join(FRAMEWORKS), help="which to train (not with --same_batches)")
+  parser.add_argument("--set", default="", help="config overrides for both, e.g. augment.randaugment=False,"
+                      "optim.grad_accum_steps=4 (cvt_jax's BatchNorm then normalises each quarter apart)")
   parser.add_argument("--same_batches", action="store_true",
                       help="train both steps on cvt_jax's batches (its pipeline and augmentation draws): "
                       "the difference left is the arithmetic's")
+  parser.add_argument("--compare_inputs", type=int, default=0, metavar="EPOCHS",
+                      help="train nothing: compare this many epochs of both pipelines' training images")
   parser.add_argument("--note", default="", help="recorded with the machine, e.g. what else loaded it")
   parser.add_argument("--plot", nargs="*", help="only draw <out>.png from these results files (merged)")
   args = parser.parse_args()
   json_path, png_path = f"{args.out}.json", f"{args.out}.png"
+  frameworks = args.frameworks.split(",")
+  if not set(frameworks) <= set(FRAMEWORKS):
+    parser.error(f"--frameworks={args.frameworks}: choose from {','.join(FRAMEWORKS)}")
   if args.plot is not None:
     plot(merged(args.plot), png_path)
     return
@@ -382,10 +451,19 @@ def main() -> None:
       "data_dir": data_dir, "epochs": args.epochs, "seeds": seeds, "machine": {**machine(), "note": args.note},
       "recipe": "demo CvT (dims 32/64/128, depths 1/1/2) at 32 px, batch 64, AdamW 2e-3 wd 0.05, cosine per "
                 "epoch (warm-up 2 epochs), smoothing 0.1; 'full' adds RandAugment, erasing 0.25, mixup/cutmix",
-      "augment_overrides": args.augment, "batches": "shared" if args.same_batches else "own", "runs": {}}
+      "overrides": args.set, "batches": "shared" if args.same_batches else "own", "runs": {}}
+  if args.compare_inputs:
+    for recipe in args.recipes.split(","):
+      config = make_config(recipe, args.epochs, data_dir, num_classes, seeds[0], args.set)
+      results.setdefault("inputs", {})[recipe] = compare_inputs(config, args.compare_inputs)
+      for name, row in results["inputs"][recipe].items():
+        print(f"{recipe}: {name} {row}", flush=True)
+    with open(json_path, "w") as f:
+      json.dump(results, f, indent=1)
+    return
   for recipe in args.recipes.split(","):
     for seed in seeds:
-      config = make_config(recipe, args.epochs, data_dir, num_classes, seed, args.augment)
+      config = make_config(recipe, args.epochs, data_dir, num_classes, seed, args.set)
       net, variables = initial_weights(config, seed)
       if args.same_batches:
         start = time.time()
@@ -394,7 +472,7 @@ def main() -> None:
           curve["seconds"] = round(time.time() - start, 1)  # the two steps' together
       else:
         curves = {}
-        for framework in FRAMEWORKS:
+        for framework in frameworks:
           start = time.time()
           curves[framework] = (train_cvt_jax(config, variables) if framework == "cvt_jax"
                                else train_official(config, net))
