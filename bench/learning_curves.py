@@ -11,9 +11,12 @@ ImageNet chain: RandAugment rand-m9-mstd0.5-inc1, random erasing 0.25, mixup 0.8
   python -m bench.learning_curves --out bench/results/learning-curves-digits           # the demo's digits
   python -m bench.learning_curves --data_dir ~/flowers --out /tmp/flowers --epochs 30  # any folder tree
   python -m bench.learning_curves --out all --plot crop.json full.json  # one figure from several runs
+  python -m bench.learning_curves --out same --same_batches   # both steps on cvt_jax's batches
+  python -m bench.learning_curves --out inputs --compare_inputs 6   # the two pipelines' images, no training
 
 Writes <out>.json (per epoch: val top-1 and mean train loss, per framework, recipe and seed; the machine)
-after every run, and <out>.png (mean and min-max band over the seeds). Needs timm and torchvision's
+after every run, and <out>.png (mean and min-max band over the seeds). With --same_batches each epoch also
+records how far the two runs are apart (loss, val predictions, logits). Needs timm and torchvision's
 transforms (./run.sh test unpacks both beside the venv) and matplotlib for the plot.
 """
 
@@ -74,6 +77,16 @@ def initial_weights(config: Any, seed: int) -> tuple[Any, dict[str, Any]]:
     path = os.path.join(tmp, "init.pth")
     torch.save(net.state_dict(), path)
     return net, weights.load(path, heads=tuple(config.model.heads)).variables
+
+
+def perturbed(variables: dict[str, Any], scale: float, seed: int) -> dict[str, Any]:
+  """cvt_jax's initial parameters each times (1 + scale u), u uniform in [-1, 1]: how far a run carries a
+  difference of the size of fp32 rounding."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  rng = np.random.default_rng(seed)
+  params = jax.tree.map(lambda p: p * (1 + scale * rng.uniform(-1, 1, p.shape)).astype(p.dtype), variables["params"])
+  return {**variables, "params": params}
 
 
 class _CvtJaxRun:
@@ -420,6 +433,8 @@ def main() -> None:
   parser.add_argument("--same_batches", action="store_true",
                       help="train both steps on cvt_jax's batches (its pipeline and augmentation draws): "
                       "the difference left is the arithmetic's")
+  parser.add_argument("--perturb", type=float, default=0.0, metavar="SCALE",
+                      help="multiply cvt_jax's initial parameters by (1 + SCALE u), u uniform in [-1, 1], e.g. 1e-7")
   parser.add_argument("--compare_inputs", type=int, default=0, metavar="EPOCHS",
                       help="train nothing: compare this many epochs of both pipelines' training images")
   parser.add_argument("--note", default="", help="recorded with the machine, e.g. what else loaded it")
@@ -451,7 +466,8 @@ def main() -> None:
       "data_dir": data_dir, "epochs": args.epochs, "seeds": seeds, "machine": {**machine(), "note": args.note},
       "recipe": "demo CvT (dims 32/64/128, depths 1/1/2) at 32 px, batch 64, AdamW 2e-3 wd 0.05, cosine per "
                 "epoch (warm-up 2 epochs), smoothing 0.1; 'full' adds RandAugment, erasing 0.25, mixup/cutmix",
-      "overrides": args.set, "batches": "shared" if args.same_batches else "own", "runs": {}}
+      "overrides": args.set, "perturb": args.perturb, "batches": "shared" if args.same_batches else "own",
+      "runs": {}}
   if args.compare_inputs:
     for recipe in args.recipes.split(","):
       config = make_config(recipe, args.epochs, data_dir, num_classes, seeds[0], args.set)
@@ -465,6 +481,8 @@ def main() -> None:
     for seed in seeds:
       config = make_config(recipe, args.epochs, data_dir, num_classes, seed, args.set)
       net, variables = initial_weights(config, seed)
+      if args.perturb:
+        variables = perturbed(variables, args.perturb, seed)
       if args.same_batches:
         start = time.time()
         curves = train_same_batches(config, net, variables)
