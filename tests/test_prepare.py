@@ -380,8 +380,14 @@ def test_ctrl_c_stops_a_shard_midway_and_drops_it(tmp_path, monkeypatch):
     return readable(data)
 
   monkeypatch.setattr(prepare, "_readable", ctrl_c_at_the_third_image)
-  with pytest.raises(KeyboardInterrupt):
-    prepare.prepare(tree, str(dst), records_per_shard=2000, jobs=1, log=lambda _: None)
+  # SIGINT raises KeyboardInterrupt (as at a terminal) even where the test runner was started ignoring it
+  # (a shell starts background jobs so).
+  previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+  try:
+    with pytest.raises(KeyboardInterrupt):
+      prepare.prepare(tree, str(dst), records_per_shard=2000, jobs=1, log=lambda _: None)
+  finally:
+    signal.signal(signal.SIGINT, previous)
   assert len(checked) < 1000  # of the shard's 2000 images: stopped within about a second
   assert os.listdir(dst / "train") == []  # no shard, no marker, no partial shard
 
