@@ -56,9 +56,14 @@ def make_config(recipe: str, epochs: int, data_dir: str, num_classes: int, seed:
     path, _, value = item.partition("=")
     *parents, key = path.split(".")
     block = config
-    for parent in parents:
-      block = block[parent]
-    block[key] = type(block[key])(value == "True" if value in ("True", "False") else value)
+    try:
+      for parent in parents:
+        block = block[parent]
+      block[key] = type(block[key])(value == "True" if value in ("True", "False") else value)
+    except KeyError:
+      raise ValueError(f"--set {item}: the config has no field {path}") from None
+    except (ValueError, TypeError) as e:
+      raise ValueError(f"--set {item}: {e}") from None
   return config
 
 
@@ -444,6 +449,10 @@ def main() -> None:
   frameworks = args.frameworks.split(",")
   if not set(frameworks) <= set(FRAMEWORKS):
     parser.error(f"--frameworks={args.frameworks}: choose from {','.join(FRAMEWORKS)}")
+  try:
+    make_config(RECIPES[0], args.epochs, "", 10, 0, args.set)
+  except ValueError as e:
+    parser.error(str(e))
   if args.plot is not None:
     plot(merged(args.plot), png_path)
     return

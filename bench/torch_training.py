@@ -207,6 +207,7 @@ class OfficialTrainer:
     self.scheduler = build_scheduler(self.optimizer, epochs, warmup_epochs, warmup_lr, min_lr)
     self.mixup = build_mixup(num_classes, mixup_alpha, cutmix_alpha, switch_prob, label_smoothing)
     self.criterion = build_criterion(1.0 if self.mixup else 0.0, label_smoothing)
+    self.soft_target_criterion = build_criterion(1.0, label_smoothing)  # the official loss for mixed targets
 
   @property
   def lr(self) -> float:
@@ -222,7 +223,7 @@ class OfficialTrainer:
   def step_on_targets(self, images: torch.Tensor, targets: torch.Tensor) -> float:
     """One training step on a batch augmented and mixed elsewhere: normalised NCHW images and soft targets
     (smoothing included), with the loss the official code takes for soft targets; returns the loss."""
-    return self._update(images, targets, import_timm().loss.SoftTargetCrossEntropy())
+    return self._update(images, targets, self.soft_target_criterion)
 
   def _update(self, images: torch.Tensor, targets: torch.Tensor, criterion: nn.Module) -> float:
     self.model.train()
